@@ -1,0 +1,24 @@
+# mmswin: `make test` installs what is missing and runs the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+WHEEL_CACHE ?= $(HOME)/.cache/mmswin/wheels
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmswin-installed
+PYTEST_ARGS ?=
+
+export VENV PYTHON TORCH_SPEC WHEEL_CACHE
+
+.PHONY: install test clean
+
+install: $(STAMP)
+
+$(STAMP): tools/install_deps.sh setup.py requirements/runtime.txt requirements/openmmlab.txt requirements/tests.txt
+	bash tools/install_deps.sh
+	touch $@
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) work_dirs build *.egg-info .pytest_cache

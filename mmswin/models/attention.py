@@ -1,0 +1,173 @@
+"""Window attention: V1 (scaled dot product + bias table) and V2 (cosine + continuous position bias).
+
+Both run through ``F.scaled_dot_product_attention`` with the position bias and the shift mask as its
+additive ``attn_mask``; ``use_sdpa=False`` selects a plain matmul/softmax path kept as the reference.
+"""
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .windows import Size2, log_spaced_coords, relative_position_index
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a learned relative position bias table (V1).
+
+    Args:
+        dim: Channels ``C``.
+        num_heads: Heads; must divide ``dim``.
+        window_size: Window side the bias table is sized for.
+        qkv_bias: Learn a bias for q, k and v.
+        qk_scale: Logit scale; defaults to ``head_dim ** -0.5``.
+        attn_drop: Dropout on attention weights.
+        proj_drop: Dropout after the output projection.
+        use_sdpa: Use ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 use_sdpa: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_drop = attn_drop
+        self.use_sdpa = use_sdpa
+        self._make_qkv(dim, qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._make_position_bias(num_heads, window_size)
+
+    def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+
+    def _make_position_bias(self, num_heads: int, window_size: int) -> None:
+        side = 2 * window_size - 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(side * side, num_heads))
+        self.register_buffer('relative_position_index',
+                             relative_position_index((window_size, window_size)), persistent=False)
+
+    def position_bias(self, window: Size2) -> torch.Tensor:
+        """Relative position bias ``(nH, N, N)`` for a ``window`` of ``N = wh * ww`` tokens."""
+        if window != (self.window_size, self.window_size):
+            raise ValueError(f'V1 attention has a bias table for window {self.window_size}, '
+                             f'got window {window}')
+        n = window[0] * window[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B_, N, C)`` to ``(3, B_, nH, N, head_dim)``."""
+        b, n, c = x.shape
+        qkv = self.qkv(x)
+        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def scaled_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        """Returns ``(q, k, scale)`` such that the logits are ``scale * q @ k^T``."""
+        return q, k, self.scale
+
+    def forward(self, x: torch.Tensor, window: Size2,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention over windows.
+
+        Args:
+            x: ``(B * nW, N, C)`` tokens, windows of one image contiguous.
+            window: ``(wh, ww)`` with ``wh * ww == N``.
+            mask: ``(nW, N, N)`` additive shift mask, or ``None``.
+
+        Returns:
+            ``(B * nW, N, C)``.
+        """
+        bw, n, c = x.shape
+        q, k, v = self.project_qkv(x).unbind(0)
+        q, k, scale = self.scaled_qk(q, k)
+        bias = self.position_bias(window).to(q.dtype)  # (nH, N, N)
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
+            q, k, v = (t.view(bw // nw, nw, self.num_heads, n, -1) for t in (q, k, v))
+        drop = self.attn_drop if self.training else 0.0
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=scale)
+        else:
+            attn = (q * scale) @ k.transpose(-2, -1) + bias
+            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training)
+            out = attn @ v
+        out = out.reshape(bw, self.num_heads, n, -1).transpose(1, 2).reshape(bw, n, c)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}'
+
+
+class CosineWindowAttention(WindowAttention):
+    """V2 window attention: cosine similarity times a learned, clamped per-head ``logit_scale``, plus
+    ``16 * sigmoid`` of a continuous position bias from a small MLP (``cpb_mlp``) over log-spaced offsets.
+
+    Args:
+        dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, use_sdpa: as
+            :class:`WindowAttention`. ``qkv_bias`` learns ``q_bias`` and ``v_bias`` (k has none).
+        pretrained_window_size: Window of the pre-trained model whose offsets ``cpb_mlp`` learned
+            (0: the current window).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, use_sdpa: bool = True,
+                 pretrained_window_size: int = 0) -> None:
+        self.pretrained_window_size = pretrained_window_size
+        super().__init__(dim, num_heads, window_size, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                         proj_drop=proj_drop, use_sdpa=use_sdpa)
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+
+    def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+
+    def _make_position_bias(self, num_heads: int, window_size: int) -> None:
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+
+    def _pretrained_window(self) -> Optional[Size2]:
+        p = self.pretrained_window_size
+        return (p, p) if p > 0 else None
+
+    def position_bias(self, window: Size2) -> torch.Tensor:
+        device = self.cpb_mlp[0].weight.device
+        coords = log_spaced_coords(window, self._pretrained_window()).to(device)
+        index = relative_position_index(window).to(device)
+        n = window[0] * window[1]
+        # In float32 even under autocast: the MLP's output goes through a sigmoid scaled by 16.
+        with torch.autocast(device_type=device.type, enabled=False):
+            table = self.cpb_mlp(coords.view(-1, 2)).float()  # ((2wh-1)(2ww-1), nH)
+        bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def scaled_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+        q = F.normalize(q, dim=-1) * scale.to(q.dtype)
+        return q, F.normalize(k, dim=-1), 1.0
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
+
+
+def validate_heads(dims: Sequence[int], num_heads: Sequence[int]) -> None:
+    """Raises ``ValueError`` when a stage's heads do not divide its width."""
+    for i, (d, h) in enumerate(zip(dims, num_heads)):
+        if h <= 0 or d % h:
+            raise ValueError(f'num_heads[{i}]={h} must be positive and divide the stage width {d}')

@@ -1,0 +1,197 @@
+"""Swin blocks, stages, patch embedding and patch merging. V2 pieces subclass V1 and change only what
+differs: the residual norm placement (block) and the norm order (merge)."""
+from typing import Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import nn
+
+from .attention import CosineWindowAttention, WindowAttention
+from .layers import DropPath, Mlp, build_norm
+from .windows import Size2, pad_to_windows, shift_mask, window_partition, window_reverse
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm Swin block (V1): ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Args:
+        dim: Channels ``C``.
+        attn: The window attention module.
+        mlp_ratio: Hidden width of the MLP relative to ``dim``.
+        drop: Dropout after the MLP layers.
+        drop_path: Stochastic depth rate.
+        act_cfg: Activation of the MLP.
+        norm_cfg: Normalisation layers.
+    """
+
+    def __init__(self, dim: int, attn: WindowAttention, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 drop_path: float = 0.0, act_cfg: Optional[dict] = None,
+                 norm_cfg: Optional[dict] = None) -> None:
+        super().__init__()
+        self.norm1 = build_norm(norm_cfg, dim)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = build_norm(norm_cfg, dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_cfg=act_cfg, drop=drop)
+
+    def window_attention(self, x: torch.Tensor, window: Size2, shift: Size2,
+                         mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Shifted-window attention of ``x: (B, H, W, C)``; zero padding to whole windows is added before
+        the cyclic shift and removed after it, as in the official detection backbone."""
+        _, h, w, _ = x.shape
+        x = pad_to_windows(x, window)
+        hp, wp = x.shape[1:3]
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        x = self.attn(window_partition(x, window), window, mask)
+        x = window_reverse(x, window, (hp, wp))
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        if hp != h or wp != w:
+            x = x[:, :h, :w, :]
+        return x
+
+    def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x: (B, H, W, C)`` to the same shape."""
+        x = x + self.drop_path(self.window_attention(self.norm1(x), window, shift, mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinBlockV2(SwinBlock):
+    """Res-post-norm Swin block (V2): ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``."""
+
+    def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.drop_path(self.norm1(self.window_attention(x, window, shift, mask)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch embedding; pads the image right/bottom to a multiple of the patch.
+
+    Args:
+        in_channels: Image channels.
+        dim: Embedding channels.
+        patch_size: Patch side (kernel and stride).
+        norm_cfg: Norm after the projection, or ``None`` for none.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int,
+                 norm_cfg: Optional[dict] = None, use_norm: bool = True) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = build_norm(norm_cfg, dim) if use_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, H, W)`` to ``(B, ceil(H / p), ceil(W / p), dim)``."""
+        p = self.patch_size
+        h, w = x.shape[-2:]
+        if h % p or w % p:
+            x = F.pad(x, (0, -w % p, 0, -h % p))
+        x = self.proj(x).permute(0, 2, 3, 1)
+        return x if self.norm is None else self.norm(x)
+
+
+class PatchMerging(nn.Module):
+    """2x2 patch merging (V1): concatenate neighbours ``[(0,0), (1,0), (0,1), (1,1)]`` (row, col) to 4C,
+    normalise, reduce to 2C. Odd sizes are zero-padded right/bottom."""
+
+    def __init__(self, dim: int, norm_cfg: Optional[dict] = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = build_norm(norm_cfg, self.norm_dim)
+
+    @property
+    def norm_dim(self) -> int:
+        return 4 * self.dim
+
+    @staticmethod
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` to ``(B, ceil(H/2), ceil(W/2), 4C)`` in the official neighbour order."""
+        b, h, w, c = x.shape
+        x = pad_to_windows(x, (2, 2))
+        h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+        # (B, h2, row, w2, col, C) -> (B, h2, w2, col, row, C): channel block k = 2 * col + row
+        x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5)
+        return x.reshape(b, h2, w2, 4 * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(self.merge(x)))
+
+
+class PatchMergingV2(PatchMerging):
+    """2x2 patch merging (V2): reduce to 2C first, then normalise."""
+
+    @property
+    def norm_dim(self) -> int:
+        return 2 * self.dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(self.merge(x)))
+
+
+class SwinStage(nn.Module):
+    """One stage: ``depth`` blocks alternating regular and shifted windows, then optional merging.
+
+    Args:
+        blocks: The blocks; odd ones use shifted windows.
+        window_size: Configured window side.
+        downsample: Patch merging at the end of the stage, or ``None``.
+        shrink_window: Shrink the window to a feature map that fits in one window, and drop the shift
+            along an axis that fits (official V2); otherwise always pad and shift (official V1 detection).
+        with_cp: Gradient checkpointing of each block.
+    """
+
+    def __init__(self, blocks: Sequence[SwinBlock], window_size: int,
+                 downsample: Optional[PatchMerging] = None, shrink_window: bool = False,
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+        self.window_size = window_size
+        self.shrink_window = shrink_window
+        self.with_cp = with_cp
+
+    def window_layout(self, h: int, w: int) -> Tuple[Size2, Size2]:
+        """Window and shift (of shifted blocks) for a ``(h, w)`` feature map."""
+        ws = self.window_size
+        if not self.shrink_window:
+            return (ws, ws), (ws // 2, ws // 2)
+        window = (min(h, ws), min(w, ws))
+        shift = tuple(ws // 2 if size > ws else 0 for size in (h, w))
+        return window, shift
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``x: (B, H, W, C)`` to the stage output ``(B, H, W, C)`` and the next stage's input."""
+        h, w = x.shape[1:3]
+        window, shift = self.window_layout(h, w)
+        hp, wp = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
+        mask = shift_mask((hp, wp), window, shift, x.device)
+        no_shift = (0, 0)
+        for i, blk in enumerate(self.blocks):
+            args = (window, shift, mask) if i % 2 else (window, no_shift, None)
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(blk, x, *args, use_reentrant=False)
+            else:
+                x = blk(x, *args)
+        return x, (x if self.downsample is None else self.downsample(x))
+
+
+def make_attention(version: int, dim: int, num_heads: int, window_size: int, qkv_bias: bool,
+                   qk_scale: Optional[float], attn_drop: float, proj_drop: float, use_sdpa: bool,
+                   pretrained_window_size: int) -> WindowAttention:
+    """The attention of a V1 or V2 block."""
+    if version == 1:
+        return WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                               attn_drop=attn_drop, proj_drop=proj_drop, use_sdpa=use_sdpa)
+    return CosineWindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                 proj_drop=proj_drop, use_sdpa=use_sdpa,
+                                 pretrained_window_size=pretrained_window_size)
+
+
+BLOCKS: dict = {1: SwinBlock, 2: SwinBlockV2}
+MERGES: dict = {1: PatchMerging, 2: PatchMergingV2}

@@ -1,0 +1,86 @@
+"""Small building blocks shared by both Swin versions: norm/activation builders, DropPath, Mlp."""
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+_NORMS: Dict[str, Callable[..., nn.Module]] = {
+    'LN': nn.LayerNorm,
+    'LayerNorm': nn.LayerNorm,
+}
+_ACTS: Dict[str, Callable[..., nn.Module]] = {
+    'GELU': nn.GELU,
+    'ReLU': nn.ReLU,
+    'SiLU': nn.SiLU,
+    'Swish': nn.SiLU,
+    'Identity': nn.Identity,
+}
+
+
+def _split_cfg(cfg: Optional[dict], arg: str, default: str) -> tuple:
+    if cfg is None:
+        return default, {}
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise TypeError(f'{arg} must be a dict with a "type" key, got {cfg!r}')
+    cfg = dict(cfg)
+    kind = cfg.pop('type')
+    if isinstance(kind, type):
+        kind = kind.__name__
+    cfg.pop('requires_grad', None)  # mmcv's norm_cfg option; every parameter here is trainable
+    cfg.pop('inplace', None)
+    return kind, cfg
+
+
+def build_norm(norm_cfg: Optional[dict], dim: int) -> nn.Module:
+    """Builds a LayerNorm over the last dimension from an mmcv-style ``norm_cfg``.
+
+    Args:
+        norm_cfg: ``dict(type='LN', eps=1e-5)``; ``None`` means the default LayerNorm.
+        dim: Number of channels normalised.
+    """
+    kind, kwargs = _split_cfg(norm_cfg, 'norm_cfg', 'LN')
+    if kind not in _NORMS:
+        raise ValueError(f'norm_cfg type {kind!r} is not supported; use one of {sorted(_NORMS)}')
+    return _NORMS[kind](dim, **kwargs)
+
+
+def build_activation(act_cfg: Optional[dict]) -> nn.Module:
+    """Builds an activation from an mmcv-style ``act_cfg`` such as ``dict(type='GELU')``."""
+    kind, kwargs = _split_cfg(act_cfg, 'act_cfg', 'GELU')
+    if kind not in _ACTS:
+        raise ValueError(f'act_cfg type {kind!r} is not supported; use one of {sorted(_ACTS)}')
+    return _ACTS[kind](**kwargs)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = x.new_empty(shape).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f'p={self.p}'
+
+
+class Mlp(nn.Module):
+    """The transformer MLP ``fc1 -> act -> drop -> fc2 -> drop`` with the official names."""
+
+    def __init__(self, dim: int, hidden_dim: int, act_cfg: Optional[dict] = None,
+                 drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = build_activation(act_cfg)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

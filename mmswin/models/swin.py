@@ -1,0 +1,311 @@
+"""Swin Transformer V1 and V2 backbones for dense prediction (mmdet / mmseg)."""
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..registry import MODELS
+from .attention import CosineWindowAttention, WindowAttention, validate_heads
+from .blocks import BLOCKS, MERGES, PatchEmbed, SwinStage, make_attention
+from .layers import build_norm
+
+ARCH_ZOO: Dict[str, dict] = {
+    'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    'small': dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    'large': dict(embed_dims=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+}
+ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large'}
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+def _resolve_arch(arch: Optional[str], embed_dims: Optional[int], depths: Optional[Sequence[int]],
+                  num_heads: Optional[Sequence[int]]) -> Tuple[int, Tuple[int, ...], Tuple[int, ...]]:
+    """A preset (default 'tiny'), with any explicitly given value taking precedence."""
+    if arch is None:
+        name = 'tiny'
+    elif isinstance(arch, str) and arch.lower() in ARCH_ALIASES.keys() | ARCH_ZOO.keys():
+        name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+    else:
+        raise ValueError(f'arch must be one of {sorted(ARCH_ZOO)} (or {sorted(ARCH_ALIASES)}), '
+                         f'got {arch!r}')
+    preset = ARCH_ZOO[name]
+    embed_dims = preset['embed_dims'] if embed_dims is None else embed_dims
+    depths = tuple(preset['depths'] if depths is None else depths)
+    num_heads = tuple(preset['num_heads'] if num_heads is None else num_heads)
+    return embed_dims, depths, num_heads
+
+
+def _per_stage(value: IntOrSeq, num_stages: int, name: str) -> Tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * num_stages
+    value = tuple(value)
+    if len(value) != num_stages:
+        raise ValueError(f'{name} must be an int or a sequence of {num_stages} ints, got {value}')
+    return value
+
+
+@MODELS.register_module()
+class SwinTransformer(BaseModule):
+    """Swin Transformer V1 backbone, a drop-in for mmdet's and mmseg's ``SwinTransformer``.
+
+    Numerically the official detection backbone: same padding, shift masks and merge order.
+    Parameter names are the official ones (``layers.{i}.blocks.{j}.attn.qkv``, ``mlp.fc1``,
+    ``layers.{i}.downsample``, ``norm{i}``), so official checkpoints load without renaming; other
+    formats (mmdet/mmseg, mmpretrain, timm, detector checkpoints) are converted on load.
+
+    Args:
+        pretrain_img_size: Image size of pre-training; sizes ``absolute_pos_embed``.
+        in_channels: Image channels.
+        embed_dims: Width of the first stage (default from ``arch``).
+        patch_size: Patch side.
+        window_size: Window side, an int or one per stage.
+        mlp_ratio: MLP width relative to the stage width.
+        depths: Blocks per stage (default from ``arch``).
+        num_heads: Heads per stage (default from ``arch``).
+        strides: Patch embedding stride, then merging strides; must be ``(patch_size, 2, 2, ...)``.
+        out_indices: Stages whose outputs are returned, each through its own ``norm{i}``.
+        qkv_bias: Learn q/k/v biases.
+        qk_scale: Override of ``head_dim ** -0.5`` (V1 only).
+        patch_norm: Normalise the patch embedding.
+        drop_rate: Dropout after position embedding and in MLPs.
+        attn_drop_rate: Dropout on attention weights.
+        drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks to this value.
+        use_abs_pos_embed: Add a learned absolute position embedding, interpolated to the input.
+        act_cfg: MLP activation, e.g. ``dict(type='GELU')``.
+        norm_cfg: Norm layers, e.g. ``dict(type='LN')``.
+        with_cp: Gradient checkpointing of each block.
+        pretrained: Deprecated path of a checkpoint; use ``init_cfg``.
+        convert_weights: Accepted for compatibility; the checkpoint format is detected from its keys.
+        frozen_stages: Freeze the patch embedding (0) and stages ``0..k-1`` with their output norms (k);
+            -1 freezes nothing.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads any supported format.
+        arch: Preset: 'tiny', 'small', 'base', 'large' (or 't', 's', 'b', 'l').
+        norm_eval: Keep norm layers in eval mode during training.
+        use_sdpa: Run attention through ``F.scaled_dot_product_attention``.
+    """
+
+    version = 1
+
+    def __init__(self,
+                 pretrain_img_size: IntOrSeq = 224,
+                 in_channels: int = 3,
+                 embed_dims: Optional[int] = None,
+                 patch_size: int = 4,
+                 window_size: IntOrSeq = 7,
+                 mlp_ratio: float = 4.0,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 strides: Sequence[int] = (4, 2, 2, 2),
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 patch_norm: bool = True,
+                 drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1,
+                 use_abs_pos_embed: bool = False,
+                 act_cfg: Optional[dict] = None,
+                 norm_cfg: Optional[dict] = None,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 convert_weights: bool = False,
+                 frozen_stages: int = -1,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 arch: Optional[str] = None,
+                 norm_eval: bool = False,
+                 use_sdpa: bool = True,
+                 pretrained_window_sizes: IntOrSeq = 0) -> None:
+        if pretrained is not None and init_cfg is not None:
+            raise ValueError('pretrained and init_cfg cannot both be set; use init_cfg only')
+        if pretrained is not None:
+            if not isinstance(pretrained, str):
+                raise TypeError(f'pretrained must be a str or None, got {type(pretrained).__name__}')
+            warnings.warn('pretrained is deprecated, use init_cfg=dict(type="Pretrained", checkpoint=...)',
+                          DeprecationWarning)
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+
+        embed_dims, depths, num_heads = _resolve_arch(arch, embed_dims, depths, num_heads)
+        num_stages = len(depths)
+        if len(num_heads) != num_stages:
+            raise ValueError(f'num_heads has {len(num_heads)} entries but depths has {num_stages}')
+        window_sizes = _per_stage(window_size, num_stages, 'window_size')
+        pretrained_windows = _per_stage(pretrained_window_sizes, num_stages, 'pretrained_window_sizes')
+        if any(w <= 0 for w in window_sizes):
+            raise ValueError(f'window_size must be positive, got {window_size}')
+        strides = tuple(strides)
+        if len(strides) != num_stages or strides[0] != patch_size or any(s != 2 for s in strides[1:]):
+            raise ValueError(f'strides must be (patch_size, 2, 2, ...) with {num_stages} entries, i.e. '
+                             f'{(patch_size,) + (2,) * (num_stages - 1)}, got {strides}')
+        dims = [embed_dims * 2 ** i for i in range(num_stages)]
+        validate_heads(dims, num_heads)
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(f'out_indices must be non-empty, within 0..{num_stages - 1}, got {out_indices}')
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages must be in -1..{num_stages}, got {frozen_stages}')
+        if self.version == 1 and any(pretrained_windows):
+            raise ValueError('pretrained_window_sizes is a SwinTransformerV2 option')
+        if self.version == 2 and qk_scale is not None:
+            raise ValueError('qk_scale is not used by SwinTransformerV2 (cosine attention)')
+
+        self.embed_dims = embed_dims
+        self.depths = depths
+        self.num_heads = num_heads
+        self.window_sizes = window_sizes
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.use_abs_pos_embed = use_abs_pos_embed
+        self.convert_weights = convert_weights
+        self.num_features = dims
+
+        self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size, norm_cfg, use_norm=patch_norm)
+        if use_abs_pos_embed:
+            img = _per_stage(pretrain_img_size, 2, 'pretrain_img_size')
+            grid = (img[0] // patch_size, img[1] // patch_size)
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dims, *grid))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        block_cls, merge_cls = BLOCKS[self.version], MERGES[self.version]
+        self.layers = nn.ModuleList()
+        for i, (dim, depth, heads, ws) in enumerate(zip(dims, depths, num_heads, window_sizes)):
+            first = sum(depths[:i])
+            blocks = [
+                block_cls(dim,
+                          make_attention(self.version, dim, heads, ws, qkv_bias, qk_scale, attn_drop_rate,
+                                         drop_rate, use_sdpa, pretrained_windows[i]),
+                          mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=rates[first + j],
+                          act_cfg=act_cfg, norm_cfg=norm_cfg)
+                for j in range(depth)
+            ]
+            downsample = merge_cls(dim, norm_cfg) if i < num_stages - 1 else None
+            self.layers.append(SwinStage(blocks, ws, downsample, shrink_window=self.version == 2,
+                                         with_cp=with_cp))
+        for i in out_indices:
+            self.add_module(f'norm{i}', build_norm(norm_cfg, dims[i]))
+
+        self._init_default_weights()
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ weights
+    def _init_default_weights(self) -> None:
+        """Official initialisation: truncated normal (std .02) linears and tables, unit norms."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            if isinstance(m, CosineWindowAttention):
+                nn.init.constant_(m.logit_scale, torch.log(torch.tensor(10.0)).item())
+            elif isinstance(m, WindowAttention):
+                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+        if self.use_abs_pos_embed:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+
+    def init_weights(self) -> None:
+        """Default initialisation, then any ``init_cfg``; ``Pretrained`` entries go through mmswin's
+        loader, which detects the checkpoint format and converts it."""
+        from ..checkpoint import load_pretrained  # imported here: checkpoint imports the models
+        from mmengine.model import initialize
+
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg] if self.init_cfg else []
+        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
+        others = [c for c in cfgs if c.get('type') != 'Pretrained']
+        self._init_default_weights()
+        if others:
+            initialize(self, others)
+        for cfg in pretrained:
+            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'),
+                            map_location=cfg.get('map_location', 'cpu'),
+                            unsafe_load=cfg.get('unsafe_load', False))
+        self._is_init = True
+
+    # ------------------------------------------------------------------ modes
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        frozen = [self.patch_embed, self.pos_drop]
+        for i in range(self.frozen_stages):
+            frozen.append(self.layers[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        return frozen
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages >= 0 and self.use_abs_pos_embed:
+            self.absolute_pos_embed.requires_grad_(False)
+        for m in self._frozen_modules():
+            m.eval()
+            m.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> 'SwinTransformer':
+        """Sets the mode, keeping frozen stages (and norms, with ``norm_eval``) in eval mode."""
+        super().train(mode)
+        for m in self._frozen_modules():
+            m.eval()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``(B, in_channels, H, W)`` to one ``(B, C_i, ceil(H / 2^(i+2)), ...)`` map per ``out_indices``
+        entry (for patch 4), each through ``norm{i}``."""
+        x = self.patch_embed(x)  # (B, H, W, C)
+        if self.use_abs_pos_embed:
+            pos = F.interpolate(self.absolute_pos_embed, size=x.shape[1:3], mode='bicubic')
+            x = x + pos.permute(0, 2, 3, 1)
+        x = self.pos_drop(x)
+        outs = []
+        last = max(self.out_indices)
+        for i, stage in enumerate(self.layers[:last + 1]):
+            out, x = stage(x)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(out)
+                outs.append(out.permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)
+
+
+@MODELS.register_module()
+class SwinTransformerV2(SwinTransformer):
+    """Swin Transformer V2 backbone for dense prediction.
+
+    V2 changes three things: res-post-norm blocks, scaled cosine attention with a continuous
+    position bias (``cpb_mlp``, ``logit_scale``, ``q_bias``/``v_bias``) and patch merging that reduces
+    before normalising. A window larger than a feature map shrinks to it, as in the official model.
+
+    Args:
+        window_size: Window side, an int or one per stage. Default 8.
+        pretrained_window_sizes: Window of the pre-trained model per stage (0: none), so that a
+            checkpoint trained with a small window transfers to a larger one.
+        **kwargs: As :class:`SwinTransformer` (``qk_scale`` is not used).
+    """
+
+    version = 2
+
+    def __init__(self, window_size: IntOrSeq = 8, pretrained_window_sizes: IntOrSeq = 0,
+                 **kwargs) -> None:
+        super().__init__(window_size=window_size, pretrained_window_sizes=pretrained_window_sizes,
+                         **kwargs)
+
+    def _init_default_weights(self) -> None:
+        super()._init_default_weights()
+        # Official res-post-norm initialisation: each residual branch starts at zero.
+        for stage in self.layers:
+            for blk in stage.blocks:
+                for norm in (blk.norm1, blk.norm2):
+                    nn.init.zeros_(norm.weight)
+                    nn.init.zeros_(norm.bias)
