@@ -1,0 +1,186 @@
+"""Checkpoint formats of Swin backbones: detection from the keys and conversion to mmswin's names.
+
+Everything here is a pure function of a state dict; the loader and ``tools/model_converters`` share it.
+mmswin's own names are the official ones with the downsample at the end of each stage
+(``layers.{i}.downsample``) and ``absolute_pos_embed`` as ``(1, C, H, W)``.
+"""
+import math
+import re
+from collections import OrderedDict
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+import torch
+
+StateDict = Dict[str, torch.Tensor]
+
+# Buffers that are recomputed from the configuration and never loaded.
+DERIVED_SUFFIXES = ('relative_position_index', 'relative_coords_table', 'attn_mask', 'k_bias')
+
+# Top-level names that belong to the backbone; anything else (heads, necks, the classifier's norm) is not.
+_BACKBONE_KEY = re.compile(r'^(patch_embed\.|absolute_pos_embed$|layers\.|norm\d+\.)')
+
+# mmdet/mmseg/mmpretrain names -> official names (applied in order).
+_OPENMMLAB_RENAMES = (
+    (re.compile(r'^patch_embed\.projection\.'), 'patch_embed.proj.'),
+    (re.compile(r'^stages\.'), 'layers.'),
+    (re.compile(r'\.attn\.w_msa\.'), '.attn.'),
+    (re.compile(r'\.ffn\.layers\.0\.0\.'), '.mlp.fc1.'),
+    (re.compile(r'\.ffn\.layers\.1\.'), '.mlp.fc2.'),
+)
+
+FORMATS = {
+    'mmswin': "mmswin's own (official names, {'state_dict', 'meta': {'mmswin_version'}})",
+    'official': 'official Swin (microsoft/Swin-Transformer classification, or the official '
+                'detection/segmentation backbone)',
+    'openmmlab': 'mmdet/mmseg/mmpretrain Swin (stages.*.attn.w_msa, ffn.layers, unfold-ordered merging)',
+    'timm': 'timm Swin (official names, merging at the start of stages 1-3)',
+}
+
+
+class Converted(NamedTuple):
+    """Result of :func:`convert_state_dict`."""
+    state_dict: StateDict  # mmswin names, backbone keys only
+    source_format: str  # a key of FORMATS
+    version: int  # 1 or 2
+    ignored: List[str]  # source keys that are not backbone weights (heads, necks, classifier norm)
+    derived: List[str]  # recomputed buffers that were dropped
+
+
+def unwrap_checkpoint(obj: object) -> Tuple[Mapping[str, torch.Tensor], dict]:
+    """Returns ``(state_dict, meta)`` of a loaded checkpoint object.
+
+    Accepts ``{'state_dict': ...}`` (mmengine), ``{'model': ...}`` (official), ``{'module': ...}``
+    and a bare state dict. Raises ``ValueError`` for anything that is not a mapping of tensors.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f'expected a checkpoint dict, got {type(obj).__name__}')
+    meta = obj.get('meta') if isinstance(obj.get('meta'), dict) else {}
+    for key in ('state_dict', 'model', 'module', 'state_dict_ema', 'model_ema'):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError('no tensors found: not a model checkpoint')
+    return tensors, meta
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Removes ``module.`` and a backbone prefix: ``prefix`` when given, else ``backbone.`` when the
+    dict is a whole detector/segmentor (has keys under it)."""
+    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    if prefix is None and any(k.startswith('backbone.') for k in sd):
+        prefix = 'backbone.'
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def detect_format(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = None) -> Tuple[str, int]:
+    """Recognises a (prefix-stripped) Swin state dict.
+
+    Returns:
+        ``(format, version)`` with ``format`` a key of :data:`FORMATS` and ``version`` 1 or 2.
+
+    Raises:
+        ValueError: The keys are not those of a Swin backbone.
+    """
+    keys = list(sd)
+    version = 2 if any(k.endswith(('.cpb_mlp.0.weight', '.logit_scale')) for k in keys) else 1
+    if meta and meta.get('mmswin_version'):
+        return 'mmswin', version
+    if any(k.startswith('stages.') for k in keys) and any('.attn.w_msa.' in k for k in keys):
+        return 'openmmlab', version
+    if any(re.match(r'layers\.\d+\.blocks\.\d+\.attn\.', k) for k in keys):
+        starts = _downsample_stages(keys, 'layers')
+        if starts and 0 not in starts:
+            return 'timm', version
+        return 'official', version
+    sample = ', '.join(keys[:3])
+    raise ValueError(f'the keys are not those of a Swin backbone (first keys: {sample})')
+
+
+def _downsample_stages(keys: List[str], stage_name: str) -> set:
+    pattern = re.compile(rf'^{stage_name}\.(\d+)\.downsample\.')
+    return {int(m.group(1)) for m in map(pattern.match, keys) if m}
+
+
+def merge_unfold_to_official(weight: torch.Tensor) -> torch.Tensor:
+    """Reorders the 4C input dimension of a patch-merging weight from ``nn.Unfold`` order
+    (channel-major; neighbours (0,0), (0,1), (1,0), (1,1)) to the official concatenation order
+    (neighbour-major; (0,0), (1,0), (0,1), (1,1)). Works on ``(out, 4C)`` weights and ``(4C,)`` norms."""
+    lead = weight.shape[:-1]
+    c = weight.shape[-1] // 4
+    unfold = weight.reshape(*lead, c, 4).transpose(-1, -2)  # (..., 4, C), unfold neighbour order
+    return unfold[..., [0, 2, 1, 3], :].reshape(*lead, 4 * c)
+
+
+def merge_official_to_unfold(weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`merge_unfold_to_official`."""
+    lead = weight.shape[:-1]
+    c = weight.shape[-1] // 4
+    official = weight.reshape(*lead, 4, c)[..., [0, 2, 1, 3], :]
+    return official.transpose(-1, -2).reshape(*lead, 4 * c)
+
+
+def _abs_pos_to_nchw(t: torch.Tensor) -> torch.Tensor:
+    """``(1, L, C)`` (official classification, mmdet) to ``(1, C, H, W)`` with ``H = W = sqrt(L)``."""
+    if t.ndim == 3:
+        side = math.isqrt(t.shape[1])
+        if side * side != t.shape[1]:
+            raise ValueError(f'absolute_pos_embed of shape {tuple(t.shape)} is not a square grid')
+        return t.transpose(1, 2).reshape(1, t.shape[2], side, side)
+    return t
+
+
+def convert_state_dict(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = None,
+                       prefix: Optional[str] = None) -> Converted:
+    """Converts any supported Swin state dict to mmswin names.
+
+    Args:
+        sd: A state dict (already unwrapped from ``{'state_dict'|'model': ...}``).
+        meta: The checkpoint's ``meta``, if any.
+        prefix: Key prefix of the backbone (default: ``backbone.`` if present).
+
+    Returns:
+        A :class:`Converted`. Derived buffers and non-backbone keys are left out and listed.
+    """
+    sd = strip_prefix(sd, prefix)
+    fmt, version = detect_format(sd, meta)
+    out: StateDict = OrderedDict()
+    ignored, derived = [], []
+    stage_name = 'stages' if fmt == 'openmmlab' else 'layers'
+    starts = _downsample_stages(list(sd), stage_name)
+    merge_at_start = bool(starts) and 0 not in starts
+    for key, value in sd.items():
+        if key.endswith(DERIVED_SUFFIXES):
+            derived.append(key)
+            continue
+        if fmt == 'openmmlab':
+            for pattern, repl in _OPENMMLAB_RENAMES:
+                key = pattern.sub(repl, key)
+        m = re.match(r'^layers\.(\d+)\.downsample\.(.*)$', key)
+        if m and merge_at_start:
+            key = f'layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}'
+        if key == 'absolute_pos_embed':
+            value = _abs_pos_to_nchw(value)
+        if not _BACKBONE_KEY.match(key):
+            ignored.append(key)
+            continue
+        out[key] = value
+    if fmt == 'openmmlab':
+        _reorder_unfold_merges(out)
+    return Converted(out, fmt, version, ignored, derived)
+
+
+def _reorder_unfold_merges(sd: StateDict) -> None:
+    """In place: reorders every merge reduction, and the V1 merge norms (4C wide, unlike V2's 2C),
+    from unfold order to the official order."""
+    for key in [k for k in sd if k.endswith('.downsample.reduction.weight')]:
+        weight = sd[key]
+        sd[key] = merge_unfold_to_official(weight)
+        base = key[:-len('reduction.weight')]
+        for name in ('norm.weight', 'norm.bias'):
+            if base + name in sd and sd[base + name].shape[-1] == weight.shape[-1]:
+                sd[base + name] = merge_unfold_to_official(sd[base + name])

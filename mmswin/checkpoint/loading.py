@@ -1,0 +1,163 @@
+"""Reading checkpoints safely and loading them into an mmswin backbone."""
+import math
+import os
+import pickle
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from torch import nn
+
+from .formats import FORMATS, Converted, StateDict, convert_state_dict, unwrap_checkpoint
+from .safe_unpickle import RestrictedUnpicklingError, restricted_load
+
+URL_PREFIXES = ('http://', 'https://')
+_UNSAFE_HINT = ('It can only be read by running pickled code. If you trust its source, opt in explicitly: '
+                "init_cfg=dict(type='Pretrained', checkpoint=..., unsafe_load=True) or "
+                '`swin2mmswin.py --unsafe-load`.')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool = False) -> object:
+    """Loads a checkpoint file or URL without executing pickled code.
+
+    ``torch.load(weights_only=True)`` first; files written by mmengine training runs go through a
+    restricted unpickler that accepts only the globals such files contain. Arbitrary pickles are read
+    only with ``unsafe_load=True``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        CheckpointError: The file is not a readable checkpoint, or needs ``unsafe_load``.
+    """
+    if filename.startswith(URL_PREFIXES):
+        cache = torch.hub.get_dir() + '/checkpoints'
+        os.makedirs(cache, exist_ok=True)
+        path = os.path.join(cache, os.path.basename(filename.split('?')[0]))
+        if not os.path.exists(path):
+            torch.hub.download_url_to_file(filename, path, progress=True)
+    else:
+        path = os.path.expanduser(filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'checkpoint file not found: {filename}')
+    if unsafe_load:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as safe_error:
+        try:
+            return restricted_load(path, map_location=map_location)
+        except RestrictedUnpicklingError as restricted_error:
+            raise CheckpointError(f'{filename}: refused to unpickle {restricted_error}. '
+                                  f'{_UNSAFE_HINT}') from safe_error
+        except Exception as error:  # noqa: BLE001 - reported with the file name below
+            raise CheckpointError(f'{filename} is not a readable checkpoint ({error})') from error
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f'{filename} is not a readable checkpoint (truncated or corrupt?): '
+                              f'{error}') from error
+
+
+def _resize_bias_table(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """Bicubic resize of a ``(S1 * S1, nH)`` relative position bias table to ``rows = S2 * S2``,
+    the official loader's rule."""
+    s1, s2 = math.isqrt(table.shape[0]), math.isqrt(rows)
+    heads = table.shape[1]
+    grid = table.t().reshape(1, heads, s1, s1).float()
+    grid = F.interpolate(grid, size=(s2, s2), mode='bicubic')
+    return grid.reshape(heads, rows).t().to(table.dtype)
+
+
+def _is_square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
+
+
+def adapt_to_model(converted: Converted, target: Dict[str, torch.Tensor],
+                   source: str) -> Tuple[StateDict, List[str], List[str]]:
+    """Fits converted weights to a model's state dict.
+
+    Resizes relative position bias tables and absolute position embeddings whose size differs (other
+    window or pre-training size). Raises :class:`CheckpointError` naming ``source``, the format and the
+    first key whose shape cannot be fitted.
+
+    Returns:
+        ``(state_dict, resized_keys, unused_keys)``.
+    """
+    out, resized, unused = {}, [], []
+    fmt = converted.source_format
+    for key, value in converted.state_dict.items():
+        if key not in target:
+            unused.append(key)
+            continue
+        want = target[key].shape
+        if value.shape != want:
+            if (key.endswith('relative_position_bias_table') and value.ndim == 2 and len(want) == 2
+                    and value.shape[1] == want[1] and _is_square(value.shape[0]) and _is_square(want[0])):
+                value = _resize_bias_table(value, want[0])
+            elif key == 'absolute_pos_embed' and value.ndim == 4 and value.shape[:2] == want[:2]:
+                value = F.interpolate(value.float(), size=tuple(want[2:]), mode='bicubic').to(value.dtype)
+            else:
+                raise CheckpointError(
+                    f'{source} ({fmt} format, Swin V{converted.version}) does not fit the model: '
+                    f'{key} has shape {tuple(value.shape)} in the checkpoint but {tuple(want)} in the model')
+            resized.append(key)
+        out[key] = value
+    return out, resized, unused
+
+
+def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = None,
+                    map_location: str = 'cpu', unsafe_load: bool = False) -> Dict[str, List[str]]:
+    """Loads a Swin checkpoint of any supported format into an mmswin backbone, all or nothing.
+
+    Args:
+        model: A ``SwinTransformer`` or ``SwinTransformerV2``.
+        filename: Path or URL.
+        prefix: Key prefix of the backbone in the file (default: ``backbone.`` if present).
+        map_location: Passed to ``torch.load``.
+        unsafe_load: Allow arbitrary pickles (trusted files only).
+
+    Returns:
+        ``{'resized', 'unused', 'initialised'}`` key lists, as also logged.
+
+    Raises:
+        CheckpointError: Unreadable file, not a Swin, other version or size, or no weights of the
+            model's body in it. The model is left untouched.
+    """
+    obj = read_checkpoint(filename, map_location=map_location, unsafe_load=unsafe_load)
+    try:
+        sd, meta = unwrap_checkpoint(obj)
+        converted = convert_state_dict(sd, meta, prefix=prefix)
+    except ValueError as error:
+        raise CheckpointError(f'{filename}: {error}') from error
+    fmt, version = converted.source_format, converted.version
+    model_version = getattr(model, 'version', 1)
+    if version != model_version:
+        raise CheckpointError(f'{filename} holds a Swin V{version} ({fmt} format) but the model is '
+                              f'{type(model).__name__} (V{model_version})')
+    target = model.state_dict()
+    weights, resized, unused = adapt_to_model(converted, target, filename)
+    missing = [k for k in target if k not in weights]
+    body_missing = [k for k in missing if k.startswith(('patch_embed.', 'layers.'))]
+    if not weights:
+        raise CheckpointError(f'{filename} ({fmt} format): no weight of the model found in it')
+    if body_missing:
+        raise CheckpointError(
+            f'{filename} ({fmt} format, Swin V{version}) lacks {len(body_missing)} weights of the model, '
+            f'first {body_missing[0]} of shape {tuple(target[body_missing[0]].shape)}: is it a model of '
+            f'another depth?')
+    model.load_state_dict(weights, strict=False)
+    print_log(f'Loaded {len(weights)} tensors from {filename} ({FORMATS[fmt]}, Swin V{version}).',
+              logger='current')
+    if resized:
+        print_log(f'Resized to the model: {", ".join(resized)}', logger='current')
+    not_loaded = unused + converted.ignored
+    if not_loaded:
+        print_log(f'Not part of the backbone, unused: {", ".join(not_loaded)}', logger='current')
+    if converted.derived:
+        print_log(f'Recomputed instead of loaded: {len(converted.derived)} derived buffers '
+                  '(relative_position_index, relative_coords_table, attn_mask)', logger='current')
+    if missing:
+        print_log(f'Not in the checkpoint, kept at initialisation: {", ".join(missing)}', logger='current')
+    return dict(resized=resized, unused=not_loaded, initialised=missing)
