@@ -184,3 +184,30 @@ def _reorder_unfold_merges(sd: StateDict) -> None:
         for name in ('norm.weight', 'norm.bias'):
             if base + name in sd and sd[base + name].shape[-1] == weight.shape[-1]:
                 sd[base + name] = merge_unfold_to_official(sd[base + name])
+
+
+def infer_arch(sd: Mapping[str, torch.Tensor], version: int) -> dict:
+    """Constructor arguments of the backbone a converted (mmswin-named) state dict belongs to.
+
+    V2 weights do not fix the window (the position bias is an MLP); it is left out for V2.
+    """
+    proj = sd['patch_embed.proj.weight']
+    depths = []
+    while any(k.startswith(f'layers.{len(depths)}.blocks.') for k in sd):
+        i = len(depths)
+        depths.append(len({k.split('.')[3] for k in sd if k.startswith(f'layers.{i}.blocks.')}))
+    head_key = 'attn.logit_scale' if version == 2 else 'attn.relative_position_bias_table'
+    num_heads = [sd[f'layers.{i}.blocks.0.{head_key}'].shape[0 if version == 2 else 1]
+                 for i in range(len(depths))]
+    fc1 = sd['layers.0.blocks.0.mlp.fc1.weight']
+    arch = dict(embed_dims=proj.shape[0], depths=depths, num_heads=num_heads, patch_size=proj.shape[-1],
+                in_channels=proj.shape[1], mlp_ratio=fc1.shape[0] / fc1.shape[1],
+                patch_norm='patch_embed.norm.weight' in sd,
+                use_abs_pos_embed='absolute_pos_embed' in sd,
+                qkv_bias=('layers.0.blocks.0.attn.q_bias' if version == 2 else
+                          'layers.0.blocks.0.attn.qkv.bias') in sd)
+    if version == 1:
+        arch['window_size'] = [(math.isqrt(sd[f'layers.{i}.blocks.0.{head_key}'].shape[0]) + 1) // 2
+                               for i in range(len(depths))]
+    arch['strides'] = (arch['patch_size'],) + (2,) * (len(depths) - 1)
+    return arch
