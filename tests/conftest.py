@@ -1,0 +1,46 @@
+"""Shared fixtures: the golden official checkpoints/outputs and small model settings."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmswin  # noqa: F401  (registers models, installs safe checkpoint loading)
+
+DATA = Path(__file__).parent / 'data'
+# The architecture of the golden random-weight models (see tests/data/index.json and the README there).
+SMALL = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+
+
+def golden_input(case: dict) -> torch.Tensor:
+    return case['x_i8'].float() / 32
+
+
+@pytest.fixture(scope='session')
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope='session')
+def golden_index() -> dict:
+    return json.loads((DATA / 'index.json').read_text())
+
+
+@pytest.fixture(scope='session')
+def v1_expected() -> dict:
+    return torch.load(DATA / 'v1_expected.pt', weights_only=True)
+
+
+@pytest.fixture(scope='session')
+def v2_expected() -> dict:
+    return torch.load(DATA / 'v2_expected.pt', weights_only=True)
+
+
+@pytest.fixture(scope='session')
+def v1_official_sd() -> dict:
+    return torch.load(DATA / 'v1_official_cls.pth', weights_only=True)['model']
+
+
+@pytest.fixture(scope='session')
+def v2_official_sd() -> dict:
+    return torch.load(DATA / 'v2_official_cls.pth', weights_only=True)['model']

@@ -1,0 +1,204 @@
+"""Backbone behaviour: presets, shapes at any size, options that must really work."""
+import pytest
+import torch
+from torch import nn
+
+from mmswin.models import ARCH_ZOO, SwinTransformer, SwinTransformerV2
+from mmswin.models import windows
+
+from .conftest import SMALL
+
+BACKBONES = [SwinTransformer, SwinTransformerV2]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('arch', list(ARCH_ZOO))
+def test_preset_parameter_counts_equal_official(golden_index, arch):
+    counts = golden_index['param_counts']
+    assert n_params(SwinTransformer(arch=arch, window_size=7)) == counts[f'v1-{arch}-w7']
+    assert n_params(SwinTransformerV2(arch=arch, window_size=8)) == counts[f'v2-{arch}-w8']
+
+
+def test_arch_aliases_and_explicit_override():
+    assert n_params(SwinTransformer(arch='b')) == n_params(SwinTransformer(arch='base'))
+    model = SwinTransformer(arch='small', embed_dims=48)
+    assert model.embed_dims == 48 and model.depths == (2, 2, 18, 2)
+    # no arch: mmdet's defaults (Swin-T)
+    assert SwinTransformer().depths == (2, 2, 6, 2) and SwinTransformer().embed_dims == 96
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+@pytest.mark.parametrize('hw', [(511, 511), (112, 137), (97, 131), (32, 32), (4, 4), (1, 1)])
+def test_output_shapes_any_size(cls, hw):
+    model = cls(**SMALL, window_size=7).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *hw))
+    h, w = -(-hw[0] // 4), -(-hw[1] // 4)
+    for i, out in enumerate(outs):
+        assert out.shape == (2, 24 * 2 ** i, h, w)
+        assert torch.isfinite(out).all()
+        h, w = -(-h // 2), -(-w // 2)
+
+
+@pytest.mark.parametrize('hw', [(511, 511), (112, 137), (97, 131)])
+def test_shapes_equal_mmdets(hw):
+    mmdet_swin = pytest.importorskip('mmdet.models.backbones.swin')
+    ours = SwinTransformer(**SMALL).eval()
+    theirs = mmdet_swin.SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)).eval()
+    x = torch.randn(1, 3, *hw)
+    with torch.no_grad():
+        assert [o.shape for o in ours(x)] == [o.shape for o in theirs(x)]
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+def test_out_indices_and_norms(cls):
+    model = cls(**SMALL, out_indices=(1, 3))
+    assert hasattr(model, 'norm1') and hasattr(model, 'norm3')
+    assert not hasattr(model, 'norm0') and not hasattr(model, 'norm2')
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [48, 192]
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+@pytest.mark.parametrize('frozen', [0, 1, 2, 4])
+def test_frozen_stages_from_construction(cls, frozen):
+    model = cls(**SMALL, frozen_stages=frozen, use_abs_pos_embed=True)
+
+    def check() -> None:
+        frozen_mods = [model.patch_embed] + [model.layers[i] for i in range(frozen)] + \
+            [getattr(model, f'norm{i}') for i in range(frozen)]
+        for m in frozen_mods:
+            assert all(not p.requires_grad for p in m.parameters())
+            assert all(not sub.training for sub in m.modules())
+        assert not model.absolute_pos_embed.requires_grad
+        for i in range(frozen, 4):
+            assert all(p.requires_grad for p in model.layers[i].parameters())
+            assert all(sub.training for sub in model.layers[i].modules())
+
+    check()  # before any train() call: what DDP sees when it wraps the model
+    assert model.train() is model
+    check()
+    outs = model(torch.randn(1, 3, 64, 64))
+    if frozen == 4:
+        assert not any(o.requires_grad for o in outs)
+        return
+    sum(o.sum() for o in outs).backward()  # frozen parameters get no gradient
+    assert all(p.grad is None for p in model.patch_embed.parameters())
+    assert all(p.grad is not None for p in model.layers[3].parameters())
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+def test_norm_eval_keeps_norms_in_eval_mode(cls):
+    model = cls(**SMALL, norm_eval=True).train()
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(not m.training for m in norms)
+    assert model.layers[0].blocks[0].attn.training  # everything else trains
+    model = cls(**SMALL, norm_eval=False).train()
+    assert all(m.training for m in model.modules() if isinstance(m, nn.LayerNorm))
+
+
+def _outputs_and_grads(model: nn.Module, x: torch.Tensor):
+    outs = model(x)
+    loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outs], grads
+
+
+def _assert_same(a, b, atol: float) -> None:
+    outs_a, grads_a = a
+    outs_b, grads_b = b
+    for x, y in zip(outs_a, outs_b):
+        assert (x - y).abs().max() <= atol
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for k in grads_a:
+        assert (grads_a[k] - grads_b[k]).abs().max() <= atol * max(1.0, float(grads_a[k].abs().max())), k
+
+
+def _perturbed(cls, **kwargs):
+    torch.manual_seed(0)
+    model = cls(**SMALL, **kwargs)
+    with torch.no_grad():  # move V2's zero-initialised post-norms and logit scales off their init
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+def test_with_cp_same_outputs_and_grads(cls):
+    x = torch.randn(2, 3, 75, 101)
+    plain = _perturbed(cls, window_size=7)
+    ckpt = _perturbed(cls, window_size=7, with_cp=True)
+    ckpt.load_state_dict(plain.state_dict())
+    _assert_same(_outputs_and_grads(plain, x), _outputs_and_grads(ckpt, x), atol=1e-6)
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+def test_sdpa_matches_eager_outputs_and_grads(cls):
+    x = torch.randn(2, 3, 75, 101)
+    sdpa = _perturbed(cls, window_size=7)
+    eager = _perturbed(cls, window_size=7, use_sdpa=False)
+    eager.load_state_dict(sdpa.state_dict())
+    _assert_same(_outputs_and_grads(sdpa, x), _outputs_and_grads(eager, x), atol=1e-5)
+
+
+def test_drop_path_linear_schedule():
+    model = SwinTransformer(**dict(SMALL, drop_path_rate=0.3))
+    rates = [blk.drop_path.p for stage in model.layers for blk in stage.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 8).tolist())
+    # active in training (random), identity in eval
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x), model(x)))
+    model.train()
+    with torch.no_grad():
+        assert not all(torch.equal(a, b) for a, b in zip(model(x), model(x)))
+
+
+def test_absolute_position_embedding_is_interpolated_bicubically():
+    """Official detection semantics: ``(1, C, Hp, Wp)`` embedding resized bicubically to the patch
+    grid of the input and added before the first stage (mmdet's version of this path crashes)."""
+    model = SwinTransformer(**SMALL, use_abs_pos_embed=True, pretrain_img_size=64).eval()
+    assert model.absolute_pos_embed.shape == (1, 24, 16, 16)
+    seen = {}
+    model.pos_drop.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        model(x)
+        embedded = model.patch_embed(x)  # (B, H, W, C)
+        pos = torch.nn.functional.interpolate(model.absolute_pos_embed, size=(25, 33), mode='bicubic')
+    assert torch.equal(seen['x'], embedded + pos.permute(0, 2, 3, 1))
+
+
+def test_shift_masks_built_once_per_feature_size():
+    model = SwinTransformer(**SMALL).eval()
+    windows._shift_mask_cpu.cache_clear()
+    windows._cached_on_device.cache_clear()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(1, 3, 97, 131))
+    # four stages, one feature size each: four masks built, however many blocks and forwards
+    assert windows._shift_mask_cpu.cache_info().misses == 4
+    assert windows._cached_on_device.cache_info().misses == 4
+
+
+def test_v2_shrinks_window_to_small_feature_maps():
+    """Official V2: a stage no larger than the window uses one window of the stage's size, no shift."""
+    model = SwinTransformerV2(**SMALL, window_size=8)
+    stage = model.layers[3]
+    assert stage.window_layout(8, 8) == ((8, 8), (0, 0))
+    assert stage.window_layout(5, 5) == ((5, 5), (0, 0))
+    assert stage.window_layout(20, 30) == ((8, 8), (4, 4))
+    v1 = SwinTransformer(**SMALL, window_size=7).layers[3]
+    assert v1.window_layout(5, 5) == ((7, 7), (3, 3))  # V1 detection always pads and shifts
+
+
+def test_train_returns_self_and_default_scope_build():
+    from mmengine.registry import MODELS
+    model = MODELS.build(dict(type='mmswin.SwinTransformerV2', **SMALL))
+    assert isinstance(model, SwinTransformerV2)
+    assert model.train(False) is model and not model.training
