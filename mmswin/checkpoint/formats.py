@@ -65,16 +65,20 @@ def unwrap_checkpoint(obj: object) -> Tuple[Mapping[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def strip_prefix(sd: Mapping[str, torch.Tensor],
+                 prefix: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Removes ``module.`` and a backbone prefix: ``prefix`` when given, else ``backbone.`` when the
-    dict is a whole detector/segmentor (has keys under it)."""
+    dict is a whole detector/segmentor (has keys under it). Returns the stripped dict and the keys
+    outside the prefix (necks, heads)."""
     sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
     if prefix is None and any(k.startswith('backbone.') for k in sd):
         prefix = 'backbone.'
     if prefix:
         prefix = prefix if prefix.endswith('.') else prefix + '.'
+        outside = [k for k in sd if not k.startswith(prefix)]
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
+        return sd, outside
+    return sd, []
 
 
 def detect_format(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = None) -> Tuple[str, int]:
@@ -146,10 +150,10 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = No
     Returns:
         A :class:`Converted`. Derived buffers and non-backbone keys are left out and listed.
     """
-    sd = strip_prefix(sd, prefix)
+    sd, ignored = strip_prefix(sd, prefix)
     fmt, version = detect_format(sd, meta)
     out: StateDict = OrderedDict()
-    ignored, derived = [], []
+    derived = []
     stage_name = 'stages' if fmt == 'openmmlab' else 'layers'
     starts = _downsample_stages(list(sd), stage_name)
     merge_at_start = bool(starts) and 0 not in starts

@@ -107,6 +107,11 @@ def adapt_to_model(converted: Converted, target: Dict[str, torch.Tensor],
     return out, resized, unused
 
 
+def _listing(keys: List[str], limit: int = 12) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown if len(keys) <= limit else f'{shown} ... ({len(keys)} in all)'
+
+
 def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = None,
                     map_location: str = 'cpu', unsafe_load: bool = False) -> Dict[str, List[str]]:
     """Loads a Swin checkpoint of any supported format into an mmswin backbone, all or nothing.
@@ -151,13 +156,14 @@ def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = Non
     print_log(f'Loaded {len(weights)} tensors from {filename} ({FORMATS[fmt]}, Swin V{version}).',
               logger='current')
     if resized:
-        print_log(f'Resized to the model: {", ".join(resized)}', logger='current')
+        print_log(f'Resized to the model: {_listing(resized)}', logger='current')
     not_loaded = unused + converted.ignored
     if not_loaded:
-        print_log(f'Not part of the backbone, unused: {", ".join(not_loaded)}', logger='current')
+        print_log(f'Not part of the backbone, unused: {_listing(not_loaded)}', logger='current')
     if converted.derived:
         print_log(f'Recomputed instead of loaded: {len(converted.derived)} derived buffers '
                   '(relative_position_index, relative_coords_table, attn_mask)', logger='current')
     if missing:
-        print_log(f'Not in the checkpoint, kept at initialisation: {", ".join(missing)}', logger='current')
+        print_log(f'Not in the checkpoint, kept at initialisation: {_listing(missing)}',
+                  logger='current')
     return dict(resized=resized, unused=not_loaded, initialised=missing)

@@ -1,0 +1,263 @@
+"""Every supported checkpoint format loads to the official outputs; bad checkpoints give clear errors."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmswin.checkpoint import (CheckpointError, convert_state_dict, detect_format, load_pretrained,
+                               merge_official_to_unfold, merge_unfold_to_official)
+from mmswin.checkpoint.convert import convert_checkpoint, save_atomic
+from mmswin.models import SwinTransformer, SwinTransformerV2
+
+from .conftest import DATA, SMALL, golden_input
+
+DERIVED = ('relative_position_index', 'relative_coords_table', 'attn_mask')
+
+
+def _body(sd: dict) -> dict:
+    """The official backbone weights of a classification state dict (no head, no classifier norm)."""
+    return {k: v for k, v in sd.items()
+            if not k.startswith(('head.', 'norm.')) and not k.endswith(DERIVED)}
+
+
+def _unfold_permutation(c: int) -> torch.Tensor:
+    """``perm`` with ``unfold_features[..., j] == official_features[..., perm[j]]``, derived here from
+    ``nn.Unfold`` and the official slicing, independently of mmswin's code."""
+    x = torch.arange(4 * 4 * c, dtype=torch.float32).view(1, 4, 4, c)  # (B, H, W, C), distinct values
+    official = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    unfold = nn.Unfold(kernel_size=2, stride=2)(x.permute(0, 3, 1, 2)).transpose(1, 2)  # (B, L, 4C)
+    official = official.reshape(1, -1, 4 * c)
+    return torch.tensor([int((official[0, 0] == v).nonzero()) for v in unfold[0, 0]])
+
+
+def _to_unfold(weight: torch.Tensor) -> torch.Tensor:
+    return weight[..., _unfold_permutation(weight.shape[-1] // 4)]
+
+
+def _run(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _load(model, path, **kwargs):
+    load_pretrained(model, str(path), **kwargs)
+    return model
+
+
+def _assert_v1_golden(model, v1_expected, case='150x190', norms=None):
+    data = v1_expected['cases'][case]
+    for i, (out, ref) in enumerate(zip(_run(model, golden_input(data)), data['outs'])):
+        if norms is not None:  # golden outputs are LN with weight 1, bias 0
+            ref = ref * norms[i][0].view(1, -1, 1, 1) + norms[i][1].view(1, -1, 1, 1)
+        assert (out - ref).abs().max() <= 1e-4
+
+
+def _assert_v2_golden(model, v2_expected):
+    data = v2_expected['cases']['512x512']
+    for out, stage in zip(_run(model, golden_input(data)), data['stages']):
+        ref = F.layer_norm(stage.permute(0, 2, 3, 1), stage.shape[1:2]).permute(0, 3, 1, 2)
+        assert (out - ref).abs().max() <= 1e-4
+
+
+def test_merge_reordering_matches_unfold():
+    w = torch.randn(8, 12)
+    assert torch.equal(merge_unfold_to_official(_to_unfold(w)), w)
+    assert torch.equal(merge_official_to_unfold(w), _to_unfold(w))
+
+
+def test_official_classification_v1(tmp_path, v1_expected):
+    _assert_v1_golden(_load(SwinTransformer(**SMALL), DATA / 'v1_official_cls.pth'), v1_expected)
+
+
+def test_official_detection_checkpoint(tmp_path, v1_official_sd, v1_expected):
+    """``{'state_dict': {'backbone.*', 'neck.*', ...}}`` as the official detection repo saves it,
+    with trained output norms that must be loaded too."""
+    torch.manual_seed(0)
+    norms = [(torch.rand(24 * 2 ** i) + 0.5, torch.randn(24 * 2 ** i)) for i in range(4)]
+    sd = {f'backbone.{k}': v for k, v in _body(v1_official_sd).items()}
+    for i, (w, b) in enumerate(norms):
+        sd[f'backbone.norm{i}.weight'], sd[f'backbone.norm{i}.bias'] = w, b
+    sd['neck.lateral_convs.0.conv.weight'] = torch.randn(256, 24, 1, 1)
+    sd['roi_head.bbox_head.fc_cls.weight'] = torch.randn(81, 1024)
+    path = tmp_path / 'det.pth'
+    torch.save({'state_dict': sd, 'meta': {'epoch': 12}}, path)
+    model = SwinTransformer(**SMALL, convert_weights=True)
+    report = load_pretrained(model, str(path))
+    assert report['initialised'] == []
+    assert 'neck.lateral_convs.0.conv.weight' in report['unused']
+    _assert_v1_golden(model, v1_expected, norms=norms)
+
+
+def test_mmdet_format_from_mmdets_own_model(tmp_path, v1_official_sd, v1_expected):
+    """mmdet's SwinTransformer loads the official file with its own converter; its state dict is an
+    mmdet-format checkpoint produced by upstream code, which mmswin must load to the official outputs."""
+    mmdet_swin = pytest.importorskip('mmdet.models.backbones.swin')
+    src = tmp_path / 'official.pth'
+    torch.save({'state_dict': _body(v1_official_sd)}, src)
+    theirs = mmdet_swin.SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                                        convert_weights=True,
+                                        init_cfg=dict(type='Pretrained', checkpoint=str(src)))
+    theirs.init_weights()
+    sd = {f'backbone.{k}': v for k, v in theirs.state_dict().items()}
+    assert any('.attn.w_msa.' in k for k in sd) and any('ffn.layers.0.0' in k for k in sd)
+    path = tmp_path / 'mmdet.pth'
+    torch.save({'state_dict': sd, 'meta': {}}, path)
+    assert detect_format(convert_state_dict(sd).state_dict) == ('official', 1)
+    _assert_v1_golden(_load(SwinTransformer(**SMALL), path), v1_expected)
+
+
+def _openmmlab_v2(sd: dict) -> dict:
+    """The official V2 body in mmpretrain's layout: ``stages``, ``w_msa``, ``ffn``, merging at the
+    start of the next stage in unfold order (V2 merge norms are 2C wide and keep their order)."""
+    out = {}
+    for k, v in _body(sd).items():
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        if m:
+            k = f'stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}'
+            if k.endswith('reduction.weight'):
+                v = _to_unfold(v)
+        k = k.replace('layers.', 'stages.').replace('.attn.', '.attn.w_msa.')
+        k = k.replace('.mlp.fc1.', '.ffn.layers.0.0.').replace('.mlp.fc2.', '.ffn.layers.1.')
+        k = k.replace('patch_embed.proj.', 'patch_embed.projection.')
+        out['backbone.' + k] = v
+    out['head.fc.weight'] = torch.randn(10, 192)
+    return out
+
+
+def test_mmpretrain_v2_layout(tmp_path, v2_official_sd, v2_expected):
+    path = tmp_path / 'mmpretrain.pth'
+    torch.save({'state_dict': _openmmlab_v2(v2_official_sd), 'meta': {}}, path)
+    _assert_v2_golden(_load(SwinTransformerV2(**SMALL), path), v2_expected)
+
+
+def test_timm_layout(tmp_path, v1_official_sd, v1_expected):
+    sd = {}
+    for k, v in _body(v1_official_sd).items():
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        sd[f'layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}' if m else k] = v
+    sd['head.fc.weight'] = torch.randn(10, 192)
+    path = tmp_path / 'timm.pth'
+    torch.save(sd, path)
+    assert detect_format(sd)[0] == 'timm'
+    _assert_v1_golden(_load(SwinTransformer(**SMALL), path), v1_expected)
+
+
+@pytest.mark.parametrize('name,cls', [('v1', SwinTransformer), ('v2', SwinTransformerV2)])
+def test_converted_checkpoint_round_trip(tmp_path, name, cls):
+    src = DATA / f'{name}_official_cls.pth'
+    dst = tmp_path / 'converted.pth'
+    save_atomic(convert_checkpoint(str(src)), str(dst))
+    saved = torch.load(dst, weights_only=True)
+    assert saved['meta']['source_format'] == 'official'
+    direct = _load(cls(**SMALL), src)
+    converted = _load(cls(**SMALL, convert_weights=False), dst)
+    # the saved dict holds exactly the model's weights, except the dense output norms
+    missing, unexpected = cls(**SMALL).load_state_dict(saved['state_dict'], strict=False)
+    assert unexpected == [] and all(re.fullmatch(r'norm\d\.(weight|bias)', k) for k in missing)
+    x = torch.randn(1, 3, 97, 131)
+    for a, b in zip(_run(direct, x), _run(converted, x)):
+        assert torch.equal(a, b)
+
+
+def test_relative_position_bias_table_resize_is_bicubic(tmp_path, v1_official_sd):
+    model = SwinTransformer(**SMALL, window_size=12)
+    report = load_pretrained(model, str(DATA / 'v1_official_cls.pth'))
+    assert len(report['resized']) == 8
+    key = 'layers.2.blocks.1.attn.relative_position_bias_table'
+    table = v1_official_sd[key]  # (13 * 13, nH)
+    ref = F.interpolate(table.t().reshape(1, -1, 13, 13), size=(23, 23), mode='bicubic')
+    assert torch.equal(model.state_dict()[key], ref.reshape(-1, 23 * 23).t())
+
+
+# ---------------------------------------------------------------- errors: all or nothing, clear messages
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _expect_error(model, path, *patterns):
+    before = _snapshot(model)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(model, str(path))
+    for pattern in patterns:
+        assert re.search(pattern, str(info.value)), str(info.value)
+    _assert_untouched(model, before)
+
+
+def test_error_not_a_swin(tmp_path):
+    path = tmp_path / 'resnet.pth'
+    torch.save({'state_dict': {'conv1.weight': torch.randn(64, 3, 7, 7), 'bn1.weight': torch.ones(64)}},
+               path)
+    _expect_error(SwinTransformer(**SMALL), path, 'resnet.pth', 'not those of a Swin', 'conv1.weight')
+
+
+def test_error_other_size(tmp_path):
+    path = tmp_path / 'base.pth'
+    torch.save({'model': SwinTransformer(arch='base', drop_path_rate=0.0).state_dict()}, path)
+    _expect_error(SwinTransformer(arch='tiny'), path, 'base.pth', 'official',
+                  r'patch_embed.proj.weight has shape \(128, 3, 4, 4\) in the checkpoint but '
+                  r'\(96, 3, 4, 4\) in the model')
+
+
+def test_error_other_depth(tmp_path):
+    path = tmp_path / 'shallow.pth'
+    torch.save({'model': SwinTransformer(**dict(SMALL, depths=(2, 2, 1, 2))).state_dict()}, path)
+    _expect_error(SwinTransformer(**SMALL), path, 'shallow.pth', r'layers\.2\.blocks\.1\.')
+
+
+def test_error_other_version():
+    _expect_error(SwinTransformer(**SMALL), DATA / 'v2_official_cls.pth', 'Swin V2', 'SwinTransformer')
+    _expect_error(SwinTransformerV2(**SMALL), DATA / 'v1_official_cls.pth', 'Swin V1')
+
+
+def test_error_missing_truncated_and_foreign_files(tmp_path):
+    model = SwinTransformer(**SMALL)
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        load_pretrained(model, str(tmp_path / 'nope.pth'))
+    data = (DATA / 'v1_official_cls.pth').read_bytes()
+    (tmp_path / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    _expect_error(model, tmp_path / 'truncated.pth', 'truncated.pth', 'not a readable checkpoint')
+    (tmp_path / 'notes.txt').write_text('hello')
+    _expect_error(model, tmp_path / 'notes.txt', 'notes.txt', 'not a readable checkpoint')
+    torch.save([1, 2, 3], tmp_path / 'list.pth')
+    _expect_error(model, tmp_path / 'list.pth', 'list.pth', 'expected a checkpoint dict')
+
+
+class Payload:
+    """Pickles as a call to ``os.system``: what a malicious checkpoint looks like."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_pickled_code_is_never_run_without_opt_in(tmp_path):
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    sd = SwinTransformer(**SMALL).state_dict()
+    torch.save({'state_dict': sd, 'meta': {'x': Payload(marker)}}, path)
+    _expect_error(SwinTransformer(**SMALL), path, 'evil.pth', 'posix.system|os.system', 'unsafe_load=True')
+    assert not marker.exists()
+    # the explicit opt-in reads it (and so runs it): only for trusted files
+    load_pretrained(SwinTransformer(**SMALL), str(path), unsafe_load=True)
+    assert marker.exists()
+
+
+def test_init_cfg_unsafe_load_flag(tmp_path):
+    path = tmp_path / 'legacy.pth'
+    torch.save({'state_dict': SwinTransformer(**SMALL).state_dict(), 'meta': {'x': Payload(tmp_path / 'm')}},
+               path)
+    model = SwinTransformer(**SMALL, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(CheckpointError):
+        model.init_weights()
+    model = SwinTransformer(**SMALL, init_cfg=dict(type='Pretrained', checkpoint=str(path), unsafe_load=True))
+    model.init_weights()
