@@ -1,0 +1,74 @@
+"""mmswin backbones from mmdet and mmseg configs, through custom_imports and the registry scope."""
+import textwrap
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
+
+import mmswin
+from mmswin.models import SwinTransformer, SwinTransformerV2
+
+BACKBONE = "dict(type='mmswin.{cls}', embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))"
+
+
+def test_mmengine_root_registry_builds_mmswin_models():
+    assert MODELS.build(dict(type='mmswin.SwinTransformer', embed_dims=24, depths=(2, 2, 2, 2),
+                             num_heads=(1, 2, 4, 8))).__class__ is SwinTransformer
+    from mmswin.registry import MODELS as MMSWIN_MODELS
+    assert MMSWIN_MODELS.scope == 'mmswin' and MMSWIN_MODELS.parent is MODELS
+    assert MMSWIN_MODELS.get('SwinTransformerV2') is SwinTransformerV2
+
+
+def test_model_code_imports_neither_mmdet_nor_mmseg():
+    import subprocess
+    import sys
+    code = ('import sys, mmswin; from mmswin.checkpoint import load_pretrained; '
+            'print(sorted(m for m in sys.modules if m.split(".")[0] in ("mmdet", "mmseg", "mmcv")))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__('pathlib').Path(mmswin.__file__).parents[1]))
+    assert out.stdout.strip() == '[]'
+
+
+def _config(tmp_path, text: str) -> Config:
+    path = tmp_path / 'cfg.py'
+    path.write_text(textwrap.dedent(text))
+    return Config.fromfile(str(path))
+
+
+@pytest.mark.parametrize('cls', ['SwinTransformer', 'SwinTransformerV2'])
+def test_mmdet_mask_rcnn_config(tmp_path, cls):
+    pytest.importorskip('mmdet')
+    cfg = _config(tmp_path, f"""
+        _base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py']
+        custom_imports = dict(imports=['mmswin'], allow_failed_imports=False)
+        model = dict(backbone=dict(_delete_=True, **{BACKBONE.format(cls=cls)}),
+                     neck=dict(in_channels=[24, 48, 96, 192]))
+    """)
+    init_default_scope('mmdet')
+    from mmdet.registry import MODELS as MMDET_MODELS
+    detector = MMDET_MODELS.build(cfg.model)
+    assert type(detector.backbone).__name__ == cls
+    feats = detector.extract_feat(torch.randn(1, 3, 97, 131))
+    assert [f.shape[1] for f in feats] == [256] * 5
+    assert feats[0].shape[-2:] == (25, 33)
+
+
+@pytest.mark.parametrize('cls', ['SwinTransformer', 'SwinTransformerV2'])
+def test_mmseg_upernet_config(tmp_path, cls):
+    pytest.importorskip('mmseg')
+    cfg = _config(tmp_path, f"""
+        _base_ = ['mmseg::_base_/models/upernet_swin.py']
+        custom_imports = dict(imports=['mmswin'], allow_failed_imports=False)
+        norm_cfg = dict(type='BN', requires_grad=True)
+        model = dict(data_preprocessor=None,
+                     backbone=dict(_delete_=True, **{BACKBONE.format(cls=cls)}),
+                     decode_head=dict(in_channels=[24, 48, 96, 192], channels=32, num_classes=5, norm_cfg=norm_cfg),
+                     auxiliary_head=dict(in_channels=96, channels=16, num_classes=5, norm_cfg=norm_cfg))
+    """)
+    init_default_scope('mmseg')
+    from mmseg.registry import MODELS as MMSEG_MODELS
+    segmentor = MMSEG_MODELS.build(cfg.model)
+    assert type(segmentor.backbone).__name__ == cls
+    logits = segmentor(torch.randn(2, 3, 64, 96), mode='tensor')
+    assert logits.shape == (2, 5, 16, 24)
