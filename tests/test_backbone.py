@@ -47,7 +47,8 @@ def test_output_shapes_any_size(cls, hw):
 def test_shapes_equal_mmdets(hw):
     mmdet_swin = pytest.importorskip('mmdet.models.backbones.swin')
     ours = SwinTransformer(**SMALL).eval()
-    theirs = mmdet_swin.SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)).eval()
+    theirs = mmdet_swin.SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+    theirs.eval()  # mmdet's train() returns None, so no chaining
     x = torch.randn(1, 3, *hw)
     with torch.no_grad():
         assert [o.shape for o in ours(x)] == [o.shape for o in theirs(x)]

@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from mmengine.config import ConfigDict
 from torch import nn
 
 from mmswin.checkpoint import (CheckpointError, convert_state_dict, detect_format, load_pretrained,
@@ -99,7 +100,7 @@ def test_mmdet_format_from_mmdets_own_model(tmp_path, v1_official_sd, v1_expecte
     torch.save({'state_dict': _body(v1_official_sd)}, src)
     theirs = mmdet_swin.SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
                                         convert_weights=True,
-                                        init_cfg=dict(type='Pretrained', checkpoint=str(src)))
+                                        init_cfg=ConfigDict(type='Pretrained', checkpoint=str(src)))
     theirs.init_weights()
     sd = {f'backbone.{k}': v for k, v in theirs.state_dict().items()}
     assert any('.attn.w_msa.' in k for k in sd) and any('ffn.layers.0.0' in k for k in sd)

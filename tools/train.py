@@ -1,0 +1,46 @@
+"""Train a detector or segmentor with an mmswin config (a thin wrapper over mmengine's Runner).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
+
+mmdet's and mmseg's own ``tools/train.py`` run the same configs unchanged.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a clone without install
+
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmswin.runner import prepare_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a model with an mmswin config')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default work_dirs/CONFIG_NAME)')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None,
+                        help='resume from CKPT, or from the latest checkpoint in the work dir if no CKPT')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
+    parser.add_argument('--auto-scale-lr', action='store_true', help='scale the lr with the batch size')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    cfg = prepare_config(cfg, config_path=args.config, work_dir=args.work_dir, launcher=args.launcher,
+                         cfg_options=args.cfg_options, amp=args.amp, auto_scale_lr=args.auto_scale_lr,
+                         resume=args.resume)
+    Runner.from_cfg(cfg).train()
+
+
+if __name__ == '__main__':
+    main()
