@@ -1,0 +1,3 @@
+_base_ = './swin-base-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+pretrained = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_base_patch4_window7_224_22k.pth'  # noqa
+model = dict(backbone=dict(init_cfg=dict(checkpoint=pretrained)))

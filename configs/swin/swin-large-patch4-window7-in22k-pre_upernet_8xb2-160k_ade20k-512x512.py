@@ -1,0 +1,6 @@
+_base_ = './swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+pretrained = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_large_patch4_window7_224_22k.pth'  # noqa
+model = dict(
+    backbone=dict(arch='large', init_cfg=dict(checkpoint=pretrained)),
+    decode_head=dict(in_channels=[192, 384, 768, 1536]),
+    auxiliary_head=dict(in_channels=768))
