@@ -25,14 +25,13 @@ echo "==> build tools and torch ($TORCH_SPEC)"
 pip install -q "$TORCH_SPEC"
 
 echo "==> mmengine and runtime requirements"
-pip install -q -r requirements/runtime.txt
+# wheel and setuptools<70 (in runtime.txt) also build mmcv and the editable mmswin without isolation
+pip install -q -r requirements/runtime.txt wheel ninja
 
 torch_tag=$("$py" -c 'import torch; print(torch.__version__.replace("+", "_"))')
 cache="$WHEEL_CACHE/torch-$torch_tag"
 wheel=$(ls "$cache"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
-    # mmcv's setup.py imports pkg_resources, which setuptools >= 70 no longer ships.
-    pip install -q "setuptools<70" wheel ninja
     echo "==> building mmcv $MMCV_VERSION with ops from source (several minutes; cached in $cache)"
     mkdir -p "$cache"
     tmp=$(mktemp -d)
