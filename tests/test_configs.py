@@ -42,3 +42,17 @@ def test_config_builds_and_runs(path):
         else:
             logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
             assert logits.shape == (1, cfg.model.decode_head.num_classes, 16, 24)
+
+
+@pytest.mark.parametrize('folder', ['swin', 'swinv2'])
+def test_metafile_lists_every_config_once(folder):
+    import yaml
+    root = Path(__file__).resolve().parents[1]
+    meta = yaml.safe_load((root / 'configs' / folder / 'metafile.yml').read_text())
+    listed = sorted(m['Config'] for m in meta['Models'])
+    on_disk = sorted(f'configs/{folder}/{p.name}' for p in (root / 'configs' / folder).glob('*.py'))
+    assert listed == on_disk
+    for model in meta['Models']:
+        assert model['Name'] == Path(model['Config']).stem
+        assert model['Metadata']['Reproduced'] is False  # nothing is claimed as reproduced
+        assert model['Results'] or 'not yet reproduced' in model['Source']
