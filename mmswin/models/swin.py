@@ -36,17 +36,34 @@ def _resolve_arch(arch: Optional[str], embed_dims: Optional[int], depths: Option
                          f'got {arch!r}')
     preset = ARCH_ZOO[name]
     embed_dims = preset['embed_dims'] if embed_dims is None else embed_dims
-    depths = tuple(preset['depths'] if depths is None else depths)
-    num_heads = tuple(preset['num_heads'] if num_heads is None else num_heads)
+    if not _is_int(embed_dims) or embed_dims <= 0:
+        raise ValueError(f'embed_dims must be a positive int, got {embed_dims!r}')
+    depths = _int_sequence(preset['depths'] if depths is None else depths, 'depths')
+    num_heads = _int_sequence(preset['num_heads'] if num_heads is None else num_heads, 'num_heads')
     return embed_dims, depths, num_heads
 
 
-def _per_stage(value: IntOrSeq, num_stages: int, name: str) -> Tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * num_stages
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_sequence(value: object, name: str, minimum: int = 1) -> Tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, '__iter__'):
+        raise TypeError(f'{name} must be a sequence of ints, got {value!r}')
     value = tuple(value)
+    if not value or not all(_is_int(v) and v >= minimum for v in value):
+        raise ValueError(f'{name} must be a non-empty sequence of ints >= {minimum}, got {value}')
+    return value
+
+
+def _per_stage(value: IntOrSeq, num_stages: int, name: str, minimum: int = 1) -> Tuple[int, ...]:
+    """An int for every stage, or one int per stage."""
+    if _is_int(value):
+        value = (value,) * num_stages
+    value = _int_sequence(value, name, minimum)
     if len(value) != num_stages:
-        raise ValueError(f'{name} must be an int or a sequence of {num_stages} ints, got {value}')
+        raise ValueError(f'{name} must be an int or a sequence of {num_stages} ints (one per stage), '
+                         f'got {len(value)}: {value}')
     return value
 
 
@@ -136,25 +153,38 @@ class SwinTransformer(BaseModule):
         if len(num_heads) != num_stages:
             raise ValueError(f'num_heads has {len(num_heads)} entries but depths has {num_stages}')
         window_sizes = _per_stage(window_size, num_stages, 'window_size')
-        pretrained_windows = _per_stage(pretrained_window_sizes, num_stages, 'pretrained_window_sizes')
-        if any(w <= 0 for w in window_sizes):
-            raise ValueError(f'window_size must be positive, got {window_size}')
+        pretrained_windows = _per_stage(pretrained_window_sizes, num_stages, 'pretrained_window_sizes',
+                                        minimum=0)
+        if 1 in pretrained_windows:
+            raise ValueError(f'pretrained_window_sizes must be 0 (none) or >= 2, got {pretrained_windows}')
+        for name, value in (('patch_size', patch_size), ('in_channels', in_channels)):
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f'{name} must be a positive int, got {value!r}')
+        if not mlp_ratio > 0:
+            raise ValueError(f'mlp_ratio must be positive, got {mlp_ratio!r}')
+        for name, value in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
+                            ('drop_path_rate', drop_path_rate)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f'{name} must be in [0, 1), got {value!r}')
         strides = tuple(strides)
         if len(strides) != num_stages or strides[0] != patch_size or any(s != 2 for s in strides[1:]):
             raise ValueError(f'strides must be (patch_size, 2, 2, ...) with {num_stages} entries, i.e. '
                              f'{(patch_size,) + (2,) * (num_stages - 1)}, got {strides}')
         dims = [embed_dims * 2 ** i for i in range(num_stages)]
         validate_heads(dims, num_heads)
-        out_indices = tuple(out_indices)
-        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
-            raise ValueError(f'out_indices must be non-empty, within 0..{num_stages - 1}, got {out_indices}')
-        if not -1 <= frozen_stages <= num_stages:
+        out_indices = _int_sequence(out_indices, 'out_indices', minimum=0)
+        if any(i >= num_stages for i in out_indices) or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f'out_indices must be distinct stage indices in 0..{num_stages - 1}, '
+                             f'got {out_indices}')
+        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages must be in -1..{num_stages}, got {frozen_stages}')
         if self.version == 1 and any(pretrained_windows):
             raise ValueError('pretrained_window_sizes is a SwinTransformerV2 option')
         if self.version == 2 and qk_scale is not None:
             raise ValueError('qk_scale is not used by SwinTransformerV2 (cosine attention)')
 
+        self.in_channels = in_channels
+        self.patch_size = patch_size
         self.embed_dims = embed_dims
         self.depths = depths
         self.num_heads = num_heads
@@ -261,9 +291,25 @@ class SwinTransformer(BaseModule):
         return self
 
     # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'{name} expects images as a (B, C, H, W) tensor, got {shape}')
+        b, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f'{name} has in_channels={self.in_channels}, got an input with {c} channels '
+                             f'(shape {tuple(x.shape)})')
+        if b == 0:
+            raise ValueError(f'{name} got an empty batch (shape {tuple(x.shape)})')
+        if h < self.patch_size or w < self.patch_size:
+            raise ValueError(f'{name} needs images of at least one patch ({self.patch_size}x{self.patch_size}), '
+                             f'got {h}x{w}')
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, in_channels, H, W)`` to one ``(B, C_i, ceil(H / 2^(i+2)), ...)`` map per ``out_indices``
         entry (for patch 4), each through ``norm{i}``."""
+        self._check_input(x)
         x = self.patch_embed(x)  # (B, H, W, C)
         if self.use_abs_pos_embed:
             pos = F.interpolate(self.absolute_pos_embed, size=x.shape[1:3], mode='bicubic')

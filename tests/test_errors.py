@@ -1,0 +1,88 @@
+"""Bad configuration and bad input give clear errors naming the argument and the allowed values."""
+import math
+
+import pytest
+import torch
+
+from mmswin.models import SwinTransformer, SwinTransformerV2
+
+from .conftest import SMALL
+
+BACKBONES = [SwinTransformer, SwinTransformerV2]
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+@pytest.mark.parametrize('kwargs,error,pattern', [
+    (dict(window_size=0), ValueError, r'window_size must be .*>= 1'),
+    (dict(window_size=-7), ValueError, r'window_size'),
+    (dict(window_size=[7, 7, 7]), ValueError, r'window_size .*one per stage.*got 3'),
+    (dict(window_size='7'), TypeError, r'window_size must be a sequence of ints'),
+    (dict(num_heads=(1, 2, 5, 8)), ValueError, r'num_heads\[2\]=5 must be positive and divide the stage width 96'),
+    (dict(num_heads=(1, 2, 4)), ValueError, r'num_heads has 3 entries but depths has 4'),
+    (dict(depths=(2, 2, 0, 2)), ValueError, r'depths must be a non-empty sequence of ints >= 1'),
+    (dict(depths=()), ValueError, r'depths'),
+    (dict(out_indices=(0, 4)), ValueError, r'out_indices must be distinct stage indices in 0\.\.3'),
+    (dict(out_indices=(1, 1)), ValueError, r'out_indices'),
+    (dict(out_indices=(-1,)), ValueError, r'out_indices'),
+    (dict(frozen_stages=5), ValueError, r'frozen_stages must be in -1\.\.4, got 5'),
+    (dict(frozen_stages=-2), ValueError, r'frozen_stages'),
+    (dict(strides=(2, 2, 2, 2)), ValueError, r'strides must be \(patch_size, 2, 2, \.\.\.\).*\(4, 2, 2, 2\)'),
+    (dict(strides=(4, 2, 2)), ValueError, r'strides'),
+    (dict(pretrained=3), TypeError, r'pretrained must be a str or None'),
+    (dict(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b.pth')), ValueError,
+     r'pretrained and init_cfg cannot both be set'),
+    (dict(arch='huge'), ValueError, r"arch must be one of \['base', 'large', 'small', 'tiny'\]"),
+    (dict(embed_dims=0), ValueError, r'embed_dims must be a positive int'),
+    (dict(patch_size=0, strides=(0, 2, 2, 2)), ValueError, r'patch_size must be a positive int'),
+    (dict(drop_path_rate=1.0), ValueError, r'drop_path_rate must be in \[0, 1\)'),
+    (dict(mlp_ratio=0), ValueError, r'mlp_ratio must be positive'),
+    (dict(norm_cfg=dict(type='GN')), ValueError, r"norm_cfg type 'GN' is not supported"),
+    (dict(act_cfg=dict(type='Mish')), ValueError, r"act_cfg type 'Mish' is not supported"),
+])
+def test_bad_configuration(cls, kwargs, error, pattern):
+    args = dict(SMALL)
+    if 'arch' in kwargs or 'embed_dims' in kwargs:
+        args = dict(drop_path_rate=0.0, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), embed_dims=24)
+    args.update(kwargs)
+    if 'arch' in kwargs:
+        del args['embed_dims'], args['depths'], args['num_heads']
+    with pytest.raises(error, match=pattern):
+        cls(**args)
+
+
+def test_version_specific_options():
+    with pytest.raises(ValueError, match='pretrained_window_sizes is a SwinTransformerV2 option'):
+        SwinTransformer(**SMALL, pretrained_window_sizes=[8, 8, 8, 8])
+    with pytest.raises(ValueError, match='qk_scale is not used by SwinTransformerV2'):
+        SwinTransformerV2(**SMALL, qk_scale=0.1)
+    with pytest.raises(ValueError, match=r'pretrained_window_sizes must be 0 \(none\) or >= 2'):
+        SwinTransformerV2(**SMALL, pretrained_window_sizes=[1, 8, 8, 8])
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+@pytest.mark.parametrize('x,pattern', [
+    (torch.zeros(3, 64, 64), r'expects images as a \(B, C, H, W\) tensor, got \(3, 64, 64\)'),
+    (torch.zeros(1, 1, 3, 64, 64), r'\(B, C, H, W\)'),
+    (torch.zeros(1, 1, 64, 64), r'in_channels=3, got an input with 1 channels'),
+    (torch.zeros(0, 3, 64, 64), r'empty batch'),
+    (torch.zeros(1, 3, 3, 64), r'at least one patch \(4x4\), got 3x64'),
+    ([1, 2, 3], r'got list'),
+])
+def test_bad_input(cls, x, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        cls(**SMALL)(x)
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+@pytest.mark.parametrize('bad', [math.nan, math.inf])
+def test_non_finite_input_is_not_hidden(cls, bad):
+    """Documented behaviour: NaN/Inf pixels make the outputs non-finite (they are never masked into
+    finite values); clean images stay finite."""
+    model = cls(**SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    x[1, 0, 10, 10] = bad
+    with torch.no_grad():
+        outs = model(x)
+    for out in outs:
+        assert torch.isfinite(out[0]).all()
+        assert not torch.isfinite(out[1]).all()
