@@ -1,0 +1,59 @@
+"""frozen_stages, with_cp and norm_eval together under 2-process DDP (gloo, CPU)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from mmswin.models import SwinTransformer, SwinTransformerV2
+
+SMALL = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, version: int, find_unused: bool, out: dict) -> None:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cls = SwinTransformerV2 if version == 2 else SwinTransformer
+        model = cls(**SMALL, frozen_stages=1, with_cp=True, norm_eval=True, out_indices=(1, 2, 3))
+        ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
+        ddp.train()
+        opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.01)
+        torch.manual_seed(100 + rank)  # each rank its own data
+        for _ in range(2):
+            outs = ddp(torch.randn(2, 3, 64, 80))
+            loss = sum(o.square().mean() for o in outs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        frozen_have_grad = any(p.grad is not None for p in model.layers[0].parameters())
+        out[rank] = (grad, frozen_have_grad, model.patch_embed.training, model.norm1.training)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('version', [1, 2])
+@pytest.mark.parametrize('find_unused', [False, True])
+def test_ddp_with_frozen_stages_checkpointing_and_norm_eval(version, find_unused):
+    ctx = mp.get_context('spawn')
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_worker, args=(2, _free_port(), version, find_unused, out), nprocs=2, join=True,
+                           start_method='spawn')
+        results = dict(out)
+    (g0, frozen0, pe0, n0), (g1, frozen1, _, _) = results[0], results[1]
+    assert torch.equal(g0, g1)  # gradients were all-reduced, identically on both ranks
+    assert g0.abs().sum() > 0
+    assert not frozen0 and not frozen1  # frozen stage 0 never got a gradient
+    assert not pe0 and not n0  # frozen patch embedding and (norm_eval) norms stayed in eval mode
