@@ -106,3 +106,25 @@ def test_restricted_unpickler_refuses_code(tmp_path):
         with pytest.raises(pickle.UnpicklingError):
             CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
     assert not marker.exists()
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
+    """What mmengine's CheckpointHook uses to write: a write that fails half way (a killed run) must
+    leave the previous checkpoint and no partial file."""
+    from mmengine.fileio import get_file_backend
+
+    path = tmp_path / 'iter_100.pth'
+    good = {'state_dict': {'w': torch.ones(3)}}
+    backend = get_file_backend(str(path))
+    import io
+    buf = io.BytesIO()
+    torch.save(good, buf)
+    backend.put(buf.getvalue(), str(path))
+
+    with pytest.raises(TypeError):  # the write fails after the target would have been opened
+        backend.put(object(), str(path))
+    assert torch.equal(torch.load(path, weights_only=True)['state_dict']['w'], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ['iter_100.pth']
+    backend.put_text(str(path), str(tmp_path / 'last_checkpoint'))
+    assert (tmp_path / 'last_checkpoint').read_text() == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_100.pth', 'last_checkpoint']

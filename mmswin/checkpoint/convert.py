@@ -1,11 +1,12 @@
 """Converting a checkpoint file of any supported format into mmswin's own format."""
+import io
 import os
-import tempfile
 from typing import Optional
 
 import torch
 
 from ..version import __version__
+from .atomic_write import write_atomic
 from .formats import FORMATS, convert_state_dict, infer_arch, unwrap_checkpoint
 from .loading import CheckpointError, read_checkpoint
 
@@ -31,17 +32,8 @@ def convert_checkpoint(src: str, prefix: Optional[str] = None, unsafe_load: bool
 
 
 def save_atomic(obj: dict, dst: str) -> None:
-    """``torch.save`` to a temporary file beside ``dst``, then rename: ``dst`` is never half written."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dst) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through a temporary file beside ``dst`` and a rename: ``dst`` is never half
+    written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(buffer.getvalue(), dst)
