@@ -47,17 +47,19 @@ def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None
 
 def enable_visualization(cfg: Config, show_dir: Optional[str], show: bool = False,
                          wait_time: float = 2.0) -> Config:
-    """Makes the test loop draw predictions, into ``show_dir`` (relative to the work dir)."""
+    """Makes the test loop draw every prediction into ``show_dir`` (a relative path is taken under the
+    work dir, for detection and segmentation alike)."""
     hooks = cfg.default_hooks
     if 'visualization' not in hooks:
         raise ValueError('the config has no default_hooks.visualization to draw predictions with')
     hooks.visualization.draw = True
+    hooks.visualization.interval = 1
     if show:
         hooks.visualization.show = True
         hooks.visualization.wait_time = wait_time
     if show_dir:
-        if default_scope_of(cfg) == 'mmseg':
-            cfg.visualizer.save_dir = show_dir
+        if default_scope_of(cfg) == 'mmseg':  # mmdet's test_out_dir is under the work dir: same here
+            cfg.visualizer.save_dir = osp.join(cfg.work_dir, show_dir)
         else:
             hooks.visualization.test_out_dir = show_dir
     return cfg

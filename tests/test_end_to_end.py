@@ -1,0 +1,128 @@
+"""The whole job on the demo data: mmdet's and mmseg's own train/test tools with mmswin configs,
+mmswin's tools, an interrupted run resumed, a saved checkpoint evaluated, torchrun with 2 processes."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools' / 'demo'))
+from make_demo_data import make_demo_data  # noqa: E402
+
+DET_CFG = ROOT / 'configs/demo/mask-rcnn_swin-demo_fpn_demo-shapes-128.py'
+SEG_CFG = ROOT / 'configs/demo/swin-demo_upernet_demo-shapes-128x128.py'
+
+
+@pytest.fixture(scope='module')
+def demo_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('demo_data')
+    make_demo_data(str(root), num_train=8, num_val=4, size=64, seed=1)
+    return root
+
+
+def det_options(data: Path, iters: int = 4) -> list:
+    coco = f'{data}/coco/'
+    ann = f'{coco}annotations/instances_val2017.json'
+    return [f'train_dataloader.dataset.data_root={coco}', f'val_dataloader.dataset.data_root={coco}',
+            f'test_dataloader.dataset.data_root={coco}', f'val_evaluator.ann_file={ann}',
+            f'test_evaluator.ann_file={ann}', f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
+            'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=2',
+            'default_hooks.logger.interval=1']
+
+
+def seg_options(data: Path, iters: int = 4) -> list:
+    ade = f'{data}/ade/ADEChallengeData2016'
+    return [f'train_dataloader.dataset.data_root={ade}', f'val_dataloader.dataset.data_root={ade}',
+            f'test_dataloader.dataset.data_root={ade}', f'train_cfg.max_iters={iters}',
+            f'train_cfg.val_interval={iters}', 'default_hooks.checkpoint.interval=2',
+            'train_dataloader.batch_size=2', 'default_hooks.logger.interval=1']
+
+
+def run(args: list, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHON=sys.executable)
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env,
+                            timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
+    return result
+
+
+def upstream_tool(package: str, name: str) -> Path:
+    module = pytest.importorskip(package)
+    path = Path(module.__file__).parent / '.mim' / 'tools' / name
+    assert path.exists(), path
+    return path
+
+
+def metric(text: str, name: str) -> float:
+    found = re.findall(rf'{re.escape(name)}: (-?[0-9.]+)', text)
+    assert found, f'{name} not in the output'
+    return float(found[-1])
+
+
+def test_mmdet_tools_train_and_test(demo_data, tmp_path):
+    work = tmp_path / 'det'
+    out = run([sys.executable, upstream_tool('mmdet', 'train.py'), DET_CFG, '--work-dir', work,
+               '--cfg-options', *det_options(demo_data)])
+    log = out.stdout + out.stderr
+    for name in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP'):
+        assert 0.0 <= metric(log, name) <= 1.0
+    assert (work / 'iter_4.pth').exists()
+    out = run([sys.executable, upstream_tool('mmdet', 'test.py'), DET_CFG, work / 'iter_4.pth', '--work-dir',
+               tmp_path / 'det_test', '--cfg-options', *det_options(demo_data)])
+    assert 0.0 <= metric(out.stdout + out.stderr, 'coco/segm_mAP') <= 1.0
+
+
+def test_mmseg_tools_train_and_test(demo_data, tmp_path):
+    work = tmp_path / 'seg'
+    out = run([sys.executable, upstream_tool('mmseg', 'train.py'), SEG_CFG, '--work-dir', work,
+               '--cfg-options', *seg_options(demo_data)])
+    assert 0.0 <= metric(out.stdout + out.stderr, 'mIoU') <= 100.0
+    out = run([sys.executable, upstream_tool('mmseg', 'test.py'), SEG_CFG, work / 'iter_4.pth', '--work-dir',
+               tmp_path / 'seg_test', '--cfg-options', *seg_options(demo_data)])
+    assert 0.0 <= metric(out.stdout + out.stderr, 'mIoU') <= 100.0
+
+
+def test_interrupted_run_resumes_and_checkpoint_evaluates(demo_data, tmp_path):
+    """A run SIGKILLed after iteration 3 (last checkpoint: iteration 2) resumes with --resume and ends
+    at iteration 6; the final checkpoint is then evaluated by tools/test.py with pictures drawn."""
+    work = tmp_path / 'seg'
+    opts = seg_options(demo_data, iters=6)
+    dying = tmp_path / 'dying.py'
+    dying.write_text(f"_base_ = '{SEG_CFG}'\n"
+                     "custom_imports = dict(imports=['mmswin', 'tests.kill_hook'], allow_failed_imports=False)\n"
+                     "custom_hooks = [dict(type='KillAtIterHook', kill_after=3)]\n")
+    killed = run([sys.executable, ROOT / 'tools/train.py', dying, '--work-dir', work, '--cfg-options', *opts],
+                 check=False)
+    assert killed.returncode == -9
+    assert (work / 'iter_2.pth').exists() and not (work / 'iter_4.pth').exists()
+    resumed = run([sys.executable, ROOT / 'tools/train.py', SEG_CFG, '--work-dir', work, '--resume',
+                   '--cfg-options', *opts])
+    log = resumed.stdout + resumed.stderr
+    assert 'resumed epoch: 0, iter: 2' in log
+    assert re.search(r'Iter\(train\) \[3/6\]', log) and not re.search(r'Iter\(train\) \[[12]/6\]', log)
+    assert (work / 'iter_6.pth').exists()
+    out = run([sys.executable, ROOT / 'tools/test.py', SEG_CFG, work / 'iter_6.pth', '--work-dir',
+               tmp_path / 'test', '--show-dir', 'pictures', '--cfg-options', *seg_options(demo_data)])
+    assert 0.0 <= metric(out.stdout + out.stderr, 'mIoU') <= 100.0
+    pictures = sorted((tmp_path / 'test' / 'pictures').rglob('*.png'))
+    assert len(pictures) == 4  # one per validation image
+
+
+def test_torchrun_two_processes(demo_data, tmp_path):
+    """Distributed training and testing with torchrun, 2 processes on CPU (gloo)."""
+    work = tmp_path / 'dist'
+    env_opt = []  # the configs' nccl becomes gloo on a CPU-only machine
+    out = run(['bash', ROOT / 'tools/dist_train.sh', DET_CFG, 2, '--work-dir', work, '--cfg-options',
+               *det_options(demo_data), *env_opt], cwd=ROOT)
+    log = out.stdout + out.stderr
+    assert 'Distributed launcher: pytorch' in log and 'Distributed training: True' in log
+    assert 'GPU number: 2' in log  # mmengine's name for the world size, also on CPU
+    assert (work / 'iter_4.pth').exists()
+    out = run(['bash', ROOT / 'tools/dist_test.sh', DET_CFG, work / 'iter_4.pth', 2, '--work-dir',
+               tmp_path / 'dist_test', '--cfg-options', *det_options(demo_data), *env_opt], cwd=ROOT)
+    assert 0.0 <= metric(out.stdout + out.stderr, 'coco/bbox_mAP') <= 1.0
