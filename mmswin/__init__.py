@@ -2,6 +2,7 @@
 from .checkpoint import install as _install_safe_checkpoint_loading
 from .checkpoint.atomic_write import install as _install_atomic_writes
 from .distributed import install as _install_cpu_distributed
+from .engine import RNGStateHook
 from .models import SwinTransformer, SwinTransformerV2
 from .version import __version__
 
@@ -9,4 +10,4 @@ _install_safe_checkpoint_loading()
 _install_atomic_writes()
 _install_cpu_distributed()
 
-__all__ = ['__version__', 'SwinTransformer', 'SwinTransformerV2']
+__all__ = ['__version__', 'RNGStateHook', 'SwinTransformer', 'SwinTransformerV2']

@@ -8,6 +8,8 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['mmswin'], allow_failed_imports=False)
+# keeps the random stream in checkpoints so that a resumed run repeats the interrupted one
+custom_hooks = [dict(type='mmswin.RNGStateHook')]
 
 pretrained = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth'  # noqa
 model = dict(

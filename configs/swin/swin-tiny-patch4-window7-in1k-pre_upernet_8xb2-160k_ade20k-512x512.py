@@ -8,6 +8,8 @@ _base_ = [
     'mmseg::_base_/schedules/schedule_160k.py',
 ]
 custom_imports = dict(imports=['mmswin'], allow_failed_imports=False)
+# keeps the random stream in checkpoints so that a resumed run repeats the interrupted one
+custom_hooks = [dict(type='mmswin.RNGStateHook')]
 
 crop_size = (512, 512)
 pretrained = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth'  # noqa
