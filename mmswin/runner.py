@@ -1,8 +1,10 @@
-"""Shared preparation of configs for ``tools/train.py`` and ``tools/test.py``."""
+"""Shared command-line options and config preparation of ``tools/train.py`` and ``tools/test.py``."""
+import argparse
+import os
 import os.path as osp
-from typing import Optional
+from typing import List, Optional
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 
 SEGMENTORS = ('EncoderDecoder', 'CascadeEncoderDecoder', 'mmseg.EncoderDecoder', 'mmseg.CascadeEncoderDecoder')
 
@@ -12,6 +14,19 @@ def default_scope_of(cfg: Config) -> str:
     if cfg.get('default_scope'):
         return cfg.default_scope
     return 'mmseg' if cfg.model.get('type') in SEGMENTORS else 'mmdet'
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options both tools share: config overrides and the distributed launcher."""
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def prepare_config(cfg: Config, config_path: str, work_dir: Optional[str] = None, launcher: str = 'none',

@@ -6,16 +6,16 @@ Prints the config's metrics (COCO box/mask AP, mIoU); mmdet's and mmseg's own ``
 same configs unchanged.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a clone without install
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmswin.runner import default_scope_of, enable_visualization, prepare_config  # noqa: E402
+from mmswin.runner import (add_run_arguments, default_scope_of, enable_visualization,  # noqa: E402
+                           parse_run_arguments, prepare_config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,12 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--show', action='store_true', help='show predictions in a window')
     parser.add_argument('--show-dir', help='save pictures of the predictions there (under the work dir)')
     parser.add_argument('--wait-time', type=float, default=2, help='seconds per picture with --show')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_run_arguments(parser)
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv=None) -> dict:

@@ -5,16 +5,15 @@
 mmdet's and mmseg's own ``tools/train.py`` run the same configs unchanged.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a clone without install
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmswin.runner import prepare_config  # noqa: E402
+from mmswin.runner import add_run_arguments, parse_run_arguments, prepare_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,12 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='resume from CKPT, or from the latest checkpoint in the work dir if no CKPT')
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
     parser.add_argument('--auto-scale-lr', action='store_true', help='scale the lr with the batch size')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_run_arguments(parser)
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv=None) -> None:
