@@ -13,7 +13,7 @@ export VENV PYTHON TORCH_SPEC WHEEL_CACHE
 
 install: $(STAMP)
 
-$(STAMP): tools/install_deps.sh setup.py requirements/runtime.txt requirements/openmmlab.txt requirements/tests.txt
+$(STAMP): tools/install_deps.sh setup.py $(wildcard requirements/*.txt)
 	bash tools/install_deps.sh
 	touch $@
 

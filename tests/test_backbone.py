@@ -45,7 +45,7 @@ def test_output_shapes_any_size(cls, hw):
 
 @pytest.mark.parametrize('hw', [(511, 511), (112, 137), (97, 131)])
 def test_shapes_equal_mmdets(hw):
-    mmdet_swin = pytest.importorskip('mmdet.models.backbones.swin')
+    from mmdet.models.backbones import swin as mmdet_swin
     ours = SwinTransformer(**SMALL).eval()
     theirs = mmdet_swin.SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
     theirs.eval()  # mmdet's train() returns None, so no chaining

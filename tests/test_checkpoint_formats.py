@@ -95,7 +95,7 @@ def test_official_detection_checkpoint(tmp_path, v1_official_sd, v1_expected):
 def test_mmdet_format_from_mmdets_own_model(tmp_path, v1_official_sd, v1_expected):
     """mmdet's SwinTransformer loads the official file with its own converter; its state dict is an
     mmdet-format checkpoint produced by upstream code, which mmswin must load to the official outputs."""
-    mmdet_swin = pytest.importorskip('mmdet.models.backbones.swin')
+    from mmdet.models.backbones import swin as mmdet_swin
     src = tmp_path / 'official.pth'
     torch.save({'state_dict': _body(v1_official_sd)}, src)
     theirs = mmdet_swin.SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),

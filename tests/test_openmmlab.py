@@ -38,7 +38,6 @@ def _config(tmp_path, text: str) -> Config:
 
 @pytest.mark.parametrize('cls', ['SwinTransformer', 'SwinTransformerV2'])
 def test_mmdet_mask_rcnn_config(tmp_path, cls):
-    pytest.importorskip('mmdet')
     cfg = _config(tmp_path, f"""
         _base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py']
         custom_imports = dict(imports=['mmswin'], allow_failed_imports=False)
@@ -56,7 +55,6 @@ def test_mmdet_mask_rcnn_config(tmp_path, cls):
 
 @pytest.mark.parametrize('cls', ['SwinTransformer', 'SwinTransformerV2'])
 def test_mmseg_upernet_config(tmp_path, cls):
-    pytest.importorskip('mmseg')
     cfg = _config(tmp_path, f"""
         _base_ = ['mmseg::_base_/models/upernet_swin.py']
         custom_imports = dict(imports=['mmswin'], allow_failed_imports=False)

@@ -20,13 +20,14 @@ cd "$root"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 py="$VENV/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check "$@"; }
+constraints=(-c requirements/constraints.txt)
 
 echo "==> build tools and torch ($TORCH_SPEC)"
 pip install -q "$TORCH_SPEC"
 
 echo "==> mmengine and runtime requirements"
 # wheel and setuptools<70 (in runtime.txt) also build mmcv and the editable mmswin without isolation
-pip install -q -r requirements/runtime.txt wheel ninja
+pip install -q "${constraints[@]}" -r requirements/runtime.txt wheel ninja
 
 torch_tag=$("$py" -c 'import torch; print(torch.__version__.replace("+", "_"))')
 cache="$WHEEL_CACHE/torch-$torch_tag"
@@ -42,10 +43,11 @@ if [ -z "$wheel" ]; then
     wheel=$(ls "$cache"/mmcv-"$MMCV_VERSION"-*.whl | head -n 1)
 fi
 echo "==> mmcv from $wheel"
-pip install -q "$wheel"
+pip install -q "${constraints[@]}" "$wheel"
 
-echo "==> mmdet, mmsegmentation and test requirements"
-pip install -q -r requirements/openmmlab.txt -r requirements/tests.txt
+echo "==> mmdet, mmsegmentation, mim and test requirements"
+pip install -q "${constraints[@]}" -r requirements/openmmlab.txt -r requirements/mim.txt -r requirements/tests.txt
+pip install -q --no-deps openmim
 echo "==> mmswin (editable)"
 pip install -q --no-build-isolation --no-deps -e .
 "$py" -c 'import torch, mmengine, mmcv, mmdet, mmseg, mmswin; from mmcv.ops import roi_align; print("torch", torch.__version__, "mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmseg", mmseg.__version__, "mmswin", mmswin.__version__)'

@@ -1,6 +1,6 @@
 """Swin blocks, stages, patch embedding and patch merging. V2 pieces subclass V1 and change only what
 differs: the residual norm placement (block) and the norm order (merge)."""
-from typing import Optional, Sequence, Tuple, Type
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
