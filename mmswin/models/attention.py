@@ -91,7 +91,11 @@ class WindowAttention(nn.Module):
         if mask is not None:
             nw = mask.shape[0]
             bias = bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
-            q, k, v = (t.view(bw // nw, nw, self.num_heads, n, -1) for t in (q, k, v))
+            if bw > nw:
+                # Several images: windows x heads become the head axis, so that the mask broadcasts over
+                # images and the inputs stay 4-D (what the fused SDPA kernels take).
+                q, k, v = (t.reshape(bw // nw, nw * self.num_heads, n, -1) for t in (q, k, v))
+                bias = bias.reshape(1, nw * self.num_heads, n, n)
         drop = self.attn_drop if self.training else 0.0
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=scale)

@@ -9,7 +9,7 @@ from torch import nn
 
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, build_norm
-from .windows import Size2, pad_to_windows, shift_mask, window_partition, window_reverse
+from .windows import Size2, pad_to_windows, shift_mask, window_indices
 
 
 class SwinBlock(nn.Module):
@@ -37,20 +37,17 @@ class SwinBlock(nn.Module):
 
     def window_attention(self, x: torch.Tensor, window: Size2, shift: Size2,
                          mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Shifted-window attention of ``x: (B, H, W, C)``; zero padding to whole windows is added before
-        the cyclic shift and removed after it, as in the official detection backbone."""
-        _, h, w, _ = x.shape
-        x = pad_to_windows(x, window)
-        hp, wp = x.shape[1:3]
-        if any(shift):
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        x = self.attn(window_partition(x, window), window, mask)
-        x = window_reverse(x, window, (hp, wp))
-        if any(shift):
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        if hp != h or wp != w:
-            x = x[:, :h, :w, :]
-        return x
+        """Shifted-window attention of ``x: (B, H, W, C)``. As in the official detection backbone, the
+        map is zero-padded to whole windows before the cyclic shift and cropped after it; here padding,
+        shift and partition are one gather, and their inverse one more."""
+        b, h, w, c = x.shape
+        gather, scatter, padded = window_indices((h, w), window, shift, x.device)
+        tokens = x.reshape(b, h * w, c)
+        if padded:
+            tokens = torch.cat((tokens, tokens.new_zeros(b, 1, c)), dim=1)
+        windows = tokens.index_select(1, gather).view(-1, window[0] * window[1], c)
+        out = self.attn(windows, window, mask)
+        return out.view(b, -1, c).index_select(1, scatter).view(b, h, w, c)
 
     def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:

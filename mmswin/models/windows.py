@@ -1,4 +1,4 @@
-"""Window geometry shared by both versions: padding, partition/reverse, shift masks, position indices.
+"""Window geometry shared by both versions: padding, partition, shift masks, position indices.
 
 Feature maps are channels-last, ``(B, H, W, C)``. A window is a ``(wh, ww)`` pair so that V2 can shrink
 it to a feature map smaller than the configured window, as the official V2 code does.
@@ -35,13 +35,46 @@ def window_partition(x: torch.Tensor, window: Size2) -> torch.Tensor:
     return x.reshape(-1, wh * ww, c)
 
 
-def window_reverse(windows: torch.Tensor, window: Size2, hw: Size2) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B * nW, wh * ww, C)`` to ``(B, Hp, Wp, C)``."""
-    wh, ww = window
+@lru_cache(maxsize=64)
+def _window_gather_cpu(hw: Size2, window: Size2, shift: Size2) -> Tuple[torch.Tensor, torch.Tensor, bool]:
     h, w = hw
-    c = windows.shape[-1]
-    x = windows.view(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, h, w, c)
+    hp, wp = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
+    # Position (i, j) of the padded map rolled by -shift holds padded pixel (i + sh, j + sw) mod size.
+    rows = (torch.arange(hp) + shift[0]) % hp
+    cols = (torch.arange(wp) + shift[1]) % wp
+    real = (rows[:, None] < h) & (cols[None, :] < w)
+    source = torch.where(real, rows[:, None] * w + cols[None, :], h * w)  # h * w: an appended zero token
+    gather = window_partition(source[None, :, :, None], window).reshape(-1)
+    order = torch.arange(gather.numel())
+    scatter = torch.empty(h * w, dtype=torch.long)
+    scatter[gather[gather < h * w]] = order[gather < h * w]
+    return gather, scatter, bool((~real).any())
+
+
+def window_indices(hw: Size2, window: Size2, shift: Size2,
+                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """Indices that do padding, cyclic shift and window partition (and their inverse) in one gather.
+
+    Args:
+        hw: Feature size ``(H, W)``.
+        window: Window size ``(wh, ww)``.
+        shift: Cyclic shift ``(sh, sw)`` applied after zero padding to whole windows, as the official
+            code does.
+        device: Where the indices are wanted.
+
+    Returns:
+        ``(gather, scatter, padded)``: tokens ``x.view(B, H * W, C)``, with a zero token appended when
+        ``padded``, give the windows ``(B, nW * N, C)`` through ``gather``; window outputs
+        ``(B, nW * N, C)`` give back ``(B, H * W, C)`` through ``scatter``. Cached per size.
+    """
+    return _indices_on_device(hw, window, shift, device)
+
+
+@lru_cache(maxsize=64)
+def _indices_on_device(hw: Size2, window: Size2, shift: Size2,
+                       device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    gather, scatter, padded = _window_gather_cpu(hw, window, shift)
+    return gather.to(device), scatter.to(device), padded
 
 
 @lru_cache(maxsize=64)
