@@ -32,3 +32,23 @@ def test_get_flops_tool_on_a_config():
     assert result['params'] == pytest.approx(59.9e6, rel=0.01)  # UperNet Swin-T: 60M in the paper
     # the official table gives 945G at 512x2048; FLOPs scale with the area (16x smaller here)
     assert result['flops'] / 1e9 == pytest.approx(945 / 16, rel=0.05)
+
+
+def test_benchmark_tool_on_a_tiny_size(tmp_path):
+    out = tmp_path / 'report.json'
+    subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x64x64',
+                    '--models', 'mmswin-v1', 'mmswin-v2', 'mmdet-v1', '--precisions', 'fp32', '--repeats', '2',
+                    '--memory-models', 'mmswin-v1',
+                    '--warmup', '1', '--out', str(out)], capture_output=True, text=True, check=True, cwd=ROOT)
+    report = json.loads(out.read_text())
+    rows = {(r['model'], r['mode']): r for r in report['results']}
+    assert set(rows) == {(m, mode) for m in ('mmswin-v1', 'mmswin-v2', 'mmdet-v1') for mode in ('inference', 'train')}
+    for (model, mode), row in rows.items():
+        assert len(row['times_s']) == 2 and row['median_s'] > 0 and 0 < row['fraction_of_matmul'] < 1.5
+        if model != 'mmdet-v1':
+            assert row['speedup_vs_mmdet-v1'] > 0
+    assert rows[('mmswin-v2', 'train')]['slowdown_vs_mmswin-v1'] > 0
+    assert report['matmul_flops_per_s']['fp32'] > 1e9
+    memory = {(m['model'], m['with_cp']): m['bytes'] for m in report['train_peak_memory_bytes']}
+    assert set(memory) == {('mmswin-v1', False), ('mmswin-v1', True)}
+    assert all(b is not None and b >= 0 for b in memory.values())

@@ -1,0 +1,64 @@
+"""The gather-based window layout equals the official pad -> roll -> partition -> ... -> crop sequence,
+in outputs and gradients, for every kind of size, window and shift."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmswin.models.attention import WindowAttention
+from mmswin.models.blocks import SwinBlock
+from mmswin.models.windows import relative_position_index, shift_mask
+
+
+def reference(x, window, shift, fn):
+    """The official detection backbone's sequence, written out plainly."""
+    b, h, w, c = x.shape
+    wh, ww = window
+    x = F.pad(x, (0, 0, 0, -w % ww, 0, -h % wh))
+    hp, wp = x.shape[1:3]
+    x = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
+    win = x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+    win = fn(win)
+    x = win.view(b, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+    x = torch.roll(x, shift, (1, 2))
+    return x[:, :h, :w]
+
+
+class OrderSensitive(torch.nn.Module):
+    """Stands in for attention: depends on which tokens share a window and on their order in it."""
+
+    def forward(self, windows, window, mask):
+        return windows.cumsum(dim=1) * torch.linspace(0.5, 1.5, windows.shape[1]).view(1, -1, 1)
+
+
+@pytest.mark.parametrize('hw', [(14, 14), (15, 22), (7, 7), (5, 9), (30, 17)])
+@pytest.mark.parametrize('window,shift', [((7, 7), (0, 0)), ((7, 7), (3, 3)), ((4, 4), (2, 2)), ((5, 8), (0, 4))])
+def test_gather_equals_pad_roll_partition(hw, window, shift):
+    block = SwinBlock(6, WindowAttention(6, 1, 7))
+    block.attn = OrderSensitive()
+    fn = OrderSensitive()
+    x = torch.randn(2, *hw, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = block.window_attention(x, window, shift, None)
+    ref = reference(x_ref, window, shift, lambda win: fn(win, window, None))
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+
+
+def test_shift_mask_values():
+    """-100 between tokens from different regions of the shifted layout, 0 within one."""
+    mask = shift_mask((14, 14), (7, 7), (3, 3), torch.device('cpu'))
+    assert mask.shape == (4, 49, 49)
+    assert set(mask.unique().tolist()) == {0.0, -100.0}
+    assert (mask[0] == 0).all()  # the top-left window holds one region
+    # the bottom-right window holds four regions of 4x4, 4x3, 3x4 and 3x3 tokens
+    assert int((mask[3] == 0).sum()) == 16 ** 2 + 12 ** 2 + 12 ** 2 + 9 ** 2
+    assert shift_mask((14, 14), (7, 7), (0, 0), torch.device('cpu')) is None
+
+
+def test_relative_position_index_official_order():
+    idx = relative_position_index((2, 2))
+    # tokens (0,0),(0,1),(1,0),(1,1); offset (dh, dw) -> (dh + 1) * 3 + (dw + 1)
+    assert idx.tolist() == [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]

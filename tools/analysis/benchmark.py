@@ -1,0 +1,280 @@
+"""Speed and memory of mmswin's backbones against the peers installed in the same environment.
+
+    python tools/analysis/benchmark.py                       # defaults: 1x3x800x1216 and 2x3x512x512
+    python tools/analysis/benchmark.py --sizes 1x3x224x224 --precisions fp32 --repeats 3 --out report.json
+
+Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2`` and timm's Swin models
+when they import. Models of one size and precision are timed alternately (warm-up first), and medians
+and ratios are reported, with the peak memory of a training step (CUDA max allocated; on CPU the RSS
+growth of a separate worker process per model) and the FLOP/s reached against a dense matmul measured on
+the same device. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a
+size, so FLOP/s compare like with like.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import os.path as osp
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ARCH = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))  # Swin-T
+
+
+# ---------------------------------------------------------------------------------------- models
+def build_model(name: str, window: int, with_cp: bool = False) -> torch.nn.Module:
+    """A Swin-T backbone with four outputs, by name."""
+    if name in ('mmswin-v1', 'mmswin-v2'):
+        from mmswin.models import SwinTransformer, SwinTransformerV2
+        cls = SwinTransformerV2 if name == 'mmswin-v2' else SwinTransformer
+        return cls(**ARCH, window_size=window, drop_path_rate=0.0, with_cp=with_cp)
+    if name == 'mmdet-v1':
+        from mmdet.models.backbones.swin import SwinTransformer
+        return SwinTransformer(**ARCH, window_size=window, drop_path_rate=0.0, with_cp=with_cp)
+    if name == 'mmpretrain-v2':
+        from mmpretrain.models.backbones import SwinTransformerV2
+        return SwinTransformerV2(arch='tiny', window_size=window, out_indices=(0, 1, 2, 3), drop_path_rate=0.0,
+                                 with_cp=with_cp, pad_small_map=True)
+    if name in ('timm-v1', 'timm-v2'):
+        import timm
+        arch = 'swin_tiny_patch4_window7_224' if name == 'timm-v1' else 'swinv2_tiny_window8_256'
+        return timm.create_model(arch, features_only=True, window_size=window, strict_img_size=False,
+                                 dynamic_img_pad=True)
+    raise ValueError(f'unknown model {name!r}')
+
+
+def available_models() -> List[str]:
+    names = ['mmswin-v1', 'mmswin-v2', 'mmdet-v1']
+    for name, module in (('mmpretrain-v2', 'mmpretrain'), ('timm-v1', 'timm'), ('timm-v2', 'timm')):
+        try:
+            __import__(module)
+            names.append(name)
+        except Exception:  # noqa: BLE001 - a peer that does not import is simply left out
+            pass
+    return names
+
+
+# ---------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _outputs(model: torch.nn.Module, x: torch.Tensor):
+    out = model(x)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str) -> Callable[[], None]:
+    """One forward (``inference``) or forward+backward (``train``) of ``model`` on ``x``."""
+    device = x.device
+
+    def inference() -> None:
+        with torch.no_grad(), _autocast(device, precision):
+            _outputs(model, x)
+
+    def train() -> None:
+        with _autocast(device, precision):
+            loss = sum(o.float().mean() for o in _outputs(model, x))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return inference if mode == 'inference' else train
+
+
+def time_alternating(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int,
+                     warmup: int) -> Dict[str, List[float]]:
+    """Seconds per call of each function, interleaving the functions in every round."""
+    times = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_rate(device: torch.device, precision: str, budget_s: float = 2.0) -> float:
+    """Dense matmul FLOP/s of the device (multiply-adds count 2), growing n up to 2048 within budget."""
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
+    best, n = 0.0, 256
+    while n <= 2048:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        best = max(best, 2 * n ** 3 / elapsed)
+        if elapsed * 8 > budget_s:
+            break
+        n *= 2
+    return best
+
+
+def flops_of(size: List[int], window: int, version: int) -> int:
+    """Multiply-adds of mmswin's Swin-T at ``size`` (mmswin.analysis)."""
+    from mmswin.analysis import count_flops
+    from mmswin.models import SwinTransformer, SwinTransformerV2
+    cls = SwinTransformerV2 if version == 2 else SwinTransformer
+    model = cls(**ARCH, window_size=window).eval()
+    with torch.no_grad():
+        return count_flops(model, (torch.zeros(*size),))
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _memory_worker(name: str, window: int, size: List[int], precision: str, with_cp: bool, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    import mmswin  # noqa: F401
+    model = build_model(name, window, with_cp=with_cp)
+    model.train()
+    # one small step first, so that library start-up is not counted as the step's memory
+    step_fn(model, torch.randn(size[0], size[1], 64, 64), 'train', precision)()
+    step = step_fn(model, torch.randn(*size), 'train', precision)
+    base = _rss_bytes()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put(max(0, peak - base))
+
+
+def peak_train_memory(name: str, window: int, size: List[int], precision: str, device: torch.device,
+                      with_cp: bool = False) -> Optional[int]:
+    """Bytes a training step adds at its peak: CUDA max allocated, or a worker process's RSS growth."""
+    if device.type == 'cuda':
+        model = build_model(name, window, with_cp=with_cp).to(device).train()
+        x = torch.randn(*size, device=device)
+        step = step_fn(model, x, 'train', precision)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_worker, args=(name, window, size, precision, with_cp, queue))
+    proc.start()
+    proc.join()
+    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
+
+
+# ---------------------------------------------------------------------------------------- agreement
+def cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> List[float]:
+    """Per-output cosine similarity of ``precision`` autocast outputs to fp32 outputs."""
+    with torch.no_grad():
+        ref = _outputs(model, x)
+        with _autocast(x.device, precision):
+            low = _outputs(model, x)
+    return [float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)) for a, b in zip(ref, low)]
+
+
+# ---------------------------------------------------------------------------------------- main
+def parse_size(text: str) -> List[int]:
+    size = [int(v) for v in text.lower().split('x')]
+    if len(size) != 4:
+        raise argparse.ArgumentTypeError(f'size must be BxCxHxW, got {text!r}')
+    return size
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--sizes', type=parse_size, nargs='+', default=[[1, 3, 800, 1216], [2, 3, 512, 512]])
+    parser.add_argument('--models', nargs='+', default=None, help=f'default: all importable of '
+                        f'mmswin-v1 mmswin-v2 mmdet-v1 mmpretrain-v2 timm-v1 timm-v2')
+    parser.add_argument('--precisions', nargs='+', default=None, choices=['fp32', 'bf16', 'fp16'],
+                        help='default: fp32 bf16 on CPU, fp32 fp16 bf16 on CUDA')
+    parser.add_argument('--modes', nargs='+', default=['inference', 'train'], choices=['inference', 'train'])
+    parser.add_argument('--window', type=int, default=7, help='window of every model (same work for all)')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--no-memory', action='store_true', help='skip the memory measurements')
+    parser.add_argument('--memory-models', nargs='+', default=None, help='models to measure memory of '
+                        '(default: all); each runs in a worker process')
+    parser.add_argument('--out', default='work_dirs/benchmark/report.json', help='JSON report')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import mmswin  # noqa: F401
+    device = torch.device(args.device)
+    names = args.models or available_models()
+    precisions = args.precisions or (['fp32', 'fp16', 'bf16'] if device.type == 'cuda' else ['fp32', 'bf16'])
+    torch.manual_seed(0)
+    models = {name: build_model(name, args.window).to(device) for name in names}
+    report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
+                  window=args.window, arch='Swin-T', repeats=args.repeats, results=[],
+                  matmul_flops_per_s={p: matmul_rate(device, p) for p in precisions})
+    peer = 'mmdet-v1'
+    for size in args.sizes:
+        x = torch.randn(*size, device=device)
+        flops = {1: flops_of(size, args.window, 1), 2: flops_of(size, args.window, 2)}
+        for precision in precisions:
+            for mode in args.modes:
+                for m in models.values():
+                    m.train(mode == 'train')
+                fns = {name: step_fn(m, x, mode, precision) for name, m in models.items()}
+                times = time_alternating(fns, device, args.repeats, args.warmup)
+                medians = {name: statistics.median(t) for name, t in times.items()}
+                rate = report['matmul_flops_per_s'][precision]
+                for name, median in medians.items():
+                    work = flops[2 if name.endswith('v2') else 1] * (3 if mode == 'train' else 1)
+                    row = dict(size=size, precision=precision, mode=mode, model=name, median_s=median,
+                               times_s=times[name], images_per_s=size[0] / median,
+                               flops_per_s=2 * work / median, fraction_of_matmul=2 * work / median / rate)
+                    if peer in medians and name != peer:
+                        row[f'speedup_vs_{peer}'] = medians[peer] / median
+                    if name == 'mmswin-v2' and 'mmswin-v1' in medians:
+                        row['slowdown_vs_mmswin-v1'] = median / medians['mmswin-v1']
+                    report['results'].append(row)
+                    print(f'{"x".join(map(str, size)):>14} {precision:>4} {mode:>9} {name:>14} '
+                          f'{median * 1e3:9.1f} ms  {row["fraction_of_matmul"] * 100:5.1f}% of matmul'
+                          + (f'  x{row[f"speedup_vs_{peer}"]:.2f} vs {peer}' if f'speedup_vs_{peer}' in row else ''),
+                          flush=True)
+                if precision != 'fp32' and mode == 'inference':
+                    for name in ('mmswin-v1', 'mmswin-v2'):
+                        if name in models:
+                            report.setdefault('cosine_to_fp32', []).append(dict(
+                                size=size, precision=precision, model=name,
+                                cosine=cosine_to_fp32(models[name].eval(), x, precision)))
+        if not args.no_memory:
+            for name in args.memory_models or names:
+                for with_cp in ([False, True] if name.startswith(('mmswin', 'mmdet')) else [False]):
+                    mem = peak_train_memory(name, args.window, size, 'fp32', device, with_cp=with_cp)
+                    report.setdefault('train_peak_memory_bytes', []).append(
+                        dict(size=size, model=name, with_cp=with_cp, bytes=mem))
+                    print(f'{"x".join(map(str, size)):>14} memory {name:>14} with_cp={with_cp}: '
+                          f'{(mem or 0) / 2 ** 20:.0f} MiB', flush=True)
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=1)
+    print(f'report written to {args.out}')
+    return report
+
+
+if __name__ == '__main__':
+    main()
