@@ -13,6 +13,7 @@ from torch import nn
 from .windows import Size2, log_spaced_coords, relative_position_index
 
 LOGIT_SCALE_MAX = math.log(100.0)
+FP16_NORM_EPS = 1e-3
 
 
 class WindowAttention(nn.Module):
@@ -163,8 +164,15 @@ class CosineWindowAttention(WindowAttention):
 
     def scaled_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-        q = F.normalize(q, dim=-1) * scale.to(q.dtype)
-        return q, F.normalize(k, dim=-1), 1.0
+        if q.dtype == torch.float16:
+            # |q|^2 overflows fp16 beyond 256: normalise in fp32 (bf16 has fp32's range). The zero keys of
+            # padding tokens would get a gradient of 1/eps, so eps is one fp16 can carry; only vectors
+            # shorter than that (padding) are affected.
+            q_unit = F.normalize(q.float(), dim=-1, eps=FP16_NORM_EPS).to(q.dtype)
+            k_unit = F.normalize(k.float(), dim=-1, eps=FP16_NORM_EPS).to(k.dtype)
+        else:
+            q_unit, k_unit = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return q_unit * scale.to(q.dtype), k_unit, 1.0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
