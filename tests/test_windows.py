@@ -30,15 +30,17 @@ class OrderSensitive(torch.nn.Module):
         return windows.cumsum(dim=1) * torch.linspace(0.5, 1.5, windows.shape[1]).view(1, -1, 1)
 
 
+@pytest.mark.parametrize('method', ['window_attention', '_window_attention_rolled'])
 @pytest.mark.parametrize('hw', [(14, 14), (15, 22), (7, 7), (5, 9), (30, 17)])
 @pytest.mark.parametrize('window,shift', [((7, 7), (0, 0)), ((7, 7), (3, 3)), ((4, 4), (2, 2)), ((5, 8), (0, 4))])
-def test_gather_equals_pad_roll_partition(hw, window, shift):
+def test_window_layout_equals_pad_roll_partition(hw, window, shift, method):
+    """Both forms: the cached gather (eager) and the rolled one (torch.compile)."""
     block = SwinBlock(6, WindowAttention(6, 1, 7))
     block.attn = OrderSensitive()
     fn = OrderSensitive()
     x = torch.randn(2, *hw, 6, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
-    out = block.window_attention(x, window, shift, None)
+    out = getattr(block, method)(x, window, shift, None)
     ref = reference(x_ref, window, shift, lambda win: fn(win, window, None))
     assert torch.equal(out, ref)
     g = torch.randn_like(out)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .windows import Size2, log_spaced_coords, relative_position_index
+from .windows import Size2, log_spaced_coords_on, relative_position_index, relative_position_index_on
 
 LOGIT_SCALE_MAX = math.log(100.0)
 FP16_NORM_EPS = 1e-3
@@ -139,18 +139,14 @@ class CosineWindowAttention(WindowAttention):
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
 
-    def _pretrained_window(self) -> Optional[Size2]:
-        p = self.pretrained_window_size
-        return (p, p) if p > 0 else None
-
     def position_bias(self, window: Size2) -> torch.Tensor:
         device = self.cpb_mlp[0].weight.device
-        coords = log_spaced_coords(window, self._pretrained_window()).to(device)
-        index = relative_position_index(window).to(device)
+        coords = log_spaced_coords_on(*window, self.pretrained_window_size, str(device))
+        index = relative_position_index_on(*window, str(device))
         n = window[0] * window[1]
         # In float32 even under autocast: the MLP's output goes through a sigmoid scaled by 16.
         with torch.autocast(device_type=device.type, enabled=False):
-            table = self.cpb_mlp(coords.view(-1, 2)).float()  # ((2wh-1)(2ww-1), nH)
+            table = self.cpb_mlp(coords).float()  # ((2wh-1)(2ww-1), nH)
         bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
 

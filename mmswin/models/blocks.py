@@ -9,7 +9,7 @@ from torch import nn
 
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, build_norm
-from .windows import Size2, pad_to_windows, shift_mask, window_indices
+from .windows import Size2, pad_to_windows, shift_mask, window_indices, window_partition, window_reverse
 
 
 class SwinBlock(nn.Module):
@@ -40,6 +40,8 @@ class SwinBlock(nn.Module):
         """Shifted-window attention of ``x: (B, H, W, C)``. As in the official detection backbone, the
         map is zero-padded to whole windows before the cyclic shift and cropped after it; here padding,
         shift and partition are one gather, and their inverse one more."""
+        if torch.compiler.is_compiling():
+            return self._window_attention_rolled(x, window, shift, mask)
         b, h, w, c = x.shape
         gather, scatter, padded = window_indices((h, w), window, shift, x.device)
         tokens = x.reshape(b, h * w, c)
@@ -48,6 +50,18 @@ class SwinBlock(nn.Module):
         windows = tokens.index_select(1, gather).view(-1, window[0] * window[1], c)
         out = self.attn(windows, window, mask)
         return out.view(b, -1, c).index_select(1, scatter).view(b, h, w, c)
+
+    def _window_attention_rolled(self, x: torch.Tensor, window: Size2, shift: Size2,
+                                 mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`window_attention` written as the official pad, roll and partition steps: the form for
+        torch.compile, which fuses these copies itself (and fails to fuse the gathers into norms)."""
+        h, w = x.shape[1:3]
+        x = pad_to_windows(x, window)
+        hp, wp = x.shape[1:3]
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        x = self.attn(window_partition(x, window), window, mask)
+        x = torch.roll(window_reverse(x, window, (hp, wp)), shifts=shift, dims=(1, 2))
+        return x[:, :h, :w, :]
 
     def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Window geometry shared by both versions: padding, partition, shift masks, position indices.
+"""Window geometry shared by both versions: padding, partition/reverse, shift masks, position indices.
 
 Feature maps are channels-last, ``(B, H, W, C)``. A window is a ``(wh, ww)`` pair so that V2 can shrink
 it to a feature map smaller than the configured window, as the official V2 code does.
@@ -35,20 +35,31 @@ def window_partition(x: torch.Tensor, window: Size2) -> torch.Tensor:
     return x.reshape(-1, wh * ww, c)
 
 
+def window_reverse(windows: torch.Tensor, window: Size2, hw: Size2) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, wh * ww, C)`` to ``(B, Hp, Wp, C)``."""
+    (wh, ww), (h, w) = window, hw
+    c = windows.shape[-1]
+    x = windows.view(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
 @lru_cache(maxsize=64)
-def _window_gather_cpu(hw: Size2, window: Size2, shift: Size2) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    h, w = hw
-    hp, wp = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
+def _window_gather_cpu(hw: Size2, window: Size2, shift: Size2) -> Tuple[torch.Tensor, torch.Tensor]:
+    (h, w), (wh, ww), (sh, sw) = hw, window, shift
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     # Position (i, j) of the padded map rolled by -shift holds padded pixel (i + sh, j + sw) mod size.
-    rows = (torch.arange(hp) + shift[0]) % hp
-    cols = (torch.arange(wp) + shift[1]) % wp
+    rows = (torch.arange(hp) + sh) % hp
+    cols = (torch.arange(wp) + sw) % wp
     real = (rows[:, None] < h) & (cols[None, :] < w)
     source = torch.where(real, rows[:, None] * w + cols[None, :], h * w)  # h * w: an appended zero token
     gather = window_partition(source[None, :, :, None], window).reshape(-1)
-    order = torch.arange(gather.numel())
-    scatter = torch.empty(h * w, dtype=torch.long)
-    scatter[gather[gather < h * w]] = order[gather < h * w]
-    return gather, scatter, bool((~real).any())
+    # Inverse: real pixel (r, c) sits at (i, j) = (r - sh, c - sw) mod size of the rolled map, whose
+    # window-major order is (window row, window col, row in window, col in window).
+    i = (torch.arange(h) - sh) % hp
+    j = (torch.arange(w) - sw) % wp
+    window_id = (i[:, None] // wh) * (wp // ww) + j[None, :] // ww
+    scatter = window_id * (wh * ww) + (i[:, None] % wh) * ww + j[None, :] % ww
+    return gather, scatter.reshape(-1)
 
 
 def window_indices(hw: Size2, window: Size2, shift: Size2,
@@ -65,16 +76,26 @@ def window_indices(hw: Size2, window: Size2, shift: Size2,
     Returns:
         ``(gather, scatter, padded)``: tokens ``x.view(B, H * W, C)``, with a zero token appended when
         ``padded``, give the windows ``(B, nW * N, C)`` through ``gather``; window outputs
-        ``(B, nW * N, C)`` give back ``(B, H * W, C)`` through ``scatter``. Cached per size.
+        ``(B, nW * N, C)`` give back ``(B, H * W, C)`` through ``scatter``. Cached per size, and
+        constants to ``torch.compile``.
     """
-    return _indices_on_device(hw, window, shift, device)
+    args = (*hw, *window, *shift, str(device))
+    padded = hw[0] % window[0] != 0 or hw[1] % window[1] != 0
+    return _gather_index(*args), _scatter_index(*args), padded
 
 
+# The geometry below depends on sizes only. The functions take plain ints and a device name so that
+# torch.compile can take their results as constants (assume_constant_result) instead of tracing them.
+@torch.compiler.assume_constant_result
 @lru_cache(maxsize=64)
-def _indices_on_device(hw: Size2, window: Size2, shift: Size2,
-                       device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    gather, scatter, padded = _window_gather_cpu(hw, window, shift)
-    return gather.to(device), scatter.to(device), padded
+def _gather_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
+    return _window_gather_cpu((h, w), (wh, ww), (sh, sw))[0].to(device)
+
+
+@torch.compiler.assume_constant_result
+@lru_cache(maxsize=64)
+def _scatter_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
+    return _window_gather_cpu((h, w), (wh, ww), (sh, sw))[1].to(device)
 
 
 @lru_cache(maxsize=64)
@@ -110,12 +131,13 @@ def shift_mask(hw: Size2, window: Size2, shift: Size2,
     """
     if not any(shift):
         return None
-    return _cached_on_device(hw, window, shift, device)
+    return _cached_on_device(*hw, *window, *shift, str(device))
 
 
+@torch.compiler.assume_constant_result
 @lru_cache(maxsize=64)
-def _cached_on_device(hw: Size2, window: Size2, shift: Size2, device: torch.device) -> torch.Tensor:
-    return _shift_mask_cpu(hw, window, shift).to(device)
+def _cached_on_device(hp: int, wp: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
+    return _shift_mask_cpu((hp, wp), (wh, ww), (sh, sw)).to(device)
 
 
 @lru_cache(maxsize=32)
@@ -143,3 +165,19 @@ def log_spaced_coords(window: Size2, pretrained_window: Optional[Size2] = None) 
         axes.append(t / (ref - 1) if ref > 1 else t)
     table = torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=-1) * 8
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+@torch.compiler.assume_constant_result
+@lru_cache(maxsize=32)
+def relative_position_index_on(wh: int, ww: int, device: str) -> torch.Tensor:
+    """:func:`relative_position_index` on ``device``, cached; a constant to ``torch.compile``."""
+    return relative_position_index((wh, ww)).to(device)
+
+
+@torch.compiler.assume_constant_result
+@lru_cache(maxsize=32)
+def log_spaced_coords_on(wh: int, ww: int, pretrained: int, device: str) -> torch.Tensor:
+    """:func:`log_spaced_coords` flattened to ``((2wh-1)(2ww-1), 2)`` on ``device`` (``pretrained`` 0:
+    none), cached; a constant to ``torch.compile``."""
+    ref = (pretrained, pretrained) if pretrained > 0 else None
+    return log_spaced_coords((wh, ww), ref).reshape(-1, 2).to(device)
