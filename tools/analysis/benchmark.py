@@ -191,6 +191,41 @@ def cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> L
     return [float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)) for a, b in zip(ref, low)]
 
 
+# ---------------------------------------------------------------------------------------- plot
+def throughput_sweep(models: Dict[str, torch.nn.Module], sides: List[int], device: torch.device, repeats: int,
+                     warmup: int) -> Dict[str, Dict[int, float]]:
+    """Images per second of fp32 inference on ``side x side`` images, per model."""
+    sweep = {name: {} for name in models}
+    for side in sides:
+        x = torch.randn(1, 3, side, side, device=device)
+        for m in models.values():
+            m.eval()
+        fns = {name: step_fn(m, x, 'inference', 'fp32') for name, m in models.items()}
+        for name, times in time_alternating(fns, device, repeats, warmup).items():
+            sweep[name][side] = 1.0 / statistics.median(times)
+    return sweep
+
+
+def plot_sweep(sweep: Dict[str, Dict[int, float]], path: str, device: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in sweep.items():
+        sides = sorted(points)
+        ax.plot(sides, [points[s] for s in sides], marker='o', label=name)
+    ax.set_xlabel('input side (square image, batch 1)')
+    ax.set_ylabel('images / s (fp32 inference)')
+    ax.set_yscale('log')
+    ax.set_title(f'Swin-T backbone throughput on {device}')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------- main
 def parse_size(text: str) -> List[int]:
     size = [int(v) for v in text.lower().split('x')]
@@ -215,6 +250,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--memory-models', nargs='+', default=None, help='models to measure memory of '
                         '(default: all); each runs in a worker process')
     parser.add_argument('--out', default='work_dirs/benchmark/report.json', help='JSON report')
+    parser.add_argument('--plot', default=None, help='also write a PNG of inference throughput against input '
+                        'size (square images, batch 1, fp32) for every model')
+    parser.add_argument('--plot-sizes', type=int, nargs='+', default=[224, 384, 512, 640, 800])
     return parser.parse_args(argv)
 
 
@@ -269,6 +307,10 @@ def main(argv=None) -> dict:
                         dict(size=size, model=name, with_cp=with_cp, bytes=mem))
                     print(f'{"x".join(map(str, size)):>14} memory {name:>14} with_cp={with_cp}: '
                           f'{(mem or 0) / 2 ** 20:.0f} MiB', flush=True)
+    if args.plot:
+        report['throughput_sweep'] = throughput_sweep(models, args.plot_sizes, device, args.repeats, args.warmup)
+        plot_sweep(report['throughput_sweep'], args.plot, report['device'])
+        print(f'plot written to {args.plot}')
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(report, f, indent=1)
