@@ -237,8 +237,8 @@ def parse_size(text: str) -> List[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', type=parse_size, nargs='+', default=[[1, 3, 800, 1216], [2, 3, 512, 512]])
-    parser.add_argument('--models', nargs='+', default=None, help=f'default: all importable of '
-                        f'mmswin-v1 mmswin-v2 mmdet-v1 mmpretrain-v2 timm-v1 timm-v2')
+    parser.add_argument('--models', nargs='+', default=None, help='default: all importable of '
+                        'mmswin-v1 mmswin-v2 mmdet-v1 mmpretrain-v2 timm-v1 timm-v2')
     parser.add_argument('--precisions', nargs='+', default=None, choices=['fp32', 'bf16', 'fp16'],
                         help='default: fp32 bf16 on CPU, fp32 fp16 bf16 on CUDA')
     parser.add_argument('--modes', nargs='+', default=['inference', 'train'], choices=['inference', 'train'])
