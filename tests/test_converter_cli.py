@@ -50,3 +50,28 @@ def test_bad_input_is_reported_and_nothing_written(tmp_path):
     result = run_tool(src, dst)
     assert result.returncode == 2 and 'notes.txt' in result.stderr and 'not a readable checkpoint' in result.stderr
     assert not dst.exists()
+
+
+class _Payload:
+    """Pickles as a call to ``os.system``: a file that needs arbitrary unpickling."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_unsafe_load_is_an_explicit_opt_in(tmp_path):
+    marker = tmp_path / 'ran'
+    src = tmp_path / 'legacy.pth'
+    sd = torch.load(DATA / 'v1_official_cls.pth', weights_only=True)
+    sd['extra'] = _Payload(marker)
+    torch.save(sd, src)
+    refused = run_tool(src, tmp_path / 'out.pth')
+    assert refused.returncode == 2 and '--unsafe-load' in refused.stderr and 'legacy.pth' in refused.stderr
+    assert not marker.exists() and not (tmp_path / 'out.pth').exists()
+    accepted = run_tool(src, tmp_path / 'out.pth', '--unsafe-load')
+    assert accepted.returncode == 0, accepted.stderr
+    assert marker.exists() and (tmp_path / 'out.pth').exists()
