@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 export VENV PYTHON TORCH_SPEC WHEEL_CACHE
 
-.PHONY: install test clean
+.PHONY: install test clean demo
 
 install: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): tools/install_deps.sh setup.py $(wildcard requirements/*.txt)
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: install
+	$(PY) tools/demo/run_demo.py
 
 clean:
 	rm -rf $(VENV) work_dirs build *.egg-info .pytest_cache

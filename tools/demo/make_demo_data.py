@@ -40,7 +40,7 @@ SEG_PALETTE = [(90, 90, 90)] + PALETTE
 
 DEFAULTS = dict(num_train=320, num_val=64, size=128, seed=0)
 STAMP = 'demo_data.json'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Independent random streams: one per (dataset, split), one generator per image.
 _STREAMS = {('coco', 'train'): 0, ('coco', 'val'): 1, ('ade', 'train'): 2, ('ade', 'val'): 3}
@@ -99,6 +99,20 @@ def _background(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.nda
     return img, base
 
 
+def _pick_colour(rng: np.random.Generator, others: List[np.ndarray], tries: int = 64) -> np.ndarray:
+    """A saturated colour far from the background and from the other shapes' colours (so occlusion
+    boundaries stay visible): the first of ``tries`` candidates at RGB distance > 90, else the farthest."""
+    best, best_distance = None, -1.0
+    for _ in range(tries):
+        colour = _hsv(rng.random(), rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0))
+        distance = min(float(np.linalg.norm(colour - other)) for other in others)
+        if distance > 90:
+            return colour
+        if distance > best_distance:
+            best, best_distance = colour, distance
+    return best
+
+
 def _has_hole_or_crumb(mask: np.ndarray) -> bool:
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is not None and (hierarchy[0][:, 3] >= 0).any():
@@ -133,7 +147,7 @@ def render_scene(rng: np.random.Generator, size: int = 128, min_objects: int = 2
             label = int(rng.integers(len(CLASSES)))
             r = rng.uniform(0.11, 0.24) * size
             r *= {'circle': 0.9, 'square': 1.0, 'triangle': 1.2, 'star': 1.25}[CLASSES[label]]
-            aspect = rng.uniform(0.8, 1.25) if CLASSES[label] in ('square', 'triangle') else 1.0
+            aspect = rng.uniform(0.87, 1.15) if CLASSES[label] in ('square', 'triangle') else 1.0
             margin = r * 0.9 + 1
             cx, cy = rng.uniform(margin, size - margin, 2)
             mask = _fill(_shape_outline(CLASSES[label], cx, cy, r, rng.uniform(0, 2 * np.pi), aspect), size)
@@ -143,10 +157,7 @@ def render_scene(rng: np.random.Generator, size: int = 128, min_objects: int = 2
                 break
         else:
             continue          # no room left for another shape
-        while True:           # a saturated colour that stands out from the background
-            colour = _hsv(rng.random(), rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0))
-            if np.linalg.norm(colour - base) > 90:
-                break
+        colour = _pick_colour(rng, [base] + colours)
         labels.append(label)
         masks.append(mask)
         colours.append(colour)
