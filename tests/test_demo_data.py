@@ -242,3 +242,17 @@ def test_run_demo_config_preparation(tmp_path):
     seg = run_demo.build_config('seg', str(tmp_path / 'data'), str(tmp_path / 'work'), max_iters=30)
     assert seg.val_dataloader.dataset.data_root == str(tmp_path / 'data' / 'ade' / 'ADEChallengeData2016')
     assert seg.train_cfg.max_iters == 30 and seg.param_scheduler[-1].end == 30
+
+
+def test_run_demo_passes_overrides_to_its_workers(tmp_path):
+    run_demo = _load('run_demo')
+    args = run_demo.parse_args(['--work-dir', str(tmp_path), '--det-iters', '7', '--det-cfg-options',
+                                'model.backbone.num_heads=[1,2,4,8]', 'model.backbone.with_cp=True',
+                                'optim_wrapper.optimizer.lr=0.002', '--jobs', '1'])
+    cmd = run_demo._worker_command('det', args)
+    worker = run_demo.parse_args(cmd[2:])
+    assert worker.worker == 'det' and worker.det_iters == 7 and worker.work_dir == str(tmp_path)
+    assert worker.det_cfg_options == {'model.backbone.num_heads': [1, 2, 4, 8], 'model.backbone.with_cp': True,
+                                      'optim_wrapper.optimizer.lr': 0.002}
+    seg = run_demo._worker_command('seg', args)
+    assert '--cfg-json' not in seg and '--det-iters' not in seg and seg[seg.index('--worker') + 1] == 'seg'

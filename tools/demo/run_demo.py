@@ -190,8 +190,7 @@ def _worker_command(task: str, args: argparse.Namespace) -> List[str]:
         cmd += [f'--{task}-iters', str(iters)]
     options = args.det_cfg_options if task == 'det' else args.seg_cfg_options
     if options:
-        cmd += [f'--{task}-cfg-options'] + [f'{k}={json.dumps(v) if not isinstance(v, str) else v}'
-                                            for k, v in options.items()]
+        cmd += ['--cfg-json', json.dumps(options)]     # parsed values, types kept
     return cmd
 
 
@@ -204,7 +203,8 @@ def run_workers(args: argparse.Namespace) -> Dict[str, float]:
     pending = list(args.tasks)
     running: Dict[str, tuple] = {}
     seconds: Dict[str, float] = {}
-    failed = []
+    failed: List[str] = []
+    stopped = set()
     print(f'[demo] training {", ".join(args.tasks)}: {jobs} at a time, {threads} thread(s) each', flush=True)
     while pending or running:
         while pending and len(running) < jobs:
@@ -223,13 +223,18 @@ def run_workers(args: argparse.Namespace) -> Dict[str, float]:
             pump.join()
             seconds[task] = round(time.time() - start, 1)
             del running[task]
-            if proc.returncode != 0:
+            if proc.returncode != 0 and task not in stopped:
                 failed.append(task)
                 with open(log_path) as f:
                     tail = f.readlines()[-40:]
                 with lock:
                     print(f'[demo] {task} failed (exit code {proc.returncode}); the end of {log_path}:')
                     sys.stdout.write(''.join(f'[{task}] {line}' for line in tail))
+                for other, (other_proc, *_) in running.items():   # no point in finishing the others
+                    print(f'[demo] stopping {other}', flush=True)
+                    other_proc.terminate()
+                    stopped.add(other)
+                pending.clear()
     if failed:
         raise SystemExit(f'[demo] failed: {", ".join(failed)}')
     return seconds
@@ -266,7 +271,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--seg-cfg-options', nargs='+', action=DictAction, help='overrides of the segmentation config')
     parser.add_argument('--verbose', action='store_true', help='show everything the trainings log')
     parser.add_argument('--worker', choices=sorted(TASKS), help=argparse.SUPPRESS)
+    parser.add_argument('--cfg-json', help=argparse.SUPPRESS)          # a worker's config overrides
     args = parser.parse_args(argv)
+    if args.cfg_json:
+        options = json.loads(args.cfg_json)
+        if args.worker == 'det':
+            args.det_cfg_options = options
+        else:
+            args.seg_cfg_options = options
     args.data_dir = osp.abspath(args.data_dir)
     args.work_dir = osp.abspath(args.work_dir)
     return args
