@@ -88,10 +88,11 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         q, k, v = self.project_qkv(x).unbind(0)
         q, k, scale = self.scaled_qk(q, k)
-        bias = self.position_bias(window).to(q.dtype)  # (nH, N, N)
+        # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).
+        bias = self.position_bias(window).to(q.dtype).unsqueeze(0)  # (1, nH, N, N)
         if mask is not None:
             nw = mask.shape[0]
-            bias = bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
+            bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
             if bw > nw:
                 # Several images: windows x heads become the head axis, so that the mask broadcasts over
                 # images and the inputs stay 4-D (what the fused SDPA kernels take).
