@@ -14,6 +14,7 @@ from .windows import Size2, log_spaced_coords_on, relative_position_index, relat
 
 LOGIT_SCALE_MAX = math.log(100.0)
 FP16_NORM_EPS = 1e-3
+NORM_EPS = 1e-12  # F.normalize's, as in the official model
 
 
 class WindowAttention(nn.Module):
@@ -161,18 +162,29 @@ class CosineWindowAttention(WindowAttention):
 
     def scaled_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-        if q.dtype == torch.float16:
-            # |q|^2 overflows fp16 beyond 256: normalise in fp32 (bf16 has fp32's range). The zero keys of
-            # padding tokens would get a gradient of 1/eps, so eps is one fp16 can carry; only vectors
-            # shorter than that (padding) are affected.
-            q_unit = F.normalize(q.float(), dim=-1, eps=FP16_NORM_EPS).to(q.dtype)
-            k_unit = F.normalize(k.float(), dim=-1, eps=FP16_NORM_EPS).to(k.dtype)
-        else:
-            q_unit, k_unit = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        return q_unit * scale.to(q.dtype), k_unit, 1.0
+        return unit_vectors(q, scale), unit_vectors(k), 1.0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
+
+
+def unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``scale * x / max(|x|, eps)`` over the last axis, as one multiply by a per-vector factor.
+
+    In fp16, ``|x|^2`` overflows beyond 256, so the norm and the product are taken in fp32 (bf16 has
+    fp32's range). The zero keys of padding tokens would get a gradient of ``1 / eps``, so there eps is
+    one fp16 can carry (only vectors shorter than that, i.e. padding, are affected).
+    """
+    if x.dtype == torch.float16:
+        x32 = x.float()
+        factor = 1.0 / torch.linalg.vector_norm(x32, dim=-1, keepdim=True).clamp_min(FP16_NORM_EPS)
+        if scale is not None:
+            factor = factor * scale
+        return (x32 * factor).to(x.dtype)
+    factor = 1.0 / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    if scale is not None:
+        factor = factor * scale.to(x.dtype)
+    return x * factor
 
 
 def validate_heads(dims: Sequence[int], num_heads: Sequence[int]) -> None:

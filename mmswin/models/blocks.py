@@ -8,7 +8,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 from .attention import CosineWindowAttention, WindowAttention
-from .layers import DropPath, Mlp, build_norm
+from .layers import DropPath, Mlp, add_residual, build_norm
 from .windows import Size2, pad_to_windows, shift_mask, window_indices, window_partition, window_reverse
 
 
@@ -66,8 +66,8 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``x: (B, H, W, C)`` to the same shape."""
-        x = x + self.drop_path(self.window_attention(self.norm1(x), window, shift, mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = add_residual(x, self.drop_path(self.window_attention(self.norm1(x), window, shift, mask)))
+        return add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
 
 class SwinBlockV2(SwinBlock):
@@ -75,8 +75,8 @@ class SwinBlockV2(SwinBlock):
 
     def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.drop_path(self.norm1(self.window_attention(x, window, shift, mask)))
-        return x + self.drop_path(self.norm2(self.mlp(x)))
+        x = add_residual(x, self.drop_path(self.norm1(self.window_attention(x, window, shift, mask))))
+        return add_residual(x, self.drop_path(self.norm2(self.mlp(x))))
 
 
 class PatchEmbed(nn.Module):

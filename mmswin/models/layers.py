@@ -2,6 +2,7 @@
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _NORMS: Dict[str, Callable[..., nn.Module]] = {
@@ -83,4 +84,23 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.fc1(x)
+        if isinstance(self.act, nn.GELU) and not needs_grad(x):
+            # In place when nothing is recorded for backward: no second (B, L, hidden) tensor.
+            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
+        return self.drop(self.fc2(self.drop(x)))
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on ``tensors`` (so they must not be changed in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``, written into ``branch`` (a fresh tensor of the block) when autograd records
+    nothing: one memory-bound pass and allocation fewer per residual."""
+    if needs_grad(x, branch):
+        return x + branch
+    return branch.add_(x)

@@ -1,4 +1,4 @@
-"""Which kernels the backbones reach: inference attention must run in SDPA's fused CPU kernel (the math
+"""The fast paths: inference attention runs in SDPA's fused CPU kernel (the math
 fallback is several times slower), whatever the batch, the shift and the version."""
 import pytest
 import torch
@@ -23,3 +23,21 @@ def test_inference_attention_is_fused(cls, batch):
     # 70x90: padded, several windows per stage, so every block of the first stages shifts.
     kernels = attention_kernels(model, torch.randn(batch, 3, 70, 90))
     assert kernels == {FUSED: sum(TINY['depths'])}
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_no_grad_inference_equals_recorded_forward(cls):
+    """Without autograd the blocks write GELU and residual sums in place; the result must be bit for bit
+    the out-of-place forward's, and the caller's input must stay untouched. (The matmul attention path:
+    with a bias that needs gradients SDPA picks a different kernel, which differs in the last bits.)"""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4, use_sdpa=False).eval()
+    x = torch.randn(2, 3, 70, 90)
+    x_copy = x.clone()
+    recorded = model(x)
+    assert all(out.requires_grad for out in recorded)
+    with torch.no_grad():
+        fast = model(x)
+    for a, b in zip(recorded, fast):
+        assert torch.equal(a, b)
+    assert torch.equal(x, x_copy)
