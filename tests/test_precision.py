@@ -5,13 +5,18 @@ import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models.attention import CosineWindowAttention
+from mmswin.models.matmul import attention, bf16_products_in_fp32, linear
 
 TINY = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_autocast_outputs_and_gradients(cls, dtype):
+@pytest.mark.parametrize('dtype,bf16_matmul', [(torch.bfloat16, 'native'), (torch.bfloat16, 'fp32'),
+                                               (torch.float16, 'auto')])
+def test_autocast_outputs_and_gradients(cls, dtype, bf16_matmul, monkeypatch):
+    """Both ways of multiplying under CPU bf16 autocast (PyTorch's bf16 kernels, or bf16 values through
+    the fp32 kernels as on CPUs without bf16 instructions) and fp16."""
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', bf16_matmul)
     torch.manual_seed(0)
     model = cls(**TINY, window_size=4)
     with torch.no_grad():  # off V2's zero-initialised post-norms, so every block matters
@@ -23,6 +28,7 @@ def test_autocast_outputs_and_gradients(cls, dtype):
     with torch.autocast('cpu', dtype=dtype):
         outs = model(x)
     for out, r in zip(outs, ref):
+        assert out.dtype == dtype
         assert torch.isfinite(out).all()
         assert F.cosine_similarity(out.float().flatten(), r.flatten(), dim=0) > 0.99
     sum(o.float().square().mean() for o in outs).backward()
@@ -39,3 +45,53 @@ def test_v2_cosine_attention_does_not_overflow_in_fp16():
     logits = (q_scaled @ k_unit.transpose(-2, -1)).float() * scale
     assert torch.isfinite(logits).all()
     assert torch.allclose(logits, torch.full_like(logits, -10.0), atol=0.05)  # cos = -1, scale = 10
+
+
+def bf16_ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance of two bf16 tensors in units of the last place of ``b``."""
+    ulp = torch.ldexp(torch.ones_like(b.float()), torch.frexp(b.float()).exponent - 8)
+    return (a.float() - b.float()).abs() / ulp
+
+
+def test_bf16_products_through_fp32_kernels_are_bf16_gemms(monkeypatch):
+    """bf16 values multiplied in fp32 and rounded: within one bf16 ulp of the exact product of the
+    bf16-rounded operands (what a bf16 GEMM with fp32 accumulation computes)."""
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'fp32')
+    torch.manual_seed(0)
+    x, w, b = torch.randn(64, 96), torch.randn(40, 96), torch.randn(40)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = linear(x, w, b)
+    assert out.dtype == torch.bfloat16
+    exact = (x.bfloat16().double() @ w.bfloat16().double().T + b.bfloat16().double()).to(torch.bfloat16)
+    assert bf16_ulps_apart(out, exact).max() <= 1
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        native = torch.nn.functional.linear(x, w, b)
+    assert bf16_ulps_apart(native, exact).max() <= 1
+
+    q, k, v = (torch.randn(3, 2, 16, 8).bfloat16() for _ in range(3))
+    bias = torch.randn(1, 2, 16, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        att = attention(q, k, v, bias, 0.0, 8 ** -0.5)
+    logits = q.double() @ k.double().transpose(-2, -1) * 8 ** -0.5 + bias.double()
+    exact = (logits.softmax(-1) @ v.double()).to(torch.bfloat16)
+    assert att.dtype == torch.bfloat16 and bf16_ulps_apart(att, exact).max() <= 1
+
+
+def test_fp32_and_cuda_products_are_untouched(monkeypatch):
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'fp32')
+    x, w = torch.randn(8, 16), torch.randn(4, 16)
+    assert not bf16_products_in_fp32(x)  # no autocast
+    with torch.autocast('cpu', dtype=torch.float16):
+        assert not bf16_products_in_fp32(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert bf16_products_in_fp32(x)
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'native')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not bf16_products_in_fp32(x)
+    assert torch.equal(linear(x, w, None), x @ w.T)
+
+
+def test_bad_bf16_matmul_setting_is_named(monkeypatch):
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'fast')
+    with torch.autocast('cpu', dtype=torch.bfloat16), pytest.raises(ValueError, match='MMSWIN_BF16_MATMUL'):
+        bf16_products_in_fp32(torch.zeros(1))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .matmul import Linear, attention, linear
 from .windows import Size2, log_spaced_coords_on, relative_position_index, relative_position_index_on
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -42,12 +43,12 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.use_sdpa = use_sdpa
         self._make_qkv(dim, qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._make_position_bias(num_heads, window_size)
 
     def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
 
     def _make_position_bias(self, num_heads: int, window_size: int) -> None:
         side = 2 * window_size - 1
@@ -101,7 +102,7 @@ class WindowAttention(nn.Module):
                 bias = bias.reshape(1, nw * self.num_heads, n, n)
         drop = self.attn_drop if self.training else 0.0
         if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=scale)
+            out = attention(q, k, v, bias, drop, scale)
         else:
             attn = (q * scale) @ k.transpose(-2, -1) + bias
             attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training)
@@ -133,7 +134,7 @@ class CosineWindowAttention(WindowAttention):
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
 
     def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
 
@@ -157,7 +158,7 @@ class CosineWindowAttention(WindowAttention):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = linear(x, self.qkv.weight, bias)
         return qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
 
     def scaled_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple:

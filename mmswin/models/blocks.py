@@ -9,6 +9,7 @@ from torch import nn
 
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, add_residual, build_norm
+from .matmul import Linear
 from .windows import Size2, pad_to_windows, shift_mask, window_indices, window_partition, window_reverse
 
 
@@ -113,7 +114,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = build_norm(norm_cfg, self.norm_dim)
 
     @property

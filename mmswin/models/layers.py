@@ -2,8 +2,9 @@
 from typing import Callable, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .matmul import Linear
 
 _NORMS: Dict[str, Callable[..., nn.Module]] = {
     'LN': nn.LayerNorm,
@@ -78,9 +79,9 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, act_cfg: Optional[dict] = None,
                  drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = build_activation(act_cfg)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
