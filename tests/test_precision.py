@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models.attention import CosineWindowAttention
-from mmswin.models.matmul import attention, bf16_products_in_fp32, linear
+from mmswin.models.matmul import Conv2d, attention, bf16_products_in_fp32, linear
 
 TINY = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
@@ -67,6 +67,14 @@ def test_bf16_products_through_fp32_kernels_are_bf16_gemms(monkeypatch):
     with torch.autocast('cpu', dtype=torch.bfloat16):
         native = torch.nn.functional.linear(x, w, b)
     assert bf16_ulps_apart(native, exact).max() <= 1
+
+    conv = Conv2d(3, 8, kernel_size=4, stride=4)
+    image = torch.randn(2, 3, 16, 12)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        patches = conv(image)
+    exact = torch.nn.functional.conv2d(image.bfloat16().double(), conv.weight.bfloat16().double(),
+                                       conv.bias.bfloat16().double(), stride=4).to(torch.bfloat16)
+    assert patches.dtype == torch.bfloat16 and bf16_ulps_apart(patches, exact).max() <= 1
 
     q, k, v = (torch.randn(3, 2, 16, 8).bfloat16() for _ in range(3))
     bias = torch.randn(1, 2, 16, 16)

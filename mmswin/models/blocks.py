@@ -9,7 +9,7 @@ from torch import nn
 
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, add_residual, build_norm
-from .matmul import Linear
+from .matmul import Conv2d, Linear
 from .windows import Size2, pad_to_windows, shift_mask, window_indices, window_partition, window_reverse
 
 
@@ -94,7 +94,7 @@ class PatchEmbed(nn.Module):
                  norm_cfg: Optional[dict] = None, use_norm: bool = True) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.norm = build_norm(norm_cfg, dim) if use_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Matrix products of the backbones, fast under CPU bf16 autocast on every x86 CPU.
+"""Matrix products (linear layers, attention, the patch convolution) of the backbones, fast under CPU
+bf16 autocast on every x86 CPU.
 
 x86 CPUs without bf16 dot-product instructions (AVX512-BF16 or AMX) run PyTorch's bf16 GEMMs tens to
 hundreds of times slower than fp32 ones (measured on an AVX2 EPYC: 0.3-3 GFLOP/s bf16 against
@@ -60,6 +61,19 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, like :class:`Linear`, takes the fp32 kernels for bf16 values on CPUs without
+    bf16 instructions (PyTorch's bf16 convolution falls back to a slow path there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bf16_products_in_fp32(x):
+            return super().forward(x)
+        with torch.autocast('cpu', enabled=False):
+            b = None if self.bias is None else _bf16_values(self.bias)
+            out = self._conv_forward(_bf16_values(x), _bf16_values(self.weight), b)
+        return out.to(torch.bfloat16)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float,
