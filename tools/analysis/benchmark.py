@@ -146,6 +146,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
+def peak_tensor_bytes(step: Callable[[], None]) -> int:
+    """Peak bytes of live CPU tensors during ``step``, above those alive before it (the CPU analogue of
+    CUDA's max allocated), from the allocation records of the PyTorch profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
+    live = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _memory_worker(name: str, window: int, size: List[int], precision: str, with_cp: bool, queue) -> None:
     torch.set_num_threads(torch.get_num_threads())
     import mmswin  # noqa: F401
@@ -157,12 +170,14 @@ def _memory_worker(name: str, window: int, size: List[int], precision: str, with
     base = _rss_bytes()
     step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put(max(0, peak - base))
+    queue.put(dict(rss_bytes=max(0, peak - base), tensor_bytes=peak_tensor_bytes(step)))
 
 
 def peak_train_memory(name: str, window: int, size: List[int], precision: str, device: torch.device,
-                      with_cp: bool = False) -> Optional[int]:
-    """Bytes a training step adds at its peak: CUDA max allocated, or a worker process's RSS growth."""
+                      with_cp: bool = False) -> Optional[dict]:
+    """Bytes a training step adds at its peak: on CUDA the max allocated (``tensor_bytes``); on CPU, in a
+    worker process, the growth of its resident memory (``rss_bytes``, which includes what the C
+    allocator keeps) and the peak of live tensors (``tensor_bytes``)."""
     if device.type == 'cuda':
         model = build_model(name, window, with_cp=with_cp).to(device).train()
         x = torch.randn(*size, device=device)
@@ -172,13 +187,24 @@ def peak_train_memory(name: str, window: int, size: List[int], precision: str, d
         base = torch.cuda.memory_allocated(device)
         step()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return dict(tensor_bytes=torch.cuda.max_memory_allocated(device) - base)
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_worker, args=(name, window, size, precision, with_cp, queue))
     proc.start()
     proc.join()
     return queue.get() if proc.exitcode == 0 and not queue.empty() else None
+
+
+# ---------------------------------------------------------------------------------------- profile
+def op_profile(step: Callable[[], None], top: int = 8) -> List[dict]:
+    """The ``top`` operators of one call of ``step`` by own CPU time, with their share of the total."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [dict(op=e.key, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total)
+            for e in events[:top]]
 
 
 # ---------------------------------------------------------------------------------------- agreement
@@ -252,6 +278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--out', default='work_dirs/benchmark/report.json', help='JSON report')
     parser.add_argument('--plot', default=None, help='also write a PNG of inference throughput against input '
                         'size (square images, batch 1, fp32) for every model')
+    parser.add_argument('--profile', action='store_true',
+                        help='also record the top operators of one step of every model, size, precision and mode')
     parser.add_argument('--plot-sizes', type=int, nargs='+', default=[224, 384, 512, 640, 800])
     return parser.parse_args(argv)
 
@@ -266,7 +294,11 @@ def main(argv=None) -> dict:
     models = {name: build_model(name, args.window).to(device) for name in names}
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   window=args.window, arch='Swin-T', repeats=args.repeats, results=[],
-                  matmul_flops_per_s={p: matmul_rate(device, p) for p in precisions})
+                  matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', *precisions}})
+    if device.type == 'cpu':
+        from mmswin.models.matmul import cpu_has_bf16_arithmetic
+        # Without bf16 instructions mmswin multiplies bf16 values with the fp32 kernels (mmswin.models.matmul)
+        report['cpu_bf16_arithmetic'] = cpu_has_bf16_arithmetic()
     peer = 'mmdet-v1'
     for size in args.sizes:
         x = torch.randn(*size, device=device)
@@ -284,6 +316,8 @@ def main(argv=None) -> dict:
                     row = dict(size=size, precision=precision, mode=mode, model=name, median_s=median,
                                times_s=times[name], images_per_s=size[0] / median,
                                flops_per_s=2 * work / median, fraction_of_matmul=2 * work / median / rate)
+                    if precision != 'fp32':
+                        row['fraction_of_fp32_matmul'] = 2 * work / median / report['matmul_flops_per_s']['fp32']
                     if peer in medians and name != peer:
                         row[f'speedup_vs_{peer}'] = medians[peer] / median
                     if name == 'mmswin-v2' and 'mmswin-v1' in medians:
@@ -293,6 +327,10 @@ def main(argv=None) -> dict:
                           f'{median * 1e3:9.1f} ms  {row["fraction_of_matmul"] * 100:5.1f}% of matmul'
                           + (f'  x{row[f"speedup_vs_{peer}"]:.2f} vs {peer}' if f'speedup_vs_{peer}' in row else ''),
                           flush=True)
+                if args.profile:
+                    for name, fn in fns.items():
+                        report.setdefault('profiles', []).append(dict(
+                            size=size, precision=precision, mode=mode, model=name, ops=op_profile(fn)))
                 if precision != 'fp32' and mode == 'inference':
                     for name in ('mmswin-v1', 'mmswin-v2'):
                         if name in models:
@@ -302,11 +340,12 @@ def main(argv=None) -> dict:
         if not args.no_memory:
             for name in args.memory_models or names:
                 for with_cp in ([False, True] if name.startswith(('mmswin', 'mmdet')) else [False]):
-                    mem = peak_train_memory(name, args.window, size, 'fp32', device, with_cp=with_cp)
+                    mem = peak_train_memory(name, args.window, size, 'fp32', device, with_cp=with_cp) or {}
                     report.setdefault('train_peak_memory_bytes', []).append(
-                        dict(size=size, model=name, with_cp=with_cp, bytes=mem))
-                    print(f'{"x".join(map(str, size)):>14} memory {name:>14} with_cp={with_cp}: '
-                          f'{(mem or 0) / 2 ** 20:.0f} MiB', flush=True)
+                        dict(size=size, model=name, with_cp=with_cp, **mem))
+                    print(f'{"x".join(map(str, size)):>14} memory {name:>14} with_cp={with_cp!s:>5}: '
+                          + ', '.join(f'{key[:-6]} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
+                          flush=True)
     if args.plot:
         report['throughput_sweep'] = throughput_sweep(models, args.plot_sizes, device, args.repeats, args.warmup)
         plot_sweep(report['throughput_sweep'], args.plot, report['device'])
