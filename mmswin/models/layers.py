@@ -4,6 +4,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from .gelu_mlp import gelu_mlp
 from .matmul import Linear
 
 _NORMS: Dict[str, Callable[..., nn.Module]] = {
@@ -74,7 +75,9 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """The transformer MLP ``fc1 -> act -> drop -> fc2 -> drop`` with the official names."""
+    """The transformer MLP ``fc1 -> act -> drop -> fc2 -> drop`` with the official names. With GELU and
+    no dropout, training keeps only ``fc1``'s output for backward (:func:`gelu_mlp`); inference applies
+    the GELU in place."""
 
     def __init__(self, dim: int, hidden_dim: int, act_cfg: Optional[dict] = None,
                  drop: float = 0.0) -> None:
@@ -85,8 +88,11 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gelu = isinstance(self.act, nn.GELU)
+        if gelu and self.drop.p == 0 and needs_grad(x, self.fc1.weight, self.fc2.weight):
+            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate)
         x = self.fc1(x)
-        if isinstance(self.act, nn.GELU) and not needs_grad(x):
+        if gelu and not needs_grad(x):
             # In place when nothing is recorded for backward: no second (B, L, hidden) tensor.
             x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
         else:

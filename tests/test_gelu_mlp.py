@@ -1,0 +1,61 @@
+"""The training MLP: same values and gradients as layer-by-layer autograd, one hidden tensor saved."""
+import copy
+
+import pytest
+import torch
+
+from mmswin.models.layers import Mlp
+
+
+def run(mlp: Mlp, x: torch.Tensor, grad: torch.Tensor, layer_by_layer: bool, dtype=None):
+    x = x.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = mlp.fc2(mlp.act(mlp.fc1(x))) if layer_by_layer else mlp(x)
+    out.backward(grad.to(out.dtype))
+    return out, x.grad, [p.grad for p in mlp.parameters()]
+
+
+@pytest.mark.parametrize('approximate', ['none', 'tanh'])
+def test_fp32_values_and_gradients_are_bitwise_those_of_autograd(approximate):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64, act_cfg=dict(type='GELU', approximate=approximate))
+    x, grad = torch.randn(2, 5, 7, 16), torch.randn(2, 5, 7, 16)
+    fused = run(mlp, x, grad, layer_by_layer=False)
+    reference = run(copy.deepcopy(mlp), x, grad, layer_by_layer=True)
+    assert torch.equal(fused[0], reference[0]) and torch.equal(fused[1], reference[1])
+    assert all(torch.equal(a, b) for a, b in zip(fused[2], reference[2]))
+
+
+@pytest.mark.parametrize('bf16_matmul', ['native', 'fp32'])
+def test_bf16_autocast_values_and_gradients(bf16_matmul, monkeypatch):
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', bf16_matmul)
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x, grad = torch.randn(3, 9, 16), torch.randn(3, 9, 16)
+    fused = run(mlp, x, grad, layer_by_layer=False, dtype=torch.bfloat16)
+    reference = run(copy.deepcopy(mlp), x, grad, layer_by_layer=True, dtype=torch.bfloat16)
+    assert fused[0].dtype == reference[0].dtype == torch.bfloat16
+    assert torch.equal(fused[0], reference[0])
+    for a, b in zip([fused[1], *fused[2]], [reference[1], *reference[2]]):
+        assert a.dtype == b.dtype
+        assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)  # bf16 rounding of different partial sums
+
+
+def saved_activation_elements(mlp: Mlp, x: torch.Tensor) -> int:
+    params = {p.data_ptr() for p in mlp.parameters()}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(x)
+    return sum(t.numel() for t in {t.data_ptr(): t for t in saved if t.data_ptr() not in params}.values())
+
+
+def test_training_saves_the_input_and_one_hidden_tensor():
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    assert saved_activation_elements(Mlp(16, 64), x) == 4 * 10 * (16 + 64)
+    # with dropout the layer-by-layer path keeps the GELU output too
+    assert saved_activation_elements(Mlp(16, 64, drop=0.1).train(), x) > 4 * 10 * (16 + 2 * 64)
