@@ -169,23 +169,45 @@ class CosineWindowAttention(WindowAttention):
         return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
 
 
+class _ScaledUnitVectors(torch.autograd.Function):
+    """``y = x * scale / max(|x|, eps)`` with a hand-written backward: two passes over ``x`` instead of the
+    five of the composed operators, and only ``x`` and per-vector factors kept.
+
+    With ``d = max(|x|, eps)`` and ``f = scale / d``: ``dL/dx = f * (g - [|x| >= eps] (g.x / |x|^2) x)``
+    and ``dL/dscale = sum((g.x) / d)`` over the axes ``scale`` is broadcast along.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        inv = 1.0 / norm.clamp_min(eps)
+        factor = inv if scale is None else inv * scale
+        ctx.save_for_backward(x, norm, inv, factor)
+        ctx.eps, ctx.scale_shape = eps, None if scale is None else scale.shape
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        x, norm, inv, factor = ctx.saved_tensors
+        dot = (grad * x).sum(-1, keepdim=True)
+        coeff = torch.where(norm >= ctx.eps, dot * inv * inv * factor, 0.0)
+        grad_x = (grad * factor).addcmul_(x, coeff, value=-1)
+        grad_scale = None
+        if ctx.scale_shape is not None and ctx.needs_input_grad[1]:
+            grad_scale = (dot * inv).sum_to_size(ctx.scale_shape)
+        return grad_x, grad_scale, None
+
+
 def unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``scale * x / max(|x|, eps)`` over the last axis, as one multiply by a per-vector factor.
+    """``scale * x / max(|x|, eps)`` over the last axis: F.normalize's eps, times ``scale``.
 
     In fp16, ``|x|^2`` overflows beyond 256, so the norm and the product are taken in fp32 (bf16 has
     fp32's range). The zero keys of padding tokens would get a gradient of ``1 / eps``, so there eps is
     one fp16 can carry (only vectors shorter than that, i.e. padding, are affected).
     """
     if x.dtype == torch.float16:
-        x32 = x.float()
-        factor = 1.0 / torch.linalg.vector_norm(x32, dim=-1, keepdim=True).clamp_min(FP16_NORM_EPS)
-        if scale is not None:
-            factor = factor * scale
-        return (x32 * factor).to(x.dtype)
-    factor = 1.0 / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    if scale is not None:
-        factor = factor * scale.to(x.dtype)
-    return x * factor
+        return _ScaledUnitVectors.apply(x.float(), scale, FP16_NORM_EPS).to(x.dtype)
+    return _ScaledUnitVectors.apply(x, None if scale is None else scale.to(x.dtype), NORM_EPS)
 
 
 def validate_heads(dims: Sequence[int], num_heads: Sequence[int]) -> None:
