@@ -49,9 +49,19 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
             assert row['speedup_vs_mmdet-v1'] > 0
     assert rows[('mmswin-v2', 'train')]['slowdown_vs_mmswin-v1'] > 0
     assert report['matmul_flops_per_s']['fp32'] > 1e9
+    # mmswin-v1 is timed with mmdet's weights and gives mmdet's outputs
+    (agreement,) = report['max_abs_diff_vs_mmdet']
+    assert len(agreement['max_abs_diff']) == 4 and max(agreement['max_abs_diff']) < 1e-4
     memory = {(m['model'], m['with_cp']): m for m in report['train_peak_memory_bytes']}
     assert set(memory) == {('mmswin-v1', False), ('mmswin-v1', True)}
     for m in memory.values():
         assert m['rss_bytes'] >= 0
         # at least the gradients of Swin-T's 28.3M fp32 parameters are live at the peak
         assert m['tensor_bytes'] >= 28e6 * 4
+
+    table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
+                           capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    speed_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
+    assert len(speed_rows) == 6  # 3 models x 2 modes
+    memory_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | mmswin-v1 |')]
+    assert len(memory_rows) == 2 and 'MiB' in memory_rows[0]

@@ -300,6 +300,12 @@ def main(argv=None) -> dict:
         # Without bf16 instructions mmswin multiplies bf16 values with the fp32 kernels (mmswin.models.matmul)
         report['cpu_bf16_arithmetic'] = cpu_has_bf16_arithmetic()
     peer = 'mmdet-v1'
+    same_weights = 'mmswin-v1' in models and peer in models
+    if same_weights:
+        # mmdet's weights in mmswin's V1 (through the checkpoint converter), so that outputs can be compared
+        from mmswin.checkpoint.formats import convert_state_dict
+        converted = convert_state_dict(models[peer].state_dict()).state_dict
+        models['mmswin-v1'].load_state_dict(converted, strict=True)
     for size in args.sizes:
         x = torch.randn(*size, device=device)
         flops = {1: flops_of(size, args.window, 1), 2: flops_of(size, args.window, 2)}
@@ -331,6 +337,11 @@ def main(argv=None) -> dict:
                     for name, fn in fns.items():
                         report.setdefault('profiles', []).append(dict(
                             size=size, precision=precision, mode=mode, model=name, ops=op_profile(fn)))
+                if same_weights and precision == 'fp32' and mode == 'inference':
+                    with torch.no_grad():  # (the models are in eval mode here)
+                        ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', peer))
+                    report.setdefault('max_abs_diff_vs_mmdet', []).append(dict(
+                        size=size, max_abs_diff=[float((a - b).abs().max()) for a, b in zip(ours, theirs)]))
                 if precision != 'fp32' and mode == 'inference':
                     for name in ('mmswin-v1', 'mmswin-v2'):
                         if name in models:

@@ -1,0 +1,105 @@
+"""Markdown tables from the JSON reports of tools/analysis/benchmark.py.
+
+    python tools/analysis/benchmark_table.py docs/benchmark_fp32.json docs/benchmark_bf16.json
+
+Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
+ratios to mmdet and V2/V1), the training memory table, bf16/fp16 agreement with fp32, and the top
+operators when the reports hold profiles.
+"""
+import argparse
+import json
+from typing import Dict, List
+
+
+def _size(size: List[int]) -> str:
+    return 'x'.join(map(str, size))
+
+
+def speed_table(reports: List[dict]) -> List[str]:
+    lines = ['| input | precision | mode | model | median | images/s | of fp32 matmul | of own-precision matmul '
+             '| vs mmdet | V2 / V1 |', '| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for report in reports:
+        fp32_rate = report['matmul_flops_per_s'].get('fp32')
+        for row in report['results']:
+            own = row['fraction_of_matmul']
+            of_fp32 = row.get('fraction_of_fp32_matmul', own if row['precision'] == 'fp32' else None)
+            vs = row.get('speedup_vs_mmdet-v1')
+            v2 = row.get('slowdown_vs_mmswin-v1')
+            lines.append(
+                f"| {_size(row['size'])} | {row['precision']} | {row['mode']} | {row['model']} "
+                f"| {row['median_s'] * 1e3:.0f} ms | {row['images_per_s']:.2f} "
+                f"| {'' if of_fp32 is None or fp32_rate is None else f'{of_fp32:.0%}'} | {own:.0%} "
+                f"| {'' if vs is None else f'{vs:.2f}x'} | {'' if v2 is None else f'{v2:.2f}x'} |")
+    return lines
+
+
+def memory_table(reports: List[dict]) -> List[str]:
+    rows = [m for report in reports for m in report.get('train_peak_memory_bytes', [])]
+    if not rows:
+        return []
+    by_key: Dict[tuple, dict] = {(_size(m['size']), m['model'], m['with_cp']): m for m in rows}
+    lines = ['| input | model | with_cp | peak live tensors | vs without with_cp | RSS growth |',
+             '| --- | --- | --- | ---: | ---: | ---: |']
+    for (size, model, with_cp), m in by_key.items():
+        base = by_key.get((size, model, False), {}).get('tensor_bytes')
+        cut = '' if not with_cp or not base or 'tensor_bytes' not in m else f"{1 - m['tensor_bytes'] / base:.0%} less"
+        tensors = f"{m['tensor_bytes'] / 2 ** 20:.0f} MiB" if 'tensor_bytes' in m else ''
+        rss = f"{m['rss_bytes'] / 2 ** 20:.0f} MiB" if 'rss_bytes' in m else ''
+        lines.append(f'| {size} | {model} | {with_cp} | {tensors} | {cut} | {rss} |')
+    return lines
+
+
+def agreement_table(reports: List[dict]) -> List[str]:
+    rows = [c for report in reports for c in report.get('cosine_to_fp32', [])]
+    if not rows:
+        return []
+    lines = ['| input | precision | model | cosine to fp32, per output (stages 1-4) |', '| --- | --- | --- | --- |']
+    for c in rows:
+        cos = ', '.join(f'{v:.5f}' for v in c['cosine'])
+        lines.append(f"| {_size(c['size'])} | {c['precision']} | {c['model']} | {cos} |")
+    return lines
+
+
+def mmdet_agreement(reports: List[dict]) -> List[str]:
+    rows = [d for report in reports for d in report.get('max_abs_diff_vs_mmdet', [])]
+    return [f"mmswin-v1 with mmdet-v1's weights at {_size(d['size'])}, fp32: largest difference of the four "
+            f"outputs {max(d['max_abs_diff']):.1e}" for d in rows]
+
+
+def profile_table(reports: List[dict], top: int = 4) -> List[str]:
+    rows = [p for report in reports for p in report.get('profiles', [])]
+    if not rows:
+        return []
+    lines = ['| input | precision | mode | model | top operators by own CPU time |', '| --- | --- | --- | --- | --- |']
+    for p in rows:
+        ops = ', '.join(f"{o['op'].replace('aten::', '')} {o['share']:.0%}" for o in p['ops'][:top])
+        lines.append(f"| {_size(p['size'])} | {p['precision']} | {p['mode']} | {p['model']} | {ops} |")
+    return lines
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('reports', nargs='+', help='JSON reports of tools/analysis/benchmark.py')
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.reports:
+        with open(path) as f:
+            reports.append(json.load(f))
+    first = reports[0]
+    parts = [f"Device {first['device']}, {first['threads']} threads, torch {first['torch']}, {first['arch']} "
+             f"window {first['window']}.", '']
+    for path, report in zip(args.reports, reports):
+        rates = ', '.join(f'{p} {r / 1e9:.1f} GFLOP/s' for p, r in sorted(report['matmul_flops_per_s'].items()))
+        parts.append(f'- `{path}`: {report["repeats"]} timed repeats per model; dense matmul {rates}')
+    parts.append('')
+    for table in (speed_table(reports), memory_table(reports), agreement_table(reports), mmdet_agreement(reports),
+                  profile_table(reports)):
+        if table:
+            parts += table + ['']
+    text = '\n'.join(parts)
+    print(text)
+    return text
+
+
+if __name__ == '__main__':
+    main()
