@@ -66,14 +66,15 @@ class WindowAttention(nn.Module):
         return bias.view(n, n, -1).permute(2, 0, 1)
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B_, N, C)`` to ``(3, B_, nH, N, head_dim)``."""
+        """``(B_, N, C)`` to ``(B_, N, 3, nH, head_dim)``."""
         b, n, c = x.shape
-        qkv = self.qkv(x)
-        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
 
-    def scaled_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
-        """Returns ``(q, k, scale)`` such that the logits are ``scale * q @ k^T``."""
-        return q, k, self.scale
+    def queries_keys_values(self, x: torch.Tensor) -> tuple:
+        """``(q, k, v, scale)``, each ``(B_, nH, N, head_dim)``, such that the logits are
+        ``scale * q @ k^T``."""
+        q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, self.scale
 
     def forward(self, x: torch.Tensor, window: Size2,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -88,8 +89,7 @@ class WindowAttention(nn.Module):
             ``(B * nW, N, C)``.
         """
         bw, n, c = x.shape
-        q, k, v = self.project_qkv(x).unbind(0)
-        q, k, scale = self.scaled_qk(q, k)
+        q, k, v, scale = self.queries_keys_values(x)
         # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).
         bias = self.position_bias(window).to(q.dtype).unsqueeze(0)  # (1, nH, N, N)
         if mask is not None:
@@ -159,11 +159,17 @@ class CosineWindowAttention(WindowAttention):
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = linear(x, self.qkv.weight, bias)
-        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads)
 
-    def scaled_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    def queries_keys_values(self, x: torch.Tensor) -> tuple:
+        qkv = self.project_qkv(x)
+        # Lengths of q and k where the head axis is innermost and contiguous (much faster to reduce than
+        # the permuted views); constants to autograd, whose gradient unit_vectors writes itself.
+        with torch.no_grad():
+            norms = vector_lengths(qkv[:, :, :2]).permute(2, 0, 3, 1, 4)  # (2, B_, nH, N, 1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-        return unit_vectors(q, scale), unit_vectors(k), 1.0
+        return unit_vectors(q, scale, norms[0]), unit_vectors(k, None, norms[1]), v, 1.0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
@@ -171,20 +177,21 @@ class CosineWindowAttention(WindowAttention):
 
 class _ScaledUnitVectors(torch.autograd.Function):
     """``y = x * scale / max(|x|, eps)`` with a hand-written backward: two passes over ``x`` instead of the
-    five of the composed operators, and only ``x`` and per-vector factors kept.
+    five of the composed operators, and only ``x`` and per-vector factors kept. ``norm`` is ``|x|``,
+    given without a gradient: its dependence on ``x`` is part of the backward here.
 
     With ``d = max(|x|, eps)`` and ``f = scale / d``: ``dL/dx = f * (g - [|x| >= eps] (g.x / |x|^2) x)``
     and ``dL/dscale = sum((g.x) / d)`` over the axes ``scale`` is broadcast along.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    def forward(ctx, x: torch.Tensor, norm: torch.Tensor, scale: Optional[torch.Tensor],
+                eps: float) -> torch.Tensor:
         inv = 1.0 / norm.clamp_min(eps)
         factor = inv if scale is None else inv * scale
         ctx.save_for_backward(x, norm, inv, factor)
         ctx.eps, ctx.scale_shape = eps, None if scale is None else scale.shape
-        return x * factor
+        return x * factor.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
@@ -193,21 +200,34 @@ class _ScaledUnitVectors(torch.autograd.Function):
         coeff = torch.where(norm >= ctx.eps, dot * inv * inv * factor, 0.0)
         grad_x = (grad * factor).addcmul_(x, coeff, value=-1)
         grad_scale = None
-        if ctx.scale_shape is not None and ctx.needs_input_grad[1]:
+        if ctx.scale_shape is not None and ctx.needs_input_grad[2]:
             grad_scale = (dot * inv).sum_to_size(ctx.scale_shape)
-        return grad_x, grad_scale, None
+        return grad_x, None, grad_scale, None
 
 
-def unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def vector_lengths(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` over the last axis, keeping it; in fp32 for fp16 input (whose squares overflow)."""
+    if x.dtype == torch.float16:
+        return torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+
+def unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                 norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``scale * x / max(|x|, eps)`` over the last axis: F.normalize's eps, times ``scale``.
 
-    In fp16, ``|x|^2`` overflows beyond 256, so the norm and the product are taken in fp32 (bf16 has
-    fp32's range). The zero keys of padding tokens would get a gradient of ``1 / eps``, so there eps is
-    one fp16 can carry (only vectors shorter than that, i.e. padding, are affected).
+    ``norm``: ``vector_lengths(x)`` when already known. In fp16, ``|x|^2`` overflows beyond 256, so the
+    norm and the product are taken in fp32 (bf16 has fp32's range). The zero keys of padding tokens would
+    get a gradient of ``1 / eps``, so there eps is one fp16 can carry (only vectors shorter than that,
+    i.e. padding, are affected).
     """
+    if norm is None:
+        with torch.no_grad():
+            norm = vector_lengths(x)
     if x.dtype == torch.float16:
-        return _ScaledUnitVectors.apply(x.float(), scale, FP16_NORM_EPS).to(x.dtype)
-    return _ScaledUnitVectors.apply(x, None if scale is None else scale.to(x.dtype), NORM_EPS)
+        return _ScaledUnitVectors.apply(x.float(), norm, scale, FP16_NORM_EPS).to(x.dtype)
+    return _ScaledUnitVectors.apply(x, norm.to(x.dtype), None if scale is None else scale.to(x.dtype),
+                                    NORM_EPS)
 
 
 def validate_heads(dims: Sequence[int], num_heads: Sequence[int]) -> None:
