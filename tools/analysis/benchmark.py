@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import os.path as osp
-import resource
 import statistics
 import sys
 import time
@@ -141,9 +140,19 @@ def flops_of(size: List[int], window: int, version: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- memory
-def _rss_bytes() -> int:
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+def _peak_rss_bytes(reset: bool = False) -> int:
+    """This process's resident-set high-water mark (VmHWM), optionally reset to the current RSS first.
+
+    Not ``getrusage``: its maximum survives ``exec``, so a spawned worker would report its parent's size.
+    """
+    if reset:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError('no VmHWM in /proc/self/status')
 
 
 def peak_tensor_bytes(step: Callable[[], None]) -> int:
@@ -167,9 +176,9 @@ def _memory_worker(name: str, window: int, size: List[int], precision: str, with
     # one small step first, so that library start-up is not counted as the step's memory
     step_fn(model, torch.randn(size[0], size[1], 64, 64), 'train', precision)()
     step = step_fn(model, torch.randn(*size), 'train', precision)
-    base = _rss_bytes()
+    base = _peak_rss_bytes(reset=True)
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     queue.put(dict(rss_bytes=max(0, peak - base), tensor_bytes=peak_tensor_bytes(step)))
 
 
