@@ -12,6 +12,18 @@ DATA = Path(__file__).parent / 'data'
 SMALL = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
 
+class CodePayload:
+    """Pickles as a call to ``os.system`` touching ``marker``: what a malicious checkpoint looks like.
+    The marker file exists afterwards only if the loader ran pickled code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
 def golden_input(case: dict) -> torch.Tensor:
     return case['x_i8'].float() / 32
 

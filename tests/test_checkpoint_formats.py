@@ -12,7 +12,7 @@ from mmswin.checkpoint import (CheckpointError, convert_state_dict, detect_forma
 from mmswin.checkpoint.convert import convert_checkpoint, save_atomic
 from mmswin.models import SwinTransformer, SwinTransformerV2
 
-from .conftest import DATA, SMALL, golden_input
+from .conftest import DATA, SMALL, CodePayload, golden_input
 
 DERIVED = ('relative_position_index', 'relative_coords_table', 'attn_mask')
 
@@ -230,22 +230,11 @@ def test_error_missing_truncated_and_foreign_files(tmp_path):
     _expect_error(model, tmp_path / 'list.pth', 'list.pth', 'expected a checkpoint dict')
 
 
-class Payload:
-    """Pickles as a call to ``os.system``: what a malicious checkpoint looks like."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return os.system, (f'touch {self.marker}',)
-
-
 def test_pickled_code_is_never_run_without_opt_in(tmp_path):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.pth'
     sd = SwinTransformer(**SMALL).state_dict()
-    torch.save({'state_dict': sd, 'meta': {'x': Payload(marker)}}, path)
+    torch.save({'state_dict': sd, 'meta': {'x': CodePayload(marker)}}, path)
     _expect_error(SwinTransformer(**SMALL), path, 'evil.pth', 'posix.system|os.system', 'unsafe_load=True')
     assert not marker.exists()
     # the explicit opt-in reads it (and so runs it): only for trusted files
@@ -255,7 +244,7 @@ def test_pickled_code_is_never_run_without_opt_in(tmp_path):
 
 def test_init_cfg_unsafe_load_flag(tmp_path):
     path = tmp_path / 'legacy.pth'
-    torch.save({'state_dict': SwinTransformer(**SMALL).state_dict(), 'meta': {'x': Payload(tmp_path / 'm')}},
+    torch.save({'state_dict': SwinTransformer(**SMALL).state_dict(), 'meta': {'x': CodePayload(tmp_path / 'm')}},
                path)
     model = SwinTransformer(**SMALL, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     with pytest.raises(CheckpointError):

@@ -9,7 +9,7 @@ import torch
 from mmswin.checkpoint import load_pretrained
 from mmswin.models import SwinTransformer
 
-from .conftest import DATA, SMALL
+from .conftest import DATA, SMALL, CodePayload
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / 'tools' / 'model_converters' / 'swin2mmswin.py'
@@ -52,22 +52,11 @@ def test_bad_input_is_reported_and_nothing_written(tmp_path):
     assert not dst.exists()
 
 
-class _Payload:
-    """Pickles as a call to ``os.system``: a file that needs arbitrary unpickling."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return os.system, (f'touch {self.marker}',)
-
-
 def test_unsafe_load_is_an_explicit_opt_in(tmp_path):
     marker = tmp_path / 'ran'
     src = tmp_path / 'legacy.pth'
     sd = torch.load(DATA / 'v1_official_cls.pth', weights_only=True)
-    sd['extra'] = _Payload(marker)
+    sd['extra'] = CodePayload(marker)
     torch.save(sd, src)
     refused = run_tool(src, tmp_path / 'out.pth')
     assert refused.returncode == 2 and '--unsafe-load' in refused.stderr and 'legacy.pth' in refused.stderr
