@@ -63,3 +63,88 @@ def test_v2_unit_vectors_gradients():
     (torch.nn.functional.normalize(theirs[0], dim=-1) * theirs[1]).backward(grad)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def position_bias_parameters(model: torch.nn.Module) -> list:
+    return [p for n, p in model.named_parameters()
+            if 'relative_position_bias_table' in n or 'cpb_mlp' in n]
+
+
+def with_visible_bias(model: torch.nn.Module) -> torch.nn.Module:
+    """V2 starts with zero res-post-norm weights (the attention is invisible in the output, as in the
+    official init); give all norms weights and the position bias a spread."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'norm' in name and name.endswith('weight'):
+                p.normal_(1.0, 0.1)
+        for p in position_bias_parameters(model):
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def count_bias_computations(model: torch.nn.Module, monkeypatch) -> list:
+    calls = []
+    for module in {type(m) for m in model.modules() if hasattr(m, 'position_bias')}:
+        original = module.position_bias
+
+        def counted(self, window, _original=original):
+            calls.append(window)
+            return _original(self, window)
+
+        monkeypatch.setattr(module, 'position_bias', counted)
+    return calls
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_inference_reuses_position_bias_until_parameters_change(cls, monkeypatch):
+    """In inference the position bias (V2: the CPB MLP's output) is computed once per block; a write to
+    its parameters, even through ``.data`` as EMA hooks do (no version bump), recomputes it."""
+    torch.manual_seed(0)
+    model = with_visible_bias(cls(**TINY, window_size=4)).eval()
+    fresh = cls(**TINY, window_size=4).eval()
+    x = torch.randn(1, 3, 70, 90)
+    calls = count_bias_computations(model, monkeypatch)
+    blocks = sum(TINY['depths'])
+    with torch.no_grad():
+        first = model(x)
+        assert len(calls) == blocks
+        again = model(x)
+        assert len(calls) == blocks
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+        for p in position_bias_parameters(model):
+            p.data.copy_(torch.randn_like(p))
+        fresh.load_state_dict(model.state_dict())
+        changed = model(x)
+        assert len(calls) == 2 * blocks
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)  # another dtype: another bias, the fp32 one is not reused for it
+        assert len(calls) == 3 * blocks
+        assert model.layers[0].blocks[0].attn._bias_cache[2].dtype == torch.bfloat16
+        expected = fresh(x)
+    for a, b in zip(changed, expected):
+        assert torch.equal(a, b)
+    assert not torch.equal(changed[0], first[0])
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_training_after_inference_gets_position_bias_gradients(cls):
+    """A bias kept from inference is never used where its parameters want a gradient."""
+    torch.manual_seed(0)
+    model = with_visible_bias(cls(**TINY, window_size=4))
+    reference = cls(**TINY, window_size=4)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 70, 90)
+    model.eval()
+    with torch.no_grad():
+        weights = [torch.randn_like(out) for out in model(x)]  # outputs ending in a norm sum to a constant
+    for m in (model, reference):
+        m.train()
+        sum((out * w).sum() for out, w in zip(m(x), weights)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    for p in position_bias_parameters(model):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=0, msg=name)

@@ -4,7 +4,7 @@ Both run through ``F.scaled_dot_product_attention`` with the position bias and t
 additive ``attn_mask``; ``use_sdpa=False`` selects a plain matmul/softmax path kept as the reference.
 """
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ class WindowAttention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._make_position_bias(num_heads, window_size)
+        self._bias_cache: Optional[tuple] = None  # (key, parameter values, bias): see attention_bias
 
     def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
@@ -64,6 +65,33 @@ class WindowAttention(nn.Module):
         n = window[0] * window[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def position_bias_parameters(self) -> List[nn.Parameter]:
+        """The parameters :meth:`position_bias` is computed from."""
+        return [self.relative_position_bias_table]
+
+    def attention_bias(self, window: Size2, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`position_bias` as ``(1, nH, N, N)`` in ``dtype``.
+
+        When no gradient is wanted for it (inference, or frozen parameters) it is reused while the window,
+        dtype, inference mode and the values of :meth:`position_bias_parameters` stay the same. The values
+        are compared with a copy kept beside the bias (a few thousand numbers), not through version
+        counters, which miss writes through ``.data`` such as those of EMA hooks.
+        """
+        params = self.position_bias_parameters()
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return self.position_bias(window).to(dtype).unsqueeze(0)
+        key = (window, dtype, torch.is_inference_mode_enabled())
+        cache = self._bias_cache
+        if cache is not None and cache[0] == key and all(
+                p.device == c.device and p.shape == c.shape and torch.equal(p, c)
+                for p, c in zip(params, cache[1])):
+            return cache[2]
+        with torch.no_grad():
+            bias = self.position_bias(window).to(dtype).unsqueeze(0)
+            self._bias_cache = (key, [p.detach().clone() for p in params], bias)
+        return bias
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B_, N, C)`` to ``(B_, N, 3, nH, head_dim)``."""
@@ -91,7 +119,7 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         q, k, v, scale = self.queries_keys_values(x)
         # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).
-        bias = self.position_bias(window).to(q.dtype).unsqueeze(0)  # (1, nH, N, N)
+        bias = self.attention_bias(window, q.dtype)  # (1, nH, N, N)
         if mask is not None:
             nw = mask.shape[0]
             bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
@@ -141,6 +169,9 @@ class CosineWindowAttention(WindowAttention):
     def _make_position_bias(self, num_heads: int, window_size: int) -> None:
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
+
+    def position_bias_parameters(self) -> List[nn.Parameter]:
+        return list(self.cpb_mlp.parameters())
 
     def position_bias(self, window: Size2) -> torch.Tensor:
         device = self.cpb_mlp[0].weight.device
