@@ -5,8 +5,9 @@
 
 Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2`` and timm's Swin models
 when they import. Models of one size and precision are timed alternately (warm-up first), and medians
-and ratios are reported, with the peak memory of a training step (CUDA max allocated; on CPU the RSS
-growth of a separate worker process per model) and the FLOP/s reached against a dense matmul measured on
+and ratios are reported, with the peak memory of a training step (CUDA max allocated; on CPU the peak
+of live tensors and the RSS growth of a separate worker process per model, with glibc's default
+settings and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on
 the same device. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a
 size, so FLOP/s compare like with like.
 """
@@ -168,7 +169,14 @@ def peak_tensor_bytes(step: Callable[[], None]) -> int:
     return peak
 
 
-def _memory_worker(name: str, window: int, size: List[int], precision: str, with_cp: bool, queue) -> None:
+# glibc with its mmap threshold fixed at 128 KiB (which also stops it from rising): every block above it
+# is mapped on allocation and unmapped when freed, so the resident set follows the live memory instead
+# of also holding what the allocator keeps for reuse. Ignored by other C libraries.
+UNPOOLED_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072'}
+
+
+def _memory_worker(name: str, window: int, size: List[int], precision: str, with_cp: bool,
+                   count_tensors: bool, queue) -> None:
     torch.set_num_threads(torch.get_num_threads())
     import mmswin  # noqa: F401
     model = build_model(name, window, with_cp=with_cp)
@@ -178,15 +186,37 @@ def _memory_worker(name: str, window: int, size: List[int], precision: str, with
     step = step_fn(model, torch.randn(*size), 'train', precision)
     base = _peak_rss_bytes(reset=True)
     step()
-    peak = _peak_rss_bytes()
-    queue.put(dict(rss_bytes=max(0, peak - base), tensor_bytes=peak_tensor_bytes(step)))
+    result = dict(rss_bytes=max(0, _peak_rss_bytes() - base))
+    if count_tensors:
+        result['tensor_bytes'] = peak_tensor_bytes(step)
+    queue.put(result)
+
+
+def _run_memory_worker(args: tuple, env: Dict[str, str]) -> Optional[dict]:
+    """:func:`_memory_worker` in a fresh process started with ``env`` added to the environment."""
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_worker, args=(*args, queue))
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        proc.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+    proc.join()
+    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
 
 
 def peak_train_memory(name: str, window: int, size: List[int], precision: str, device: torch.device,
                       with_cp: bool = False) -> Optional[dict]:
-    """Bytes a training step adds at its peak: on CUDA the max allocated (``tensor_bytes``); on CPU, in a
-    worker process, the growth of its resident memory (``rss_bytes``, which includes what the C
-    allocator keeps) and the peak of live tensors (``tensor_bytes``)."""
+    """Bytes a training step adds at its peak: on CUDA the max allocated (``tensor_bytes``). On CPU, each
+    in a fresh worker process: the peak of live tensors (``tensor_bytes``), the growth of the resident
+    set under the default allocator settings (``rss_bytes``, which includes what glibc keeps for reuse)
+    and with :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the resident set of live memory)."""
     if device.type == 'cuda':
         model = build_model(name, window, with_cp=with_cp).to(device).train()
         x = torch.randn(*size, device=device)
@@ -197,12 +227,12 @@ def peak_train_memory(name: str, window: int, size: List[int], precision: str, d
         step()
         torch.cuda.synchronize(device)
         return dict(tensor_bytes=torch.cuda.max_memory_allocated(device) - base)
-    ctx = mp.get_context('spawn')
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(name, window, size, precision, with_cp, queue))
-    proc.start()
-    proc.join()
-    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
+    args = (name, window, size, precision, with_cp)
+    pooled = _run_memory_worker((*args, True), {})
+    unpooled = _run_memory_worker((*args, False), UNPOOLED_MALLOC_ENV)
+    if pooled is None or unpooled is None:
+        return None
+    return dict(pooled, rss_bytes_unpooled=unpooled['rss_bytes'])
 
 
 # ---------------------------------------------------------------------------------------- profile

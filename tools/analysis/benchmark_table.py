@@ -8,7 +8,7 @@ operators when the reports hold profiles.
 """
 import argparse
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 def _size(size: List[int]) -> str:
@@ -38,15 +38,26 @@ def memory_table(reports: List[dict]) -> List[str]:
     if not rows:
         return []
     by_key: Dict[tuple, dict] = {(_size(m['size']), m['model'], m['with_cp']): m for m in rows}
-    lines = ['| input | model | with_cp | peak live tensors | vs without with_cp | RSS growth |',
+    columns = ('tensor_bytes', 'rss_bytes_unpooled', 'rss_bytes')
+    lines = ['| input | model | with_cp | peak live tensors | RSS growth, unpooled malloc '
+             '| RSS growth, default malloc |',
              '| --- | --- | --- | ---: | ---: | ---: |']
     for (size, model, with_cp), m in by_key.items():
-        base = by_key.get((size, model, False), {}).get('tensor_bytes')
-        cut = '' if not with_cp or not base or 'tensor_bytes' not in m else f"{1 - m['tensor_bytes'] / base:.0%} less"
-        tensors = f"{m['tensor_bytes'] / 2 ** 20:.0f} MiB" if 'tensor_bytes' in m else ''
-        rss = f"{m['rss_bytes'] / 2 ** 20:.0f} MiB" if 'rss_bytes' in m else ''
-        lines.append(f'| {size} | {model} | {with_cp} | {tensors} | {cut} | {rss} |')
+        base = by_key.get((size, model, False), {})
+        cells = [_memory_cell(m.get(key), base.get(key) if with_cp else None) for key in columns]
+        lines.append(f"| {size} | {model} | {with_cp} | {' | '.join(cells)} |")
     return lines
+
+
+def _memory_cell(value: Optional[int], without_cp: Optional[int]) -> str:
+    """``1234 MiB``, with the cut against ``without_cp`` when given."""
+    if value is None:
+        return ''
+    cell = f'{value / 2 ** 20:.0f} MiB'
+    if not without_cp:
+        return cell
+    cut = 1 - value / without_cp
+    return f"{cell} ({abs(cut):.0%} {'less' if cut >= 0 else 'more'})"
 
 
 def agreement_table(reports: List[dict]) -> List[str]:
