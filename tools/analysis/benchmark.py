@@ -171,8 +171,9 @@ def peak_tensor_bytes(step: Callable[[], None]) -> int:
 
 # glibc with its mmap threshold fixed at 128 KiB (which also stops it from rising): every block above it
 # is mapped on allocation and unmapped when freed, so the resident set follows the live memory instead
-# of also holding what the allocator keeps for reuse. Ignored by other C libraries.
-UNPOOLED_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072'}
+# of also holding what the allocator keeps for reuse. Ignored by other C libraries. None: unset.
+UNPOOLED_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072', 'MALLOC_MMAP_MAX_': None,
+                       'MALLOC_TRIM_THRESHOLD_': None, 'MALLOC_TOP_PAD_': None}
 
 
 def _memory_worker(name: str, window: int, size: List[int], precision: str, with_cp: bool,
@@ -192,21 +193,26 @@ def _memory_worker(name: str, window: int, size: List[int], precision: str, with
     queue.put(result)
 
 
-def _run_memory_worker(args: tuple, env: Dict[str, str]) -> Optional[dict]:
-    """:func:`_memory_worker` in a fresh process started with ``env`` added to the environment."""
+def _set_environ(values: Dict[str, Optional[str]]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _run_memory_worker(args: tuple, env: Dict[str, Optional[str]]) -> Optional[dict]:
+    """:func:`_memory_worker` in a fresh process started with ``env`` applied to the environment (``None``
+    values unset)."""
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_worker, args=(*args, queue))
     saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     try:
+        _set_environ(env)
         proc.start()
     finally:
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
+        _set_environ(saved)
     proc.join()
     return queue.get() if proc.exitcode == 0 and not queue.empty() else None
 
@@ -215,8 +221,8 @@ def peak_train_memory(name: str, window: int, size: List[int], precision: str, d
                       with_cp: bool = False) -> Optional[dict]:
     """Bytes a training step adds at its peak: on CUDA the max allocated (``tensor_bytes``). On CPU, each
     in a fresh worker process: the peak of live tensors (``tensor_bytes``), the growth of the resident
-    set under the default allocator settings (``rss_bytes``, which includes what glibc keeps for reuse)
-    and with :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the resident set of live memory)."""
+    set under the environment's allocator settings (``rss_bytes``; with glibc's defaults it includes
+    what the allocator keeps for reuse) and with :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the resident set of live memory)."""
     if device.type == 'cuda':
         model = build_model(name, window, with_cp=with_cp).to(device).train()
         x = torch.randn(*size, device=device)
@@ -339,6 +345,8 @@ def main(argv=None) -> dict:
         from mmswin.models.matmul import cpu_has_bf16_arithmetic
         # Without bf16 instructions mmswin multiplies bf16 values with the fp32 kernels (mmswin.models.matmul)
         report['cpu_bf16_arithmetic'] = cpu_has_bf16_arithmetic()
+        # allocator settings change CPU timings (fresh pages of large tensors cost page faults)
+        report['malloc_env'] = {k: v for k, v in os.environ.items() if k.startswith('MALLOC_')}
     peer = 'mmdet-v1'
     same_weights = 'mmswin-v1' in models and peer in models
     if same_weights:
