@@ -403,7 +403,7 @@ def main(argv=None) -> dict:
                     report.setdefault('train_peak_memory_bytes', []).append(
                         dict(size=size, model=name, with_cp=with_cp, **mem))
                     print(f'{"x".join(map(str, size)):>14} memory {name:>14} with_cp={with_cp!s:>5}: '
-                          + ', '.join(f'{key.replace('_bytes', '')} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
+                          + ', '.join(f'{key.replace("_bytes", "")} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
                           flush=True)
     if args.plot:
         report['throughput_sweep'] = throughput_sweep(models, args.plot_sizes, device, args.repeats, args.warmup)
