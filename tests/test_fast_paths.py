@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
+from mmswin.models import layers
 from mmswin.models.attention import unit_vectors
 
 TINY = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
@@ -24,6 +25,22 @@ def test_inference_attention_is_fused(cls, batch):
     # 70x90: padded, several windows per stage, so every block of the first stages shifts.
     kernels = attention_kernels(model, torch.randn(batch, 3, 70, 90))
     assert kernels == {FUSED: sum(TINY['depths'])}
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_cpu_training_attention_avoids_the_math_kernel(cls):
+    """With gradients SDPA's CPU kernel for an additive mask is its math fallback (slower than the plain
+    matmul/softmax path, which training takes there); the outputs are the fused inference ones."""
+    torch.manual_seed(0)
+    model = with_visible_bias(cls(**TINY, window_size=4)).train()
+    x = torch.randn(2, 3, 70, 90)
+    with torch.profiler.profile() as prof:
+        outs = model(x)
+    names = {e.key for e in prof.key_averages()}
+    assert FUSED not in names and MATH not in names
+    with torch.no_grad():
+        for a, b in zip(outs, model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
@@ -148,3 +165,37 @@ def test_training_after_inference_gets_position_bias_gradients(cls):
     grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype,chunk', [(None, 16), (None, 50), (None, 200), (torch.bfloat16, 50),
+                                         (torch.bfloat16, 200)])
+def test_chunked_inference_equals_whole(cls, dtype, chunk, monkeypatch):
+    """Inference in chunks of tokens (windows of attention, rows of the MLP) gives the values of one
+    piece: chunks of one window (16 tokens), of three windows and a bit (50) and larger; two images,
+    padding and shifted windows. The products are the same; only the GEMM kernel a library picks for a
+    very small chunk may round differently."""
+    torch.manual_seed(0)
+    model = with_visible_bias(cls(**TINY, window_size=4)).eval()
+    x = torch.randn(2, 3, 70, 90)
+
+    def run():
+        with torch.no_grad(), torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x)
+
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 10 ** 9)
+    whole = run()
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', chunk)
+    calls = []
+    attention_cls = type(model.layers[0].blocks[0].attn)
+    attend = attention_cls.attend
+    monkeypatch.setattr(attention_cls, 'attend',
+                        lambda self, *a, **k: calls.append(a[0].shape[0]) or attend(self, *a, **k))
+    chunked = run()
+    assert max(calls) == max(1, chunk // 16) and len(calls) > sum(TINY['depths'])
+    for a, b in zip(chunked, whole):
+        assert a.dtype == b.dtype
+        if dtype is None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(a, b)  # bf16: within a unit in the last place

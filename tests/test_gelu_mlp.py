@@ -4,6 +4,8 @@ import copy
 import pytest
 import torch
 
+from mmswin.models import gelu_mlp as gelu_mlp_module
+from mmswin.models import layers
 from mmswin.models.layers import Mlp
 
 
@@ -59,3 +61,23 @@ def test_training_saves_the_input_and_one_hidden_tensor():
     assert saved_activation_elements(Mlp(16, 64), x) == 4 * 10 * (16 + 64)
     # with dropout the layer-by-layer path keeps the GELU output too
     assert saved_activation_elements(Mlp(16, 64, drop=0.1).train(), x) > 4 * 10 * (16 + 2 * 64)
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_chunked_values_and_gradients(dtype, monkeypatch):
+    """Token chunks that do not divide the tokens: the values and gradients of layer-by-layer autograd
+    (the weight gradients summed over chunks in fp32)."""
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 32)
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x, grad = torch.randn(3, 50, 16), torch.randn(3, 50, 16)
+    calls = []
+    gelu = torch.nn.functional.gelu
+    monkeypatch.setattr(gelu_mlp_module.F, 'gelu', lambda t, **k: calls.append(t.shape[0]) or gelu(t, **k))
+    chunked = run(mlp, x, grad, layer_by_layer=False, dtype=dtype)
+    assert calls == [32, 32, 32, 32, 22] * 2  # forward, then the recomputation in backward
+    reference = run(copy.deepcopy(mlp), x, grad, layer_by_layer=True, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is None else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip([chunked[0], chunked[1], *chunked[2]], [reference[0], reference[1], *reference[2]]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)

@@ -1,15 +1,21 @@
 """Window attention: V1 (scaled dot product + bias table) and V2 (cosine + continuous position bias).
 
 Both run through ``F.scaled_dot_product_attention`` with the position bias and the shift mask as its
-additive ``attn_mask``; ``use_sdpa=False`` selects a plain matmul/softmax path kept as the reference.
+additive ``attn_mask`` where its kernels are the fastest (see ``matmul.attention``), else through the
+plain matmul/softmax path, which ``use_sdpa=False`` selects everywhere (the reference).
+
+Inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` tokens, from the qkv projection to
+the output projection, so that the intermediates stay in the CPU's caches and below the size that the C
+allocator maps afresh (page faults) on every allocation; the values are those of the unchunked path.
 """
 import math
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import layers
+from .layers import needs_grad
 from .matmul import Linear, attention, linear
 from .windows import Size2, log_spaced_coords_on, relative_position_index, relative_position_index_on
 
@@ -116,6 +122,24 @@ class WindowAttention(nn.Module):
         Returns:
             ``(B * nW, N, C)``.
         """
+        bw, n, _ = x.shape
+        per_chunk = max(1, layers.CHUNK_TOKENS // n)
+        if bw <= per_chunk or torch.compiler.is_compiling() or needs_grad(x, *self.parameters()):
+            return self.attend(x, window, mask)
+        nw = bw if mask is None else mask.shape[0]
+        out = None
+        for first in range(0, bw, nw):  # chunks stay inside one image, whose windows the mask covers
+            for start in range(0, nw, per_chunk):
+                stop = min(start + per_chunk, nw)
+                part = self.attend(x[first + start:first + stop], window,
+                                   None if mask is None else mask[start:stop])
+                if out is None:
+                    out = part.new_empty(bw, n, part.shape[-1])
+                out[first + start:first + stop] = part
+        return out
+
+    def attend(self, x: torch.Tensor, window: Size2, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward` in one piece: ``x: (B * nW, N, C)``, ``mask: (nW, N, N)`` or ``None``."""
         bw, n, c = x.shape
         q, k, v, scale = self.queries_keys_values(x)
         # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).
@@ -129,12 +153,7 @@ class WindowAttention(nn.Module):
                 q, k, v = (t.reshape(bw // nw, nw * self.num_heads, n, -1) for t in (q, k, v))
                 bias = bias.reshape(1, nw * self.num_heads, n, n)
         drop = self.attn_drop if self.training else 0.0
-        if self.use_sdpa:
-            out = attention(q, k, v, bias, drop, scale)
-        else:
-            attn = (q * scale) @ k.transpose(-2, -1) + bias
-            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training)
-            out = attn @ v
+        out = attention(q, k, v, bias, drop, scale, self.use_sdpa)
         out = out.reshape(bw, self.num_heads, n, -1).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 

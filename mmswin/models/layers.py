@@ -7,6 +7,10 @@ from torch import nn
 from .gelu_mlp import gelu_mlp
 from .matmul import Linear
 
+# Tokens per chunk of inference: intermediates of about a MiB stay in the CPU's caches, and none is large
+# enough for the C allocator to map it afresh (page faults) on every call.
+CHUNK_TOKENS = 4096
+
 _NORMS: Dict[str, Callable[..., nn.Module]] = {
     'LN': nn.LayerNorm,
     'LayerNorm': nn.LayerNorm,
@@ -76,8 +80,9 @@ class DropPath(nn.Module):
 
 class Mlp(nn.Module):
     """The transformer MLP ``fc1 -> act -> drop -> fc2 -> drop`` with the official names. With GELU and
-    no dropout, training keeps only ``fc1``'s output for backward (:func:`gelu_mlp`); inference applies
-    the GELU in place."""
+    no dropout, training keeps only ``fc1``'s output for backward (:func:`gelu_mlp`). Inference runs in
+    chunks of :data:`CHUNK_TOKENS` tokens, applying the GELU in place, so that the ``(tokens, hidden)``
+    activations stay in the CPU's caches and are never allocated whole."""
 
     def __init__(self, dim: int, hidden_dim: int, act_cfg: Optional[dict] = None,
                  drop: float = 0.0) -> None:
@@ -88,12 +93,26 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gelu = isinstance(self.act, nn.GELU)
-        if gelu and self.drop.p == 0 and needs_grad(x, self.fc1.weight, self.fc2.weight):
-            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate)
+        """``(..., C)`` to ``(..., C)``."""
+        recorded = needs_grad(x, self.fc1.weight, self.fc2.weight)
+        if recorded and isinstance(self.act, nn.GELU) and self.drop.p == 0:
+            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate, CHUNK_TOKENS)
+        if recorded or torch.compiler.is_compiling() or x.numel() <= CHUNK_TOKENS * x.shape[-1]:
+            return self.layers(x)
+        rows = x.reshape(-1, x.shape[-1])
+        out = None
+        for start in range(0, rows.shape[0], CHUNK_TOKENS):
+            part = self.layers(rows[start:start + CHUNK_TOKENS])
+            if out is None:
+                out = part.new_empty(rows.shape[0], part.shape[-1])
+            out[start:start + CHUNK_TOKENS] = part
+        return out.view(*x.shape[:-1], -1)
+
+    def layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers one after the other on ``x: (..., C)``."""
         x = self.fc1(x)
-        if gelu and not needs_grad(x):
-            # In place when nothing is recorded for backward: no second (B, L, hidden) tensor.
+        if isinstance(self.act, nn.GELU) and not needs_grad(x):
+            # In place when nothing is recorded for backward: no second (..., hidden) tensor.
             x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
         else:
             x = self.act(x)

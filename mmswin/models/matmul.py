@@ -77,12 +77,22 @@ class Conv2d(nn.Conv2d):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float,
-              scale: float) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` with an additive ``bias``; under CPU bf16 autocast without
-    bf16 hardware, computed in fp32 from the bf16 inputs and rounded to bf16."""
-    if not bf16_products_in_fp32(q):
+              scale: float, use_sdpa: bool = True) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + bias) @ v`` with dropout on the weights, for ``(B, nH, N, d)`` inputs.
+
+    With ``use_sdpa``, through ``F.scaled_dot_product_attention``, except on the CPU where autograd
+    records (SDPA's only kernel for an additive mask with gradients is its math fallback) or in bf16 or
+    fp16 (its fused kernel is slower there than two batched matmuls and a softmax over 49-token windows):
+    there, and without ``use_sdpa``, as matmul, softmax, matmul. Under CPU bf16 autocast without bf16
+    hardware, computed in fp32 from the bf16 inputs and rounded to bf16.
+    """
+    if bf16_products_in_fp32(q):
+        with torch.autocast('cpu', enabled=False):
+            out = attention(q.float(), k.float(), v.float(), bias.float(), dropout_p, scale, use_sdpa)
+        return out.to(torch.bfloat16)
+    fused = use_sdpa and (q.device.type != 'cpu' or q.dtype == torch.float32 and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))))
+    if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    with torch.autocast('cpu', enabled=False):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(),
-                                             dropout_p=dropout_p, scale=scale)
-    return out.to(torch.bfloat16)
+    logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1) + bias
+    return F.dropout(logits.softmax(dim=-1), p=dropout_p, training=dropout_p > 0) @ v
