@@ -81,7 +81,7 @@ def test_bf16_products_through_fp32_kernels_are_bf16_gemms(monkeypatch):
     q, k, v = (torch.randn(3, 2, 16, 8).bfloat16() for _ in range(3))
     bias = torch.randn(1, 2, 16, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        att = attention(q, k, v, bias, 0.0, 8 ** -0.5)
+        att = attention(q, k, v, bias, None, 0.0, 8 ** -0.5)
     logits = q.double() @ k.double().transpose(-2, -1) * 8 ** -0.5 + bias.double()
     exact = (logits.softmax(-1) @ v.double()).to(torch.bfloat16)
     assert att.dtype == torch.bfloat16 and bf16_ulps_apart(att, exact).max() <= 1

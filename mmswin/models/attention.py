@@ -142,19 +142,10 @@ class WindowAttention(nn.Module):
         """:meth:`forward` in one piece: ``x: (B * nW, N, C)``, ``mask: (nW, N, N)`` or ``None``."""
         bw, n, c = x.shape
         q, k, v, scale = self.queries_keys_values(x)
-        # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).
         bias = self.attention_bias(window, q.dtype)  # (1, nH, N, N)
-        if mask is not None:
-            nw = mask.shape[0]
-            bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
-            if bw > nw:
-                # Several images: windows x heads become the head axis, so that the mask broadcasts over
-                # images and the inputs stay 4-D (what the fused SDPA kernels take).
-                q, k, v = (t.reshape(bw // nw, nw * self.num_heads, n, -1) for t in (q, k, v))
-                bias = bias.reshape(1, nw * self.num_heads, n, n)
         drop = self.attn_drop if self.training else 0.0
-        out = attention(q, k, v, bias, drop, scale, self.use_sdpa)
-        out = out.reshape(bw, self.num_heads, n, -1).transpose(1, 2).reshape(bw, n, c)
+        out = attention(q, k, v, bias, mask, drop, scale, self.use_sdpa)
+        out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

@@ -76,23 +76,47 @@ class Conv2d(nn.Conv2d):
         return out.to(torch.bfloat16)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float,
-              scale: float, use_sdpa: bool = True) -> torch.Tensor:
-    """``softmax(scale * q @ k^T + bias) @ v`` with dropout on the weights, for ``(B, nH, N, d)`` inputs.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+              mask: Optional[torch.Tensor], dropout_p: float, scale: float, use_sdpa: bool = True) -> torch.Tensor:
+    """Window attention ``softmax(scale * q @ k^T + bias + mask) @ v``, dropout on the weights.
 
-    With ``use_sdpa``, through ``F.scaled_dot_product_attention``, except on the CPU where autograd
-    records (SDPA's only kernel for an additive mask with gradients is its math fallback) or in bf16 or
-    fp16 (its fused kernel is slower there than two batched matmuls and a softmax over 49-token windows):
-    there, and without ``use_sdpa``, as matmul, softmax, matmul. Under CPU bf16 autocast without bf16
-    hardware, computed in fp32 from the bf16 inputs and rounded to bf16.
+    Args:
+        q, k, v: ``(B * nW, nH, N, d)``, windows of one image contiguous.
+        bias: ``(1, nH, N, N)`` position bias.
+        mask: ``(nW, N, N)`` additive shift mask, or ``None``.
+        dropout_p: Dropout on the attention weights.
+        scale: Logit scale.
+        use_sdpa: Use ``F.scaled_dot_product_attention`` where it is the fastest: everywhere but on the
+            CPU where autograd records (SDPA's only kernel for an additive mask with gradients is its
+            math fallback) or in bf16 or fp16 (its fused kernel is slower there than two batched matmuls
+            and a softmax over 49-token windows). Elsewhere, and without it, matmul, softmax, matmul.
+
+    Returns:
+        ``(B * nW, nH, N, d)``. Under CPU bf16 autocast without bf16 hardware, computed in fp32 from the
+        bf16 inputs and rounded to bf16.
     """
     if bf16_products_in_fp32(q):
         with torch.autocast('cpu', enabled=False):
-            out = attention(q.float(), k.float(), v.float(), bias.float(), dropout_p, scale, use_sdpa)
+            out = attention(q.float(), k.float(), v.float(), bias.float(), mask, dropout_p, scale, use_sdpa)
         return out.to(torch.bfloat16)
+    bw, heads, n, _ = q.shape
+    nw = bw if mask is None else mask.shape[0]
     fused = use_sdpa and (q.device.type != 'cpu' or q.dtype == torch.float32 and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))))
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1) + bias
+        # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).
+        if mask is not None:
+            bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, nH, N, N)
+            if bw > nw:
+                # Several images: windows x heads become the head axis, so that the mask broadcasts over
+                # images and the inputs stay 4-D (what the fused SDPA kernels take).
+                q, k, v = (t.reshape(bw // nw, nw * heads, n, -1) for t in (q, k, v))
+                bias = bias.reshape(1, nw * heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+        return out.view(bw, heads, n, -1)
+    # The bias and the mask are added in place, each broadcast: no (B * nW, nH, N, N) tensor but the logits.
+    logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
+    logits.add_(bias)
+    if mask is not None:
+        logits.view(bw // nw, nw, heads, n, n).add_(mask.to(q.dtype).unsqueeze(1))
     return F.dropout(logits.softmax(dim=-1), p=dropout_p, training=dropout_p > 0) @ v

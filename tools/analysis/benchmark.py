@@ -4,7 +4,8 @@
     python tools/analysis/benchmark.py --sizes 1x3x224x224 --precisions fp32 --repeats 3 --out report.json
 
 Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2`` and timm's Swin models
-when they import. Models of one size and precision are timed alternately (warm-up first), and medians
+when they import. Models of one size, precision and mode are timed alternately (warm-up first), each such
+group in a fresh worker process, and medians
 and ratios are reported, with the peak memory of a training step (CUDA max allocated; on CPU the peak
 of live tensors and the RSS growth of a separate worker process per model, with glibc's default
 settings and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on
@@ -330,14 +331,71 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+PEER = 'mmdet-v1'
+
+
+def build_models(names: List[str], window: int, device: torch.device) -> Dict[str, torch.nn.Module]:
+    """The models by name, seeded, with mmdet's weights in mmswin's V1 (through the checkpoint converter)
+    when both are there, so that their outputs can be compared."""
+    torch.manual_seed(0)
+    models = {name: build_model(name, window).to(device) for name in names}
+    if 'mmswin-v1' in models and PEER in models:
+        from mmswin.checkpoint.formats import convert_state_dict
+        converted = convert_state_dict(models[PEER].state_dict()).state_dict
+        models['mmswin-v1'].load_state_dict(converted, strict=True)
+    return models
+
+
+def measure_group(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
+                  repeats: int, warmup: int, profile: bool) -> dict:
+    """Times of every model at one size, precision and mode, alternating; with ``profile`` the top
+    operators of each; for fp32 inference the output difference of mmswin-v1 and mmdet-v1 (same weights);
+    for lower precisions the agreement of mmswin's outputs with its fp32 outputs."""
+    import mmswin  # noqa: F401
+    device = torch.device(device)
+    models = build_models(names, window, device)
+    x = torch.randn(*size, generator=torch.Generator().manual_seed(1)).to(device)
+    for m in models.values():
+        m.train(mode == 'train')
+    fns = {name: step_fn(m, x, mode, precision) for name, m in models.items()}
+    group = dict(times=time_alternating(fns, device, repeats, warmup))
+    if profile:
+        group['profiles'] = {name: op_profile(fn) for name, fn in fns.items()}
+    if 'mmswin-v1' in models and PEER in models and precision == 'fp32' and mode == 'inference':
+        with torch.no_grad():  # (the models are in eval mode here)
+            ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', PEER))
+        group['max_abs_diff'] = [float((a - b).abs().max()) for a, b in zip(ours, theirs)]
+    if precision != 'fp32' and mode == 'inference':
+        group['cosine'] = {name: cosine_to_fp32(models[name].eval(), x, precision)
+                           for name in ('mmswin-v1', 'mmswin-v2') if name in models}
+    return group
+
+
+def _group_worker(args: tuple, queue) -> None:
+    queue.put(measure_group(*args))
+
+
+def measure_group_in_worker(*args) -> dict:
+    """:func:`measure_group` in a fresh process: every group starts from the same allocator state (after a
+    training step, the C allocator's heap serves later allocations without page faults, which moved CPU
+    ratios between groups by up to 20 % when all ran in one process)."""
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_group_worker, args=(args, queue))
+    proc.start()
+    group = queue.get()  # before join: a large result must be read for the worker to exit
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f'benchmark worker for {args[2:5]} exited with {proc.exitcode}')
+    return group
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import mmswin  # noqa: F401
     device = torch.device(args.device)
     names = args.models or available_models()
     precisions = args.precisions or (['fp32', 'fp16', 'bf16'] if device.type == 'cuda' else ['fp32', 'bf16'])
-    torch.manual_seed(0)
-    models = {name: build_model(name, args.window).to(device) for name in names}
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   window=args.window, arch='Swin-T', repeats=args.repeats, results=[],
                   matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', *precisions}})
@@ -345,24 +403,17 @@ def main(argv=None) -> dict:
         from mmswin.models.matmul import cpu_has_bf16_arithmetic
         # Without bf16 instructions mmswin multiplies bf16 values with the fp32 kernels (mmswin.models.matmul)
         report['cpu_bf16_arithmetic'] = cpu_has_bf16_arithmetic()
+        report['cpu'] = torch._C._cpu._get_cpu_capability().get('cpu_name')
         # allocator settings change CPU timings (fresh pages of large tensors cost page faults)
         report['malloc_env'] = {k: v for k, v in os.environ.items() if k.startswith('MALLOC_')}
-    peer = 'mmdet-v1'
-    same_weights = 'mmswin-v1' in models and peer in models
-    if same_weights:
-        # mmdet's weights in mmswin's V1 (through the checkpoint converter), so that outputs can be compared
-        from mmswin.checkpoint.formats import convert_state_dict
-        converted = convert_state_dict(models[peer].state_dict()).state_dict
-        models['mmswin-v1'].load_state_dict(converted, strict=True)
+    peer = PEER
     for size in args.sizes:
-        x = torch.randn(*size, device=device)
         flops = {1: flops_of(size, args.window, 1), 2: flops_of(size, args.window, 2)}
         for precision in precisions:
             for mode in args.modes:
-                for m in models.values():
-                    m.train(mode == 'train')
-                fns = {name: step_fn(m, x, mode, precision) for name, m in models.items()}
-                times = time_alternating(fns, device, args.repeats, args.warmup)
+                group = measure_group_in_worker(names, args.window, size, precision, mode, str(device),
+                                                args.repeats, args.warmup, args.profile)
+                times = group['times']
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 rate = report['matmul_flops_per_s'][precision]
                 for name, median in medians.items():
@@ -381,21 +432,15 @@ def main(argv=None) -> dict:
                           f'{median * 1e3:9.1f} ms  {row["fraction_of_matmul"] * 100:5.1f}% of matmul'
                           + (f'  x{row[f"speedup_vs_{peer}"]:.2f} vs {peer}' if f'speedup_vs_{peer}' in row else ''),
                           flush=True)
-                if args.profile:
-                    for name, fn in fns.items():
-                        report.setdefault('profiles', []).append(dict(
-                            size=size, precision=precision, mode=mode, model=name, ops=op_profile(fn)))
-                if same_weights and precision == 'fp32' and mode == 'inference':
-                    with torch.no_grad():  # (the models are in eval mode here)
-                        ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', peer))
-                    report.setdefault('max_abs_diff_vs_mmdet', []).append(dict(
-                        size=size, max_abs_diff=[float((a - b).abs().max()) for a, b in zip(ours, theirs)]))
-                if precision != 'fp32' and mode == 'inference':
-                    for name in ('mmswin-v1', 'mmswin-v2'):
-                        if name in models:
-                            report.setdefault('cosine_to_fp32', []).append(dict(
-                                size=size, precision=precision, model=name,
-                                cosine=cosine_to_fp32(models[name].eval(), x, precision)))
+                for name, ops in group.get('profiles', {}).items():
+                    report.setdefault('profiles', []).append(
+                        dict(size=size, precision=precision, mode=mode, model=name, ops=ops))
+                if 'max_abs_diff' in group:
+                    report.setdefault('max_abs_diff_vs_mmdet', []).append(
+                        dict(size=size, max_abs_diff=group['max_abs_diff']))
+                for name, cosine in group.get('cosine', {}).items():
+                    report.setdefault('cosine_to_fp32', []).append(
+                        dict(size=size, precision=precision, model=name, cosine=cosine))
         if not args.no_memory:
             for name in args.memory_models or names:
                 for with_cp in ([False, True] if name.startswith(('mmswin', 'mmdet')) else [False]):
@@ -406,6 +451,7 @@ def main(argv=None) -> dict:
                           + ', '.join(f'{key.replace("_bytes", "")} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
                           flush=True)
     if args.plot:
+        models = build_models(names, args.window, device)
         report['throughput_sweep'] = throughput_sweep(models, args.plot_sizes, device, args.repeats, args.warmup)
         plot_sweep(report['throughput_sweep'], args.plot, report['device'])
         print(f'plot written to {args.plot}')
