@@ -63,8 +63,15 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
 
     table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    speed_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
-    assert len(speed_rows) == 6  # 3 models x 2 modes
+    lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
+    headroom_rows = [line for line in lines if ' G | ' in line]
+    assert len(lines) - len(headroom_rows) == 6  # speed: 3 models x 2 modes
+    # headroom per mode: the time at the dense matmul rate and the largest possible speedup over mmdet
+    assert [line.split(' | ')[2] for line in headroom_rows] == ['inference', 'train']
+    for line in headroom_rows:
+        cells = line.strip('| ').split(' | ')
+        # mmdet at the dense matmul rate would be 1 / (its share of that rate) times faster
+        assert cells[6] == f"{1 / rows[('mmdet-v1', cells[2])]['fraction_of_matmul']:.2f}x"
     memory_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | mmswin-v1 |')]
     assert len(memory_rows) == 2 and memory_rows[0].count('MiB') == 3
     # with_cp against without, per column

@@ -9,7 +9,7 @@ group in a fresh worker process, and medians
 and ratios are reported, with the peak memory of a training step (CUDA max allocated; on CPU the peak
 of live tensors and the RSS growth of a separate worker process per model, with glibc's default
 settings and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on
-the same device. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a
+the same device right before each group. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a
 size, so FLOP/s compare like with like.
 """
 import argparse
@@ -111,23 +111,24 @@ def time_alternating(fns: Dict[str, Callable[[], None]], device: torch.device, r
     return times
 
 
-def matmul_rate(device: torch.device, precision: str, budget_s: float = 2.0) -> float:
-    """Dense matmul FLOP/s of the device (multiply-adds count 2), growing n up to 2048 within budget."""
+def matmul_rate(device: torch.device, precision: str, budget_s: float = 3.0) -> float:
+    """Dense matmul FLOP/s of the device (multiply-adds count 2): the best of up to five timed products at
+    each of n = 512, 1024, 2048, within about ``budget_s``."""
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
-    best, n = 0.0, 256
-    while n <= 2048:
+    best = 0.0
+    deadline = time.perf_counter() + budget_s
+    for n in (512, 1024, 2048):
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         a @ b
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        best = max(best, 2 * n ** 3 / elapsed)
-        if elapsed * 8 > budget_s:
-            break
-        n *= 2
+        for _ in range(5):
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
+            if time.perf_counter() > deadline:
+                return best
     return best
 
 
@@ -358,7 +359,9 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     for m in models.values():
         m.train(mode == 'train')
     fns = {name: step_fn(m, x, mode, precision) for name, m in models.items()}
-    group = dict(times=time_alternating(fns, device, repeats, warmup))
+    # the device's rate right before the timing: this machine's speed drifts over minutes
+    group = dict(matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', precision}})
+    group['times'] = time_alternating(fns, device, repeats, warmup)
     if profile:
         group['profiles'] = {name: op_profile(fn) for name, fn in fns.items()}
     if 'mmswin-v1' in models and PEER in models and precision == 'fp32' and mode == 'inference':
@@ -415,14 +418,16 @@ def main(argv=None) -> dict:
                                                 args.repeats, args.warmup, args.profile)
                 times = group['times']
                 medians = {name: statistics.median(t) for name, t in times.items()}
-                rate = report['matmul_flops_per_s'][precision]
+                rates = group['matmul_flops_per_s']
+                rate = rates[precision]
                 for name, median in medians.items():
                     work = flops[2 if name.endswith('v2') else 1] * (3 if mode == 'train' else 1)
                     row = dict(size=size, precision=precision, mode=mode, model=name, median_s=median,
                                times_s=times[name], images_per_s=size[0] / median,
-                               flops_per_s=2 * work / median, fraction_of_matmul=2 * work / median / rate)
+                               flops_per_s=2 * work / median, matmul_flops_per_s=rates,
+                               fraction_of_matmul=2 * work / median / rate)
                     if precision != 'fp32':
-                        row['fraction_of_fp32_matmul'] = 2 * work / median / report['matmul_flops_per_s']['fp32']
+                        row['fraction_of_fp32_matmul'] = 2 * work / median / rates['fp32']
                     if peer in medians and name != peer:
                         row[f'speedup_vs_{peer}'] = medians[peer] / median
                     if name == 'mmswin-v2' and 'mmswin-v1' in medians:

@@ -1,9 +1,10 @@
 """Markdown tables from the JSON reports of tools/analysis/benchmark.py.
 
-    python tools/analysis/benchmark_table.py docs/benchmark_fp32.json docs/benchmark_bf16.json
+    python tools/analysis/benchmark_table.py docs/benchmark.json
 
 Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
-ratios to mmdet and V2/V1), the training memory table, bf16/fp16 agreement with fp32, and the top
+ratios to mmdet and V2/V1), the headroom over mmdet that the dense matmul rate leaves, the training memory
+table, bf16/fp16 agreement with fp32, and the top
 operators when the reports hold profiles.
 """
 import argparse
@@ -19,8 +20,8 @@ def speed_table(reports: List[dict]) -> List[str]:
     lines = ['| input | precision | mode | model | median | images/s | of fp32 matmul | of own-precision matmul '
              '| vs mmdet | V2 / V1 |', '| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
     for report in reports:
-        fp32_rate = report['matmul_flops_per_s'].get('fp32')
         for row in report['results']:
+            fp32_rate = row.get('matmul_flops_per_s', report['matmul_flops_per_s']).get('fp32')
             own = row['fraction_of_matmul']
             of_fp32 = row.get('fraction_of_fp32_matmul', own if row['precision'] == 'fp32' else None)
             vs = row.get('speedup_vs_mmdet-v1')
@@ -77,6 +78,25 @@ def mmdet_agreement(reports: List[dict]) -> List[str]:
             f"outputs {max(d['max_abs_diff']):.1e}" for d in rows]
 
 
+def headroom_table(reports: List[dict], peer: str = 'mmdet-v1') -> List[str]:
+    """Per size, precision and mode: the time of the work at the measured dense matmul rate (no network runs
+    faster) and so the largest speedup over ``peer`` that any implementation could show on this device."""
+    lines = ['| input | precision | mode | FLOPs | at the dense matmul rate | peer median | largest possible '
+             'speedup over the peer | mmswin-v1 measured |', '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |']
+    for report in reports:
+        rows = {(_size(r['size']), r['precision'], r['mode'], r['model']): r for r in report['results']}
+        for (size, precision, mode, model), row in rows.items():
+            if model != peer:
+                continue
+            flops = row['flops_per_s'] * row['median_s']
+            bound = flops / row.get('matmul_flops_per_s', report['matmul_flops_per_s'])[precision]
+            ours = rows.get((size, precision, mode, 'mmswin-v1'), {}).get(f'speedup_vs_{peer}')
+            lines.append(f"| {size} | {precision} | {mode} | {flops / 1e9:.0f} G | {bound * 1e3:.0f} ms "
+                         f"| {row['median_s'] * 1e3:.0f} ms | {row['median_s'] / bound:.2f}x "
+                         f"| {'' if ours is None else f'{ours:.2f}x'} |")
+    return lines if len(lines) > 2 else []
+
+
 def profile_table(reports: List[dict], top: int = 4) -> List[str]:
     rows = [p for report in reports for p in report.get('profiles', [])]
     if not rows:
@@ -101,10 +121,17 @@ def main(argv=None) -> str:
              f"window {first['window']}.", '']
     for path, report in zip(args.reports, reports):
         rates = ', '.join(f'{p} {r / 1e9:.1f} GFLOP/s' for p, r in sorted(report['matmul_flops_per_s'].items()))
-        parts.append(f'- `{path}`: {report["repeats"]} timed repeats per model; dense matmul {rates}')
+        parts.append(f'- `{path}`: {report["repeats"]} timed repeats per model; dense matmul at the start {rates}')
+        per_group: Dict[str, List[float]] = {}
+        for row in report['results']:
+            for p, r in row.get('matmul_flops_per_s', {}).items():
+                per_group.setdefault(p, []).append(r / 1e9)
+        if per_group:
+            spans = ', '.join(f'{p} {min(v):.1f}-{max(v):.1f}' for p, v in sorted(per_group.items()))
+            parts.append(f'- measured again before each group (the rates the shares use): {spans} GFLOP/s')
     parts.append('')
-    for table in (speed_table(reports), memory_table(reports), agreement_table(reports), mmdet_agreement(reports),
-                  profile_table(reports)):
+    for table in (speed_table(reports), headroom_table(reports), memory_table(reports), agreement_table(reports),
+                  mmdet_agreement(reports), profile_table(reports)):
         if table:
             parts += table + ['']
     text = '\n'.join(parts)
