@@ -105,3 +105,59 @@ def test_bad_bf16_matmul_setting_is_named(monkeypatch):
     monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'fast')
     with torch.autocast('cpu', dtype=torch.bfloat16), pytest.raises(ValueError, match='MMSWIN_BF16_MATMUL'):
         bf16_products_in_fp32(torch.zeros(1))
+
+
+def onednn_bf16_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not onednn_bf16_linear_available(), reason='oneDNN has no bf16 linear on this CPU')
+@pytest.mark.parametrize('gelu', [None, 'none', 'tanh'])
+def test_onednn_fused_linear_rounds_the_exact_result_once(gelu, monkeypatch):
+    """bf16 inference through oneDNN's linear with fused bias and GELU: the exact result of the bf16
+    operands rounded once (within one ulp); PyTorch's kernels round the product before the GELU."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 33, 96), torch.randn(40, 96) * 0.2, torch.randn(40)
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'onednn')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        out = linear(x, w, b, gelu=gelu)
+    assert 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}
+    exact = x.bfloat16().double() @ w.bfloat16().double().T + b.bfloat16().double()
+    if gelu is not None:
+        exact = F.gelu(exact, approximate=gelu)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 33, 40)
+    # One ulp, or 1e-6 where the GELU's tail is tiny (oneDNN's rounds it to zero).
+    far = bf16_ulps_apart(out, exact.to(torch.bfloat16)) > 1
+    assert ((out.double() - exact).abs() * far).max() < 1e-6
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'native')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        plain = linear(x, w, b, gelu=gelu)
+    torch.testing.assert_close(plain.float(), out.float(), rtol=2 ** -6, atol=2e-3)
+
+
+@pytest.mark.skipif(not onednn_bf16_linear_available(), reason='oneDNN has no bf16 linear on this CPU')
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_onednn_fused_linear_only_in_inference(cls, monkeypatch):
+    """The fused op has no backward: taken by bf16 inference only, and the model's outputs match those of
+    PyTorch's kernels."""
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'onednn')
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4)
+    x = torch.randn(2, 3, 61, 75)
+
+    def run(grad: bool) -> tuple:
+        with torch.set_grad_enabled(grad), torch.autocast('cpu', dtype=torch.bfloat16), \
+                torch.profiler.profile() as prof:
+            outs = model(x)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        return outs, counts.get('mkldnn::_linear_pointwise', 0)
+
+    fused, count = run(False)
+    assert count == 4 * sum(TINY['depths']) + 3  # qkv, proj, fc1, fc2 per block; 3 patch mergings
+    recorded, count = run(True)
+    assert count == 0
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'native')
+    plain, _ = run(False)
+    for a, b, r in zip(fused, plain, recorded):
+        assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999
+        torch.testing.assert_close(b, r.detach())

@@ -77,7 +77,8 @@ class WindowAttention(nn.Module):
         return [self.relative_position_bias_table]
 
     def attention_bias(self, window: Size2, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`position_bias` as ``(1, nH, N, N)`` in ``dtype``.
+        """:meth:`position_bias` as a contiguous ``(1, nH, N, N)`` in ``dtype`` (adding the permuted view
+        that the table lookup gives to the logits is ten times slower than adding a contiguous one).
 
         When no gradient is wanted for it (inference, or frozen parameters) it is reused while the window,
         dtype, inference mode and the values of :meth:`position_bias_parameters` stay the same. The values
@@ -87,7 +88,7 @@ class WindowAttention(nn.Module):
         params = self.position_bias_parameters()
         if torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return self.position_bias(window).to(dtype).unsqueeze(0)
+            return self.position_bias(window).to(dtype, memory_format=torch.contiguous_format).unsqueeze(0)
         key = (window, dtype, torch.is_inference_mode_enabled())
         cache = self._bias_cache
         if cache is not None and cache[0] == key and all(
@@ -95,7 +96,7 @@ class WindowAttention(nn.Module):
                 for p, c in zip(params, cache[1])):
             return cache[2]
         with torch.no_grad():
-            bias = self.position_bias(window).to(dtype).unsqueeze(0)
+            bias = self.position_bias(window).to(dtype, memory_format=torch.contiguous_format).unsqueeze(0)
             self._bias_cache = (key, [p.detach().clone() for p in params], bias)
         return bias
 
@@ -107,8 +108,12 @@ class WindowAttention(nn.Module):
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         """``(q, k, v, scale)``, each ``(B_, nH, N, head_dim)``, such that the logits are
         ``scale * q @ k^T``."""
-        q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v, self.scale
+        qkv = self.project_qkv(x)
+        if torch.compiler.is_compiling():
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v, self.scale
+        q, k, v = split_heads(qkv, self.scale)  # q scaled first, as in the official model
+        return q, k, v, 1.0
 
     def forward(self, x: torch.Tensor, window: Size2,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -208,12 +213,54 @@ class CosineWindowAttention(WindowAttention):
         # the permuted views); constants to autograd, whose gradient unit_vectors writes itself.
         with torch.no_grad():
             norms = vector_lengths(qkv[:, :, :2]).permute(2, 0, 3, 1, 4)  # (2, B_, nH, N, 1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if torch.compiler.is_compiling():
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = split_heads(qkv)
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
         return unit_vectors(q, scale, norms[0]), unit_vectors(k, None, norms[1]), v, 1.0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
+
+
+class _SplitHeads(torch.autograd.Function):
+    """The projection ``(B_, N, 3, nH, d)`` to contiguous ``q * scale``, ``k``, ``v`` ``(B_, nH, N, d)`` in
+    one pass; the backward writes their gradients into the projection's layout in one pass (autograd's
+    unbind and permute would stack them and then copy the stack)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, scale: float) -> tuple:
+        # Three tensors, not one (3, B_, nH, N, d): a third of the size stays below the size that the C
+        # allocator maps afresh (page faults) on every allocation.
+        out = [torch.empty(p.shape, dtype=qkv.dtype, device=qkv.device) for p in qkv.permute(2, 0, 3, 1, 4)]
+        parts = qkv.permute(2, 0, 3, 1, 4)
+        if scale != 1.0:
+            torch.mul(parts[0], scale, out=out[0])
+        else:
+            out[0].copy_(parts[0])
+        out[1].copy_(parts[1])
+        out[2].copy_(parts[2])
+        ctx.scale, ctx.shape = scale, qkv.shape
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]) -> tuple:
+        grad = next(g for g in grads if g is not None).new_empty(ctx.shape)
+        parts = grad.permute(2, 0, 3, 1, 4)
+        for i, g in enumerate(grads):
+            if g is None:
+                parts[i].zero_()
+            elif i == 0 and ctx.scale != 1.0:
+                torch.mul(g, ctx.scale, out=parts[0])
+            else:
+                parts[i].copy_(g)
+        return grad, None
+
+
+def split_heads(qkv: torch.Tensor, scale: float = 1.0) -> tuple:
+    """``qkv: (B_, N, 3, nH, d)`` to contiguous ``(q * scale, k, v)``, each ``(B_, nH, N, d)``."""
+    return _SplitHeads.apply(qkv, scale)
 
 
 class _ScaledUnitVectors(torch.autograd.Function):

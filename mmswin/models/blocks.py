@@ -10,7 +10,8 @@ from torch import nn
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear
-from .windows import Size2, pad_to_windows, shift_mask, window_indices, window_partition, window_reverse
+from .windows import (Size2, gather_windows, pad_to_windows, scatter_windows, shift_mask, window_indices,
+                      window_partition, window_reverse)
 
 
 class SwinBlock(nn.Module):
@@ -45,12 +46,9 @@ class SwinBlock(nn.Module):
             return self._window_attention_rolled(x, window, shift, mask)
         b, h, w, c = x.shape
         gather, scatter, padded = window_indices((h, w), window, shift, x.device)
-        tokens = x.reshape(b, h * w, c)
-        if padded:
-            tokens = torch.cat((tokens, tokens.new_zeros(b, 1, c)), dim=1)
-        windows = tokens.index_select(1, gather).view(-1, window[0] * window[1], c)
-        out = self.attn(windows, window, mask)
-        return out.view(b, -1, c).index_select(1, scatter).view(b, h, w, c)
+        windows = gather_windows(x.reshape(b, h * w, c), gather, scatter, padded)
+        out = self.attn(windows.view(-1, window[0] * window[1], c), window, mask)
+        return scatter_windows(out.view(b, -1, c), gather, scatter, padded).view(b, h, w, c)
 
     def _window_attention_rolled(self, x: torch.Tensor, window: Size2, shift: Size2,
                                  mask: Optional[torch.Tensor]) -> torch.Tensor:

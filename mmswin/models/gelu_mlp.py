@@ -68,7 +68,8 @@ class _GeluMlp(torch.autograd.Function):
             if grad_w1 is not None:
                 grad_w1 += _mm(grad_h.t(), x2[rows], fp32)
             if grad_b1 is not None:
-                grad_b1 += grad_h.sum(0, dtype=torch.float32)
+                # The kernel sums bf16/fp16 in fp32 already; dtype=float32 would first copy grad_h whole.
+                grad_b1 += grad_h.sum(0)
             if grad_x is not None:
                 grad_x[rows] = _mm(grad_h, w1, fp32)
         grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None

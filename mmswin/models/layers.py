@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .gelu_mlp import gelu_mlp
-from .matmul import Linear
+from .matmul import Linear, linear
 
 # Tokens per chunk of inference: intermediates of about a MiB stay in the CPU's caches, and none is large
 # enough for the C allocator to map it afresh (page faults) on every call.
@@ -110,12 +110,10 @@ class Mlp(nn.Module):
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:
         """The layers one after the other on ``x: (..., C)``."""
-        x = self.fc1(x)
-        if isinstance(self.act, nn.GELU) and not needs_grad(x):
-            # In place when nothing is recorded for backward: no second (..., hidden) tensor.
-            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        if isinstance(self.act, nn.GELU):
+            x = linear(x, self.fc1.weight, self.fc1.bias, gelu=self.act.approximate)
         else:
-            x = self.act(x)
+            x = self.act(self.fc1(x))
         return self.drop(self.fc2(self.drop(x)))
 
 

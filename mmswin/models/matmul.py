@@ -9,7 +9,12 @@ the arithmetic of a bf16 GEMM with fp32 accumulation, at fp32 speed; activations
 layers as autocast would leave them. CPUs with bf16 instructions, CUDA and other precisions use
 PyTorch's kernels unchanged.
 
-``MMSWIN_BF16_MATMUL=native`` turns the substitution off, ``=fp32`` forces it (for tests).
+CPUs with bf16 instructions run linear layers in bf16 inference through oneDNN's linear with the bias
+(and the MLP's GELU) applied to the fp32 accumulator before rounding: no separate pass to broadcast the
+bias into the output or to apply the GELU, one rounding instead of two.
+
+``MMSWIN_BF16_MATMUL=native`` uses PyTorch's kernels as they are, ``=fp32`` forces the substitution and
+``=onednn`` the fused linear (for tests).
 """
 import os
 from functools import lru_cache
@@ -30,16 +35,39 @@ def cpu_has_bf16_arithmetic() -> bool:
     return bool(caps.get('avx512_bf16') or caps.get('amx_bf16'))
 
 
+def _bf16_matmul_mode(x: torch.Tensor) -> Optional[str]:
+    """``MMSWIN_BF16_MATMUL`` under CPU bf16 autocast (``None`` elsewhere)."""
+    if x.device.type != 'cpu' or not torch.is_autocast_enabled('cpu'):
+        return None
+    if torch.get_autocast_dtype('cpu') != torch.bfloat16:
+        return None
+    mode = os.environ.get('MMSWIN_BF16_MATMUL', 'auto')
+    if mode not in ('auto', 'native', 'fp32', 'onednn'):
+        raise ValueError(f"MMSWIN_BF16_MATMUL must be 'auto', 'native', 'fp32' or 'onednn', got {mode!r}")
+    return mode
+
+
 def bf16_products_in_fp32(x: torch.Tensor) -> bool:
     """Whether products with ``x`` should take the fp32 kernels (CPU bf16 autocast, no bf16 hardware)."""
-    if x.device.type != 'cpu' or not torch.is_autocast_enabled('cpu'):
-        return False
-    if torch.get_autocast_dtype('cpu') != torch.bfloat16:
-        return False
-    mode = os.environ.get('MMSWIN_BF16_MATMUL', 'auto')
-    if mode not in ('auto', 'native', 'fp32'):
-        raise ValueError(f"MMSWIN_BF16_MATMUL must be 'auto', 'native' or 'fp32', got {mode!r}")
+    mode = _bf16_matmul_mode(x)
     return mode == 'fp32' or (mode == 'auto' and not cpu_has_bf16_arithmetic())
+
+
+@lru_cache(maxsize=1)
+def _onednn_has_fused_linear() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def onednn_fused_linear(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`linear` on ``x`` takes oneDNN's fused bf16 linear: CPU bf16 autocast on bf16
+    hardware, nothing recorded for autograd (the fused op has no backward), not under torch.compile."""
+    mode = _bf16_matmul_mode(x)
+    if mode not in ('auto', 'onednn') or (mode == 'auto' and not cpu_has_bf16_arithmetic()):
+        return False
+    if torch.compiler.is_compiling() or not _onednn_has_fused_linear():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params))
 
 
 def _bf16_values(t: torch.Tensor) -> torch.Tensor:
@@ -47,13 +75,28 @@ def _bf16_values(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear``; under CPU bf16 autocast without bf16 hardware, a bf16 GEMM done in fp32."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           gelu: Optional[str] = None) -> torch.Tensor:
+    """``F.linear``, then ``F.gelu(approximate=gelu)`` unless ``gelu`` is ``None``. Under CPU bf16 autocast
+    without bf16 hardware, a bf16 GEMM done in fp32; with it, in inference, oneDNN's linear with bias and
+    GELU fused (:func:`onednn_fused_linear`)."""
+    if onednn_fused_linear(x, weight, bias):
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        b = None if bias is None else bias.to(torch.bfloat16)
+        attr, algorithm = ('none', '') if gelu is None else ('gelu', gelu)
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight.to(torch.bfloat16), b, attr, [], algorithm)
+        return out.view(*x.shape[:-1], out.shape[-1])
     if not bf16_products_in_fp32(x):
-        return F.linear(x, weight, bias)
-    with torch.autocast('cpu', enabled=False):
-        b = None if bias is None else _bf16_values(bias)
-        return F.linear(_bf16_values(x), _bf16_values(weight), b).to(torch.bfloat16)
+        out = F.linear(x, weight, bias)
+    else:
+        with torch.autocast('cpu', enabled=False):
+            b = None if bias is None else _bf16_values(bias)
+            out = F.linear(_bf16_values(x), _bf16_values(weight), b).to(torch.bfloat16)
+    if gelu is None:
+        return out
+    if torch.is_grad_enabled() and out.requires_grad:
+        return F.gelu(out, approximate=gelu)
+    return torch.ops.aten.gelu_(out, approximate=gelu)  # in place: no second (..., hidden) tensor
 
 
 class Linear(nn.Linear):

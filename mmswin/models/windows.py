@@ -84,6 +84,37 @@ def window_indices(hw: Size2, window: Size2, shift: Size2,
     return _gather_index(*args), _scatter_index(*args), padded
 
 
+class _Shuffle(torch.autograd.Function):
+    """Rows ``index`` of ``x: (B, L, C)``, with index ``L`` a zero row when ``pad``. The window gather and
+    scatter of :func:`window_indices` are each other's adjoint (every real token sits in exactly one
+    window position), so the gradient of one is the other: an ``index_select`` instead of autograd's
+    zero fill and ``index_add_``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, adjoint: torch.Tensor, pad: bool,
+                adjoint_pad: bool) -> torch.Tensor:
+        ctx.args = (adjoint, index, adjoint_pad, pad)
+        if pad:
+            x = torch.cat((x, x.new_zeros(x.shape[0], 1, x.shape[2])), dim=1)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        return (_Shuffle.apply(grad, *ctx.args), None, None, None, None)
+
+
+def gather_windows(tokens: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
+                   padded: bool) -> torch.Tensor:
+    """Tokens ``(B, H * W, C)`` to windows ``(B, nW * N, C)`` with the indices of :func:`window_indices`."""
+    return _Shuffle.apply(tokens, gather, scatter, padded, False)
+
+
+def scatter_windows(windows: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
+                    padded: bool) -> torch.Tensor:
+    """Inverse of :func:`gather_windows`: windows ``(B, nW * N, C)`` to tokens ``(B, H * W, C)``."""
+    return _Shuffle.apply(windows, scatter, gather, False, padded)
+
+
 # The geometry below depends on sizes only. The functions take plain ints and a device name so that
 # torch.compile can take their results as constants (assume_constant_result) instead of tracing them.
 @torch.compiler.assume_constant_result
