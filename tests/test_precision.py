@@ -137,27 +137,41 @@ def test_onednn_fused_linear_rounds_the_exact_result_once(gelu, monkeypatch):
 
 @pytest.mark.skipif(not onednn_bf16_linear_available(), reason='oneDNN has no bf16 linear on this CPU')
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
-def test_onednn_fused_linear_only_in_inference(cls, monkeypatch):
-    """The fused op has no backward: taken by bf16 inference only, and the model's outputs match those of
-    PyTorch's kernels."""
-    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'onednn')
+def test_onednn_fused_linear_in_inference_only(cls, monkeypatch):
+    """Every linear layer of bf16 inference takes the fused op, whose outputs match those of PyTorch's
+    kernels (the same products; the GELU is fused, one rounding instead of two). It has no backward:
+    training keeps PyTorch's kernels."""
     torch.manual_seed(0)
     model = cls(**TINY, window_size=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     x = torch.randn(2, 3, 61, 75)
 
-    def run(grad: bool) -> tuple:
-        with torch.set_grad_enabled(grad), torch.autocast('cpu', dtype=torch.bfloat16), \
-                torch.profiler.profile() as prof:
-            outs = model(x)
+    def run(mode: str, grad: bool) -> tuple:
+        monkeypatch.setenv('MMSWIN_BF16_MATMUL', mode)
+        model.zero_grad()
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                outs = model(x)
+            if grad:
+                sum(o.float().square().mean() for o in outs).backward()
         counts = {e.key: e.count for e in prof.key_averages()}
-        return outs, counts.get('mkldnn::_linear_pointwise', 0)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return outs, grads, counts.get('mkldnn::_linear_pointwise', 0)
 
-    fused, count = run(False)
-    assert count == 4 * sum(TINY['depths']) + 3  # qkv, proj, fc1, fc2 per block; 3 patch mergings
-    recorded, count = run(True)
+    linears = 4 * sum(TINY['depths']) + 3  # qkv, proj, fc1, fc2 per block; 3 patch mergings
+    fused, _, count = run('onednn', False)
+    assert count == linears
+    plain, _, count = run('native', False)
     assert count == 0
-    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'native')
-    plain, _ = run(False)
-    for a, b, r in zip(fused, plain, recorded):
+    for a, b in zip(fused, plain):
         assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999
-        torch.testing.assert_close(b, r.detach())
+    trained, trained_grads, count = run('onednn', True)
+    assert count == 0
+    reference, reference_grads, _ = run('native', True)
+    for a, b in zip(trained, reference):
+        assert torch.equal(a, b)
+    assert trained_grads.keys() == reference_grads.keys()
+    for name, g in trained_grads.items():
+        assert torch.equal(g, reference_grads[name]), name
