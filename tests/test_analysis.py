@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmswin.analysis import backbone_flops
 from mmswin.models import SwinTransformer, SwinTransformerV2
@@ -38,7 +39,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     out = tmp_path / 'report.json'
     subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x64x64',
                     '--models', 'mmswin-v1', 'mmswin-v2', 'mmdet-v1', '--precisions', 'fp32', '--repeats', '2',
-                    '--memory-models', 'mmswin-v1',
+                    '--memory-models', 'mmswin-v1', '--profile',
                     '--warmup', '1', '--out', str(out)], capture_output=True, text=True, check=True, cwd=ROOT)
     report = json.loads(out.read_text())
     rows = {(r['model'], r['mode']): r for r in report['results']}
@@ -65,14 +66,51 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
-    assert len(lines) - len(headroom_rows) == 6  # speed: 3 models x 2 modes
+    assert len([line for line in lines if line.count(' | ') == 9]) == 6  # speed: 3 models x 2 modes
     # headroom per mode: the time at the dense matmul rate and the largest possible speedup over mmdet
     assert [line.split(' | ')[2] for line in headroom_rows] == ['inference', 'train']
     for line in headroom_rows:
         cells = line.strip('| ').split(' | ')
         # mmdet at the dense matmul rate would be 1 / (its share of that rate) times faster
         assert cells[6] == f"{1 / rows[('mmdet-v1', cells[2])]['fraction_of_matmul']:.2f}x"
+    # every model's products replayed alone, and the speedup over mmdet that they alone would allow
+    products = {(p['model'], p['mode']): p for p in report['products_alone']}
+    assert set(products) == set(rows)
+    for key, p in products.items():
+        assert p['calls'] >= p['distinct'] > 0 and p['alone_s'] > 0 and p['profiled_s'] > 0
+        assert p['alone_s'] < rows[key]['median_s']
+    product_rows = [line.strip('| ').split(' | ') for line in lines if line.count(' ms | ') == 3]
+    assert len(product_rows) == 6
+    for cells in product_rows:
+        alone = products[(cells[3], cells[2])]['alone_s']
+        assert cells[7] == f"{rows[('mmdet-v1', cells[2])]['median_s'] / alone:.2f}x"
     memory_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | mmswin-v1 |')]
     assert len(memory_rows) == 2 and memory_rows[0].count('MiB') == 3
     # with_cp against without, per column
     assert memory_rows[1].count('less)') + memory_rows[1].count('more)') == 3
+
+
+def test_products_replayed_with_the_recorded_operands():
+    """The replay finds every matrix product of a step with its operator, shapes, strides and dtypes."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('benchmark', ROOT / 'tools/analysis/benchmark.py')
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    a, b = torch.randn(6, 5), torch.randn(4, 5)
+    x, y = torch.randn(3, 6, 2, dtype=torch.bfloat16), torch.randn(3, 2, 7, dtype=torch.bfloat16)
+    bias = torch.randn(4)
+
+    def step() -> None:
+        for _ in range(2):
+            a @ b.t()
+        torch.bmm(x, y)
+        torch.nn.functional.linear(a, b, bias)
+
+    calls = benchmark.product_calls(step)
+    assert {(op, operands): e['count'] for (op, operands), e in calls.items()} == {
+        ('aten::mm', (((6, 5), (5, 1), 'float'), ((5, 4), (1, 5), 'float'))): 2,
+        ('aten::bmm', (((3, 6, 2), (12, 2, 1), 'c10::BFloat16'), ((3, 2, 7), (14, 7, 1), 'c10::BFloat16'))): 1,
+        ('aten::addmm', (((4,), (1,), 'float'), ((6, 5), (5, 1), 'float'), ((5, 4), (1, 5), 'float'))): 1,
+    }
+    result = benchmark.products_alone(step, torch.device('cpu'), repeats=2)
+    assert result['calls'] == 4 and result['distinct'] == 3 and result['alone_s'] > 0

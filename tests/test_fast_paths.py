@@ -45,6 +45,23 @@ def test_cpu_training_attention_avoids_the_math_kernel(cls):
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_training_backward_copies_no_logit_gradient(cls, dtype):
+    """The shift mask is added in place to logits that are not a view: an in-place add on a view would
+    make autograd copy the whole logit gradient (CopySlices) in the backward of every shifted block."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4).train()
+    x = torch.randn(2, 3, 70, 90)
+    with torch.profiler.profile() as prof:
+        with torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+            outs = model(x)
+        sum(o.float().sum() for o in outs).backward()
+    names = {e.key for e in prof.key_averages()}
+    assert 'aten::bmm' in names
+    assert not [name for name in names if 'CopySlices' in name]
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 def test_no_grad_inference_equals_recorded_forward(cls):
     """Without autograd the blocks write GELU and residual sums in place; the result must be bit for bit
     the out-of-place forward's, and the caller's input must stay untouched. (The matmul attention path:

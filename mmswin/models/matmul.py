@@ -158,8 +158,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
         return out.view(bw, heads, n, -1)
     # The bias and the mask are added in place, each broadcast: no (B * nW, nH, N, N) tensor but the logits.
-    logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
+    # The product is taken in the (B, nW, nH, N, N) shape the mask broadcasts over: an in-place add on a
+    # view of it would make autograd copy the whole logit gradient in the backward.
+    if scale != 1.0:
+        q = q * scale
+    shape = (bw // nw, nw, heads, n, -1)
+    logits = q.view(shape) @ k.view(shape).transpose(-2, -1)
     logits.add_(bias)
     if mask is not None:
-        logits.view(bw // nw, nw, heads, n, n).add_(mask.to(q.dtype).unsqueeze(1))
-    return F.dropout(logits.softmax(dim=-1), p=dropout_p, training=dropout_p > 0) @ v
+        logits.add_(mask.to(q.dtype).unsqueeze(1))
+    weights = F.dropout(logits.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+    return (weights @ v.view(shape)).view(bw, heads, n, -1)

@@ -254,6 +254,70 @@ def op_profile(step: Callable[[], None], top: int = 8) -> List[dict]:
             for e in events[:top]]
 
 
+# ---------------------------------------------------------------------------------------- products alone
+PRODUCT_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'mkldnn::_linear_pointwise')
+_DTYPES = {'float': torch.float32, 'c10::BFloat16': torch.bfloat16, 'c10::Half': torch.float16,
+           'double': torch.float64}
+
+
+def product_calls(step: Callable[[], None]) -> Dict[tuple, dict]:
+    """The matrix products one call of ``step`` issues, by operator, operand shapes, strides and dtypes:
+    how often each ran and its own time in the profile."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    calls: Dict[tuple, dict] = {}
+    for e in prof.events():
+        if e.name not in PRODUCT_OPS:
+            continue
+        n = 2 if e.name in ('aten::mm', 'aten::bmm') else 3  # tensor operands (addmm: bias first)
+        operands = tuple((tuple(shape), tuple(stride), dtype) for shape, stride, dtype in
+                         zip(e.input_shapes[:n], e.structured_input_strides[:n], e.input_dtypes[:n]))
+        entry = calls.setdefault((e.name, operands), dict(count=0, profiled_s=0.0))
+        entry['count'] += 1
+        entry['profiled_s'] += e.self_cpu_time_total / 1e6
+    return calls
+
+
+def _replay(op: str, operands: tuple, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A call of ``op`` on random operands of the recorded shapes, strides and dtypes."""
+    tensors = []
+    for shape, stride, dtype in operands:
+        if not shape and not stride:
+            tensors.append(None)  # an absent bias
+            continue
+        t = torch.empty_strided(shape, stride, dtype=_DTYPES.get(dtype, torch.float32), device=device)
+        tensors.append(t.normal_())
+    if op == 'aten::mm':
+        return lambda: torch.mm(*tensors)
+    if op == 'aten::bmm':
+        return lambda: torch.bmm(*tensors)
+    if op == 'aten::addmm':
+        return lambda: torch.addmm(*tensors)
+    return lambda: torch.ops.mkldnn._linear_pointwise(*tensors, 'none', [], '')  # its epilogue left out
+
+
+def products_alone(step: Callable[[], None], device: torch.device, repeats: int = 5) -> dict:
+    """The time of ``step``'s matrix products when each runs alone: every distinct call (operator, shapes,
+    strides, dtypes) replayed on random operands, best of ``repeats``, times the number of its calls.
+    With everything but the products free, ``step`` could not take less than this with these kernels.
+    CPU only: the profile's own times of CUDA products are those of the launches."""
+    calls = product_calls(step)
+    alone = 0.0
+    for (op, operands), entry in calls.items():
+        fn = _replay(op, operands, device)
+        fn()
+        best = float('inf')
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        alone += best * entry['count']
+    return dict(alone_s=alone, profiled_s=sum(e['profiled_s'] for e in calls.values()),
+                calls=sum(e['count'] for e in calls.values()), distinct=len(calls))
+
+
 # ---------------------------------------------------------------------------------------- agreement
 def cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> List[float]:
     """Per-output cosine similarity of ``precision`` autocast outputs to fp32 outputs."""
@@ -327,7 +391,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--plot', default=None, help='also write a PNG of inference throughput against input '
                         'size (square images, batch 1, fp32) for every model')
     parser.add_argument('--profile', action='store_true',
-                        help='also record the top operators of one step of every model, size, precision and mode')
+                        help='also record the top operators of one step of every model, size, precision and mode, '
+                        'and (CPU) the time of its matrix products replayed alone')
     parser.add_argument('--plot-sizes', type=int, nargs='+', default=[224, 384, 512, 640, 800])
     return parser.parse_args(argv)
 
@@ -364,6 +429,8 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     group['times'] = time_alternating(fns, device, repeats, warmup)
     if profile:
         group['profiles'] = {name: op_profile(fn) for name, fn in fns.items()}
+        if device.type == 'cpu':
+            group['products_alone'] = {name: products_alone(fn, device) for name, fn in fns.items()}
     if 'mmswin-v1' in models and PEER in models and precision == 'fp32' and mode == 'inference':
         with torch.no_grad():  # (the models are in eval mode here)
             ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', PEER))
@@ -440,6 +507,9 @@ def main(argv=None) -> dict:
                 for name, ops in group.get('profiles', {}).items():
                     report.setdefault('profiles', []).append(
                         dict(size=size, precision=precision, mode=mode, model=name, ops=ops))
+                for name, products in group.get('products_alone', {}).items():
+                    report.setdefault('products_alone', []).append(
+                        dict(size=size, precision=precision, mode=mode, model=name, **products))
                 if 'max_abs_diff' in group:
                     report.setdefault('max_abs_diff_vs_mmdet', []).append(
                         dict(size=size, max_abs_diff=group['max_abs_diff']))

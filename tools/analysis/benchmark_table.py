@@ -3,9 +3,9 @@
     python tools/analysis/benchmark_table.py docs/benchmark.json
 
 Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
-ratios to mmdet and V2/V1), the headroom over mmdet that the dense matmul rate leaves, the training memory
-table, bf16/fp16 agreement with fp32, and the top
-operators when the reports hold profiles.
+ratios to mmdet and V2/V1), the headroom over mmdet that the dense matmul rate leaves, the training
+memory table, bf16/fp16 agreement with fp32, and, when the reports hold profiles, the matrix products
+replayed alone and the top operators.
 """
 import argparse
 import json
@@ -97,6 +97,23 @@ def headroom_table(reports: List[dict], peer: str = 'mmdet-v1') -> List[str]:
     return lines if len(lines) > 2 else []
 
 
+def products_table(reports: List[dict], peer: str = 'mmdet-v1') -> List[str]:
+    """Per model: the time of its matrix products in the profile and replayed alone (each distinct call at
+    its best), and the speedup over ``peer`` it would show if nothing but those products took time."""
+    lines = ['| input | precision | mode | model | median | products, profiled | products alone '
+             '| speedup over the peer with all else free |', '| --- | --- | --- | --- | ---: | ---: | ---: | ---: |']
+    for report in reports:
+        medians = {(_size(r['size']), r['precision'], r['mode'], r['model']): r['median_s']
+                   for r in report['results']}
+        for p in report.get('products_alone', []):
+            key = (_size(p['size']), p['precision'], p['mode'])
+            median, peer_median = medians.get(key + (p['model'],)), medians.get(key + (peer,))
+            bound = '' if peer_median is None or not p['alone_s'] else f"{peer_median / p['alone_s']:.2f}x"
+            lines.append(f"| {' | '.join(key)} | {p['model']} | {'' if median is None else f'{median * 1e3:.0f} ms'} "
+                         f"| {p['profiled_s'] * 1e3:.0f} ms | {p['alone_s'] * 1e3:.0f} ms | {bound} |")
+    return lines if len(lines) > 2 else []
+
+
 def profile_table(reports: List[dict], top: int = 4) -> List[str]:
     rows = [p for report in reports for p in report.get('profiles', [])]
     if not rows:
@@ -130,8 +147,8 @@ def main(argv=None) -> str:
             spans = ', '.join(f'{p} {min(v):.1f}-{max(v):.1f}' for p, v in sorted(per_group.items()))
             parts.append(f'- measured again before each group (the rates the shares use): {spans} GFLOP/s')
     parts.append('')
-    for table in (speed_table(reports), headroom_table(reports), memory_table(reports), agreement_table(reports),
-                  mmdet_agreement(reports), profile_table(reports)):
+    for table in (speed_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
+                  agreement_table(reports), mmdet_agreement(reports), profile_table(reports)):
         if table:
             parts += table + ['']
     text = '\n'.join(parts)
