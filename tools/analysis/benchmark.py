@@ -279,7 +279,8 @@ def product_calls(step: Callable[[], None]) -> Dict[tuple, dict]:
 
 
 def _replay(op: str, operands: tuple, device: torch.device) -> Callable[[], torch.Tensor]:
-    """A call of ``op`` on random operands of the recorded shapes, strides and dtypes."""
+    """A call of ``op`` on random operands of the recorded shapes, strides and dtypes, into an output
+    allocated once (the page faults of a fresh large output are not the product's arithmetic)."""
     tensors = []
     for shape, stride, dtype in operands:
         if not shape and not stride:
@@ -288,17 +289,21 @@ def _replay(op: str, operands: tuple, device: torch.device) -> Callable[[], torc
         t = torch.empty_strided(shape, stride, dtype=_DTYPES.get(dtype, torch.float32), device=device)
         tensors.append(t.normal_())
     if op == 'aten::mm':
-        return lambda: torch.mm(*tensors)
+        out = torch.mm(*tensors)
+        return lambda: torch.mm(*tensors, out=out)
     if op == 'aten::bmm':
-        return lambda: torch.bmm(*tensors)
+        out = torch.bmm(*tensors)
+        return lambda: torch.bmm(*tensors, out=out)
     if op == 'aten::addmm':
-        return lambda: torch.addmm(*tensors)
+        out = torch.addmm(*tensors)
+        return lambda: torch.addmm(*tensors, out=out)
     return lambda: torch.ops.mkldnn._linear_pointwise(*tensors, 'none', [], '')  # its epilogue left out
 
 
 def products_alone(step: Callable[[], None], device: torch.device, repeats: int = 5) -> dict:
     """The time of ``step``'s matrix products when each runs alone: every distinct call (operator, shapes,
-    strides, dtypes) replayed on random operands, best of ``repeats``, times the number of its calls.
+    strides, dtypes) replayed on random operands (:func:`_replay`), best of ``repeats``, times the number of
+    its calls.
     With everything but the products free, ``step`` could not take less than this with these kernels.
     CPU only: the profile's own times of CUDA products are those of the launches."""
     calls = product_calls(step)
