@@ -26,13 +26,27 @@ from torch import nn
 
 
 @lru_cache(maxsize=1)
-def cpu_has_bf16_arithmetic() -> bool:
-    """Whether this CPU multiplies bf16 natively (assumed for every CPU but x86 without
-    AVX512-BF16/AMX-BF16)."""
+def _cpu_capability_has_bf16() -> bool:
     caps = torch._C._cpu._get_cpu_capability()
     if caps.get('architecture') not in ('x86_64', 'x86', 'i386', 'AMD64'):
         return True
     return bool(caps.get('avx512_bf16') or caps.get('amx_bf16'))
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile (the capability query is opaque)
+def cpu_has_bf16_arithmetic() -> bool:
+    """Whether this CPU multiplies bf16 natively (assumed for every CPU but x86 without
+    AVX512-BF16/AMX-BF16)."""
+    return _cpu_capability_has_bf16()
+
+
+@torch.compiler.assume_constant_result  # read when a graph is traced, not on each call of it
+def bf16_matmul_setting() -> str:
+    """The validated value of ``MMSWIN_BF16_MATMUL`` (default ``'auto'``)."""
+    mode = os.environ.get('MMSWIN_BF16_MATMUL', 'auto')
+    if mode not in ('auto', 'native', 'fp32', 'onednn'):
+        raise ValueError(f"MMSWIN_BF16_MATMUL must be 'auto', 'native', 'fp32' or 'onednn', got {mode!r}")
+    return mode
 
 
 def _bf16_matmul_mode(x: torch.Tensor) -> Optional[str]:
@@ -41,10 +55,7 @@ def _bf16_matmul_mode(x: torch.Tensor) -> Optional[str]:
         return None
     if torch.get_autocast_dtype('cpu') != torch.bfloat16:
         return None
-    mode = os.environ.get('MMSWIN_BF16_MATMUL', 'auto')
-    if mode not in ('auto', 'native', 'fp32', 'onednn'):
-        raise ValueError(f"MMSWIN_BF16_MATMUL must be 'auto', 'native', 'fp32' or 'onednn', got {mode!r}")
-    return mode
+    return bf16_matmul_setting()
 
 
 def bf16_products_in_fp32(x: torch.Tensor) -> bool:
