@@ -90,6 +90,35 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     assert memory_rows[1].count('less)') + memory_rows[1].count('more)') == 3
 
 
+
+def test_benchmark_tool_times_compiled_models(tmp_path):
+    """--compile adds each model compiled (inductor, frozen weights in inference) to its group, timed with
+    the others, with the cosine of its outputs to the eager model's."""
+    out = tmp_path / 'report.json'
+    subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x64x64',
+                    '--models', 'mmswin-v1', '--precisions', 'fp32', '--modes', 'inference', '--repeats', '2',
+                    '--no-memory', '--compile', '--out', str(out)], capture_output=True, text=True, check=True,
+                   cwd=ROOT)
+    report = json.loads(out.read_text())
+    rows = {r['model']: r for r in report['results']}
+    assert set(rows) == {'mmswin-v1', 'mmswin-v1+compile'}
+    assert len(rows['mmswin-v1+compile']['times_s']) == 2 and rows['mmswin-v1+compile']['median_s'] > 0
+    # the same FLOPs for the compiled model: its FLOP/s scale with the inverse of its time
+    ratio = rows['mmswin-v1']['median_s'] / rows['mmswin-v1+compile']['median_s']
+    assert rows['mmswin-v1+compile']['flops_per_s'] == pytest.approx(rows['mmswin-v1']['flops_per_s'] * ratio)
+    (agreement,) = report['compiled_cosine_to_eager']
+    assert agreement['model'] == 'mmswin-v1+compile' and len(agreement['cosine']) == 4
+    assert min(agreement['cosine']) > 0.99999
+    table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
+                           capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert '| 1x3x64x64 | fp32 | mmswin-v1+compile | 1.00000, 1.00000, 1.00000, 1.00000 |' in table
+
+
+def test_compile_needs_a_warmup_round():
+    result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--compile',
+                             '--warmup', '0'], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and '--compile needs --warmup of at least 1' in result.stderr
+
 def test_products_replayed_with_the_recorded_operands():
     """The replay finds every matrix product of a step with its operator, shapes, strides and dtypes."""
     import importlib.util

@@ -398,11 +398,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--profile', action='store_true',
                         help='also record the top operators of one step of every model, size, precision and mode, '
                         'and (CPU) the time of its matrix products replayed alone')
+    parser.add_argument('--compile', action='store_true',
+                        help=f'also time every model compiled with torch.compile (inductor, static shapes; '
+                        f'inference with frozen weights), named <model>{COMPILED}; it compiles in the warm-up')
     parser.add_argument('--plot-sizes', type=int, nargs='+', default=[224, 384, 512, 640, 800])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compile and args.warmup < 1:
+        parser.error('--compile needs --warmup of at least 1 (the first call compiles)')
+    return args
 
 
 PEER = 'mmdet-v1'
+COMPILED = '+compile'
+
+
+def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``model`` through ``torch.compile`` with static shapes; in inference with inductor's freezing
+    (weights folded in as constants, linear layers prepacked for oneDNN)."""
+    return torch.compile(model, dynamic=False, options={'freezing': True} if mode == 'inference' else None)
+
+
+def version_of(name: str) -> int:
+    """1 or 2: the Swin version a model name (``mmswin-v2``, ``mmdet-v1+compile``) stands for."""
+    return 2 if name.split('+')[0].endswith('v2') else 1
 
 
 def build_models(names: List[str], window: int, device: torch.device) -> Dict[str, torch.nn.Module]:
@@ -418,10 +436,12 @@ def build_models(names: List[str], window: int, device: torch.device) -> Dict[st
 
 
 def measure_group(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
-                  repeats: int, warmup: int, profile: bool) -> dict:
-    """Times of every model at one size, precision and mode, alternating; with ``profile`` the top
-    operators of each; for fp32 inference the output difference of mmswin-v1 and mmdet-v1 (same weights);
-    for lower precisions the agreement of mmswin's outputs with its fp32 outputs."""
+                  repeats: int, warmup: int, profile: bool, compile_models: bool = False) -> dict:
+    """Times of every model at one size, precision and mode, alternating (with ``compile_models``, also of
+    each one compiled, and in inference the cosine of the compiled outputs to the eager ones); with
+    ``profile`` the top operators of each eager model; for fp32 inference the output difference of
+    mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's outputs with its
+    fp32 outputs."""
     import mmswin  # noqa: F401
     device = torch.device(device)
     models = build_models(names, window, device)
@@ -429,13 +449,22 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     for m in models.values():
         m.train(mode == 'train')
     fns = {name: step_fn(m, x, mode, precision) for name, m in models.items()}
+    twins = {name + COMPILED: compiled(m, mode) for name, m in models.items()} if compile_models else {}
+    fns.update({name: step_fn(m, x, mode, precision) for name, m in twins.items()})
     # the device's rate right before the timing: this machine's speed drifts over minutes
     group = dict(matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', precision}})
-    group['times'] = time_alternating(fns, device, repeats, warmup)
+    # compilation takes the first warm-up round; the eager models' next call after it is slow once more
+    group['times'] = time_alternating(fns, device, repeats, warmup + (1 if twins else 0))
     if profile:
-        group['profiles'] = {name: op_profile(fn) for name, fn in fns.items()}
+        group['profiles'] = {name: op_profile(fns[name]) for name in models}
         if device.type == 'cpu':
-            group['products_alone'] = {name: products_alone(fn, device) for name, fn in fns.items()}
+            group['products_alone'] = {name: products_alone(fns[name], device) for name in models}
+    if twins and mode == 'inference':
+        with torch.no_grad(), _autocast(device, precision):
+            group['compiled_cosine'] = {
+                name: [float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+                       for a, b in zip(_outputs(models[name[:-len(COMPILED)]], x), _outputs(twin, x))]
+                for name, twin in twins.items()}
     if 'mmswin-v1' in models and PEER in models and precision == 'fp32' and mode == 'inference':
         with torch.no_grad():  # (the models are in eval mode here)
             ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', PEER))
@@ -487,13 +516,13 @@ def main(argv=None) -> dict:
         for precision in precisions:
             for mode in args.modes:
                 group = measure_group_in_worker(names, args.window, size, precision, mode, str(device),
-                                                args.repeats, args.warmup, args.profile)
+                                                args.repeats, args.warmup, args.profile, args.compile)
                 times = group['times']
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 rates = group['matmul_flops_per_s']
                 rate = rates[precision]
                 for name, median in medians.items():
-                    work = flops[2 if name.endswith('v2') else 1] * (3 if mode == 'train' else 1)
+                    work = flops[version_of(name)] * (3 if mode == 'train' else 1)
                     row = dict(size=size, precision=precision, mode=mode, model=name, median_s=median,
                                times_s=times[name], images_per_s=size[0] / median,
                                flops_per_s=2 * work / median, matmul_flops_per_s=rates,
@@ -518,6 +547,9 @@ def main(argv=None) -> dict:
                 if 'max_abs_diff' in group:
                     report.setdefault('max_abs_diff_vs_mmdet', []).append(
                         dict(size=size, max_abs_diff=group['max_abs_diff']))
+                for name, cosine in group.get('compiled_cosine', {}).items():
+                    report.setdefault('compiled_cosine_to_eager', []).append(
+                        dict(size=size, precision=precision, model=name, cosine=cosine))
                 for name, cosine in group.get('cosine', {}).items():
                     report.setdefault('cosine_to_fp32', []).append(
                         dict(size=size, precision=precision, model=name, cosine=cosine))

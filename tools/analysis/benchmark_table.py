@@ -61,11 +61,14 @@ def _memory_cell(value: Optional[int], without_cp: Optional[int]) -> str:
     return f"{cell} ({abs(cut):.0%} {'less' if cut >= 0 else 'more'})"
 
 
-def agreement_table(reports: List[dict]) -> List[str]:
-    rows = [c for report in reports for c in report.get('cosine_to_fp32', [])]
+def agreement_table(reports: List[dict], key: str = 'cosine_to_fp32',
+                    reference: str = 'fp32') -> List[str]:
+    """Per-output cosine similarities of the report's ``key`` list, to ``reference``."""
+    rows = [c for report in reports for c in report.get(key, [])]
     if not rows:
         return []
-    lines = ['| input | precision | model | cosine to fp32, per output (stages 1-4) |', '| --- | --- | --- | --- |']
+    lines = [f'| input | precision | model | cosine to {reference}, per output (stages 1-4) |',
+             '| --- | --- | --- | --- |']
     for c in rows:
         cos = ', '.join(f'{v:.5f}' for v in c['cosine'])
         lines.append(f"| {_size(c['size'])} | {c['precision']} | {c['model']} | {cos} |")
@@ -148,7 +151,9 @@ def main(argv=None) -> str:
             parts.append(f'- measured again before each group (the rates the shares use): {spans} GFLOP/s')
     parts.append('')
     for table in (speed_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
-                  agreement_table(reports), mmdet_agreement(reports), profile_table(reports)):
+                  agreement_table(reports),
+                  agreement_table(reports, 'compiled_cosine_to_eager', 'the eager model, same precision'),
+                  mmdet_agreement(reports), profile_table(reports)):
         if table:
             parts += table + ['']
     text = '\n'.join(parts)
