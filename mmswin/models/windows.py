@@ -115,15 +115,13 @@ def scatter_windows(windows: torch.Tensor, gather: torch.Tensor, scatter: torch.
     return _Shuffle.apply(windows, scatter, gather, False, padded)
 
 
-# The geometry below depends on sizes only. The functions take plain ints and a device name so that
-# torch.compile can take their results as constants (assume_constant_result) instead of tracing them.
-@torch.compiler.assume_constant_result
+# The geometry below depends on sizes only and is cached per size and device (plain ints and a device
+# name as keys). torch.compile traces through the cache into these functions, with the sizes as constants.
 @lru_cache(maxsize=64)
 def _gather_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
     return _window_gather_cpu((h, w), (wh, ww), (sh, sw))[0].to(device)
 
 
-@torch.compiler.assume_constant_result
 @lru_cache(maxsize=64)
 def _scatter_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
     return _window_gather_cpu((h, w), (wh, ww), (sh, sw))[1].to(device)
@@ -165,7 +163,6 @@ def shift_mask(hw: Size2, window: Size2, shift: Size2,
     return _cached_on_device(*hw, *window, *shift, str(device))
 
 
-@torch.compiler.assume_constant_result
 @lru_cache(maxsize=64)
 def _cached_on_device(hp: int, wp: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
     return _shift_mask_cpu((hp, wp), (wh, ww), (sh, sw)).to(device)
@@ -198,17 +195,15 @@ def log_spaced_coords(window: Size2, pretrained_window: Optional[Size2] = None) 
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
-@torch.compiler.assume_constant_result
 @lru_cache(maxsize=32)
 def relative_position_index_on(wh: int, ww: int, device: str) -> torch.Tensor:
-    """:func:`relative_position_index` on ``device``, cached; a constant to ``torch.compile``."""
+    """:func:`relative_position_index` on ``device``, cached."""
     return relative_position_index((wh, ww)).to(device)
 
 
-@torch.compiler.assume_constant_result
 @lru_cache(maxsize=32)
 def log_spaced_coords_on(wh: int, ww: int, pretrained: int, device: str) -> torch.Tensor:
     """:func:`log_spaced_coords` flattened to ``((2wh-1)(2ww-1), 2)`` on ``device`` (``pretrained`` 0:
-    none), cached; a constant to ``torch.compile``."""
+    none), cached."""
     ref = (pretrained, pretrained) if pretrained > 0 else None
     return log_spaced_coords((wh, ww), ref).reshape(-1, 2).to(device)
