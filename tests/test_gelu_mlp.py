@@ -43,7 +43,8 @@ def test_bf16_autocast_values_and_gradients(bf16_matmul, monkeypatch):
         assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)  # bf16 rounding of different partial sums
 
 
-def saved_activation_elements(mlp: Mlp, x: torch.Tensor) -> int:
+def saved_activations(mlp: Mlp, x: torch.Tensor) -> list:
+    """The tensors autograd keeps for the backward of ``mlp(x)``, parameters left out."""
     params = {p.data_ptr() for p in mlp.parameters()}
     saved = []
 
@@ -53,7 +54,11 @@ def saved_activation_elements(mlp: Mlp, x: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         mlp(x)
-    return sum(t.numel() for t in {t.data_ptr(): t for t in saved if t.data_ptr() not in params}.values())
+    return list({t.data_ptr(): t for t in saved if t.data_ptr() not in params}.values())
+
+
+def saved_activation_elements(mlp: Mlp, x: torch.Tensor) -> int:
+    return sum(t.numel() for t in saved_activations(mlp, x))
 
 
 def test_training_saves_the_input_and_one_hidden_tensor():
@@ -67,7 +72,7 @@ def test_training_saves_the_input_and_one_hidden_tensor():
 def test_chunked_values_and_gradients(dtype, monkeypatch):
     """Token chunks that do not divide the tokens: the values and gradients of layer-by-layer autograd
     (the weight gradients summed over chunks in fp32)."""
-    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 32)
+    monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64 + 63)  # 32 tokens of the 64-wide hidden
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
     x, grad = torch.randn(3, 50, 16), torch.randn(3, 50, 16)
@@ -76,6 +81,9 @@ def test_chunked_values_and_gradients(dtype, monkeypatch):
     monkeypatch.setattr(gelu_mlp_module.F, 'gelu', lambda t, **k: calls.append(t.shape[0]) or gelu(t, **k))
     chunked = run(mlp, x, grad, layer_by_layer=False, dtype=dtype)
     assert calls == [32, 32, 32, 32, 22] * 2  # forward, then the recomputation in backward
+    # fc1's output is kept as its chunks, never whole
+    hidden = [t for t in saved_activations(mlp, x.clone().requires_grad_()) if t.shape[-1] == 64]
+    assert [t.shape for t in hidden] == [(32, 64)] * 4 + [(22, 64)]
     reference = run(copy.deepcopy(mlp), x, grad, layer_by_layer=True, dtype=dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype is None else dict(rtol=2e-2, atol=2e-2)
     for a, b in zip([chunked[0], chunked[1], *chunked[2]], [reference[0], reference[1], *reference[2]]):

@@ -10,6 +10,9 @@ from .matmul import Linear, linear
 # Tokens per chunk of inference: intermediates of about a MiB stay in the CPU's caches, and none is large
 # enough for the C allocator to map it afresh (page faults) on every call.
 CHUNK_TOKENS = 4096
+# Elements of the MLP's hidden activation per chunk in training: Swin-T's first stage in chunks of
+# CHUNK_TOKENS tokens, later (wider) stages in proportionally fewer.
+MLP_CHUNK_ELEMENTS = CHUNK_TOKENS * 384
 
 _NORMS: Dict[str, Callable[..., nn.Module]] = {
     'LN': nn.LayerNorm,
@@ -96,7 +99,7 @@ class Mlp(nn.Module):
         """``(..., C)`` to ``(..., C)``."""
         recorded = needs_grad(x, self.fc1.weight, self.fc2.weight)
         if recorded and isinstance(self.act, nn.GELU) and self.drop.p == 0:
-            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate, CHUNK_TOKENS)
+            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate, MLP_CHUNK_ELEMENTS)
         if recorded or torch.compiler.is_compiling() or x.numel() <= CHUNK_TOKENS * x.shape[-1]:
             return self.layers(x)
         rows = x.reshape(-1, x.shape[-1])
