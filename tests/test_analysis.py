@@ -1,5 +1,6 @@
 """FLOP counting agrees with the Swin papers' tables; the get_flops tool reports them."""
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,15 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
     assert len([line for line in lines if line.count(' | ') == 9]) == 6  # speed: 3 models x 2 modes
+    # page faults and system time per call, medians of the timed calls
+    for row in rows.values():
+        assert row['page_faults'] >= 0 and row['system_s'] >= 0
+    kernel_rows = [line for line in lines if line.count(' | ') == 6 and line.endswith(' ms |')
+                   and ' G | ' not in line]
+    assert len(kernel_rows) == 6
+    for line in kernel_rows:
+        cells = line.strip('| ').split(' | ')
+        assert cells[5] == f"{rows[(cells[3], cells[2])]['page_faults']:.0f}"
     # headroom per mode: the time at the dense matmul rate and the largest possible speedup over mmdet
     assert [line.split(' | ')[2] for line in headroom_rows] == ['inference', 'train']
     for line in headroom_rows:
@@ -119,12 +129,35 @@ def test_compile_needs_a_warmup_round():
                              '--warmup', '0'], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and '--compile needs --warmup of at least 1' in result.stderr
 
-def test_products_replayed_with_the_recorded_operands():
-    """The replay finds every matrix product of a step with its operator, shapes, strides and dtypes."""
+def load_benchmark_tool():
     import importlib.util
     spec = importlib.util.spec_from_file_location('benchmark', ROOT / 'tools/analysis/benchmark.py')
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_timing_counts_page_faults_per_call():
+    """The page faults of every timed call: a call that writes 64 MiB of freshly mapped anonymous memory
+    faults in its pages, at least one per 2 MiB even with transparent huge pages."""
+    benchmark = load_benchmark_tool()
+
+    def fresh() -> None:
+        torch.frombuffer(mmap.mmap(-1, 2 ** 26), dtype=torch.uint8).fill_(1)
+
+    kernel = {}
+    times = benchmark.time_alternating({'fresh': fresh, 'nothing': lambda: None},
+                                       torch.device('cpu'), repeats=3, warmup=1, kernel=kernel)
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert {name: len(calls) for name, calls in kernel.items()} == {'fresh': 3, 'nothing': 3}
+    fresh_faults = [faults for faults, _ in kernel['fresh']]
+    assert min(fresh_faults) >= 32 and max(faults for faults, _ in kernel['nothing']) < min(fresh_faults)
+    assert all(system_s >= 0 for _, system_s in kernel['fresh'] + kernel['nothing'])
+
+
+def test_products_replayed_with_the_recorded_operands():
+    """The replay finds every matrix product of a step with its operator, shapes, strides and dtypes."""
+    benchmark = load_benchmark_tool()
     a, b = torch.randn(6, 5), torch.randn(4, 5)
     x, y = torch.randn(3, 6, 2, dtype=torch.bfloat16), torch.randn(3, 2, 7, dtype=torch.bfloat16)
     bias = torch.randn(4)

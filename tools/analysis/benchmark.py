@@ -6,7 +6,7 @@
 Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2`` and timm's Swin models
 when they import. Models of one size, precision and mode are timed alternately (warm-up first), each such
 group in a fresh worker process, and medians
-and ratios are reported, with the peak memory of a training step (CUDA max allocated; on CPU the peak
+and ratios are reported (on CPU with the page faults and system CPU time per call), with the peak memory of a training step (CUDA max allocated; on CPU the peak
 of live tensors and the RSS growth of a separate worker process per model, with glibc's default
 settings and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on
 the same device right before each group. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a
@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import os.path as osp
+import resource
 import statistics
 import sys
 import time
@@ -96,18 +97,26 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str) 
     return inference if mode == 'inference' else train
 
 
-def time_alternating(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                     warmup: int) -> Dict[str, List[float]]:
-    """Seconds per call of each function, interleaving the functions in every round."""
+def time_alternating(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int,
+                     kernel: Optional[Dict[str, List[tuple]]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each function, interleaving the functions in every round. ``kernel``, when
+    given, receives per timed call the process's page faults (minor and major) and system CPU seconds: on
+    a CPU, the cost of fresh memory that the wall time alone does not show."""
     times = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
             _sync(device)
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             fn()
             _sync(device)
+            elapsed = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(elapsed)
+                if kernel is not None:
+                    faults = after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt
+                    kernel.setdefault(name, []).append((faults, after.ru_stime - before.ru_stime))
     return times
 
 
@@ -454,7 +463,12 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     # the device's rate right before the timing: this machine's speed drifts over minutes
     group = dict(matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', precision}})
     # compilation takes the first warm-up round; the eager models' next call after it is slow once more
-    group['times'] = time_alternating(fns, device, repeats, warmup + (1 if twins else 0))
+    kernel: Dict[str, List[tuple]] = {}
+    group['times'] = time_alternating(fns, device, repeats, warmup + (1 if twins else 0),
+                                      kernel if device.type == 'cpu' else None)
+    if kernel:
+        group['page_faults'] = {name: [f for f, _ in calls] for name, calls in kernel.items()}
+        group['system_s'] = {name: [t for _, t in calls] for name, calls in kernel.items()}
     if profile:
         group['profiles'] = {name: op_profile(fns[name]) for name in models}
         if device.type == 'cpu':
@@ -527,6 +541,9 @@ def main(argv=None) -> dict:
                                times_s=times[name], images_per_s=size[0] / median,
                                flops_per_s=2 * work / median, matmul_flops_per_s=rates,
                                fraction_of_matmul=2 * work / median / rate)
+                    for key in ('page_faults', 'system_s'):
+                        if name in group.get(key, {}):
+                            row[key] = statistics.median(group[key][name])
                     if precision != 'fp32':
                         row['fraction_of_fp32_matmul'] = 2 * work / median / rates['fp32']
                     if peer in medians and name != peer:

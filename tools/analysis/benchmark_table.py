@@ -3,7 +3,7 @@
     python tools/analysis/benchmark_table.py docs/benchmark.json
 
 Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
-ratios to mmdet and V2/V1), the headroom over mmdet that the dense matmul rate leaves, the training
+ratios to mmdet and V2/V1), on CPU the page faults and system time per call, the headroom over mmdet that the dense matmul rate leaves, the training
 memory table, bf16/fp16 agreement with fp32, and, when the reports hold profiles, the matrix products
 replayed alone and the top operators.
 """
@@ -31,6 +31,20 @@ def speed_table(reports: List[dict]) -> List[str]:
                 f"| {row['median_s'] * 1e3:.0f} ms | {row['images_per_s']:.2f} "
                 f"| {'' if of_fp32 is None or fp32_rate is None else f'{of_fp32:.0%}'} | {own:.0%} "
                 f"| {'' if vs is None else f'{vs:.2f}x'} | {'' if v2 is None else f'{v2:.2f}x'} |")
+    return lines
+
+
+def kernel_table(reports: List[dict]) -> List[str]:
+    """Per timed call on a CPU: page faults (fresh memory the C allocator mapped or got back from the
+    kernel) and the system CPU time they and other system calls took, medians."""
+    rows = [r for report in reports for r in report['results'] if 'page_faults' in r]
+    if not rows:
+        return []
+    lines = ['| input | precision | mode | model | median | page faults per call | system CPU time per call |',
+             '| --- | --- | --- | --- | ---: | ---: | ---: |']
+    for r in rows:
+        lines.append(f"| {_size(r['size'])} | {r['precision']} | {r['mode']} | {r['model']} "
+                     f"| {r['median_s'] * 1e3:.0f} ms | {r['page_faults']:.0f} | {r['system_s'] * 1e3:.0f} ms |")
     return lines
 
 
@@ -150,7 +164,7 @@ def main(argv=None) -> str:
             spans = ', '.join(f'{p} {min(v):.1f}-{max(v):.1f}' for p, v in sorted(per_group.items()))
             parts.append(f'- measured again before each group (the rates the shares use): {spans} GFLOP/s')
     parts.append('')
-    for table in (speed_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
+    for table in (speed_table(reports), kernel_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
                   agreement_table(reports),
                   agreement_table(reports, 'compiled_cosine_to_eager', 'the eager model, same precision'),
                   mmdet_agreement(reports), profile_table(reports)):
