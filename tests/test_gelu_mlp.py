@@ -89,3 +89,25 @@ def test_chunked_values_and_gradients(dtype, monkeypatch):
     for a, b in zip([chunked[0], chunked[1], *chunked[2]], [reference[0], reference[1], *reference[2]]):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_bf16_weight_gradients_are_the_fp32_sums_of_the_chunk_products(monkeypatch):
+    """Under bf16 autocast the fp32 parameters get the fp32 sum of the chunks' bf16 products, exactly,
+    not that sum rounded to bf16."""
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'native')
+    monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64)  # 32 tokens of the 64-wide hidden
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x, grad = torch.randn(96, 16), torch.randn(96, 16)
+    _, _, (grad_w1, grad_b1, grad_w2, grad_b2) = run(mlp, x, grad, layer_by_layer=False, dtype=torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in (grad_w1, grad_b1, grad_w2, grad_b2))
+    w1, b1, w2 = (p.detach().bfloat16() for p in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight))
+    expected_w1, expected_w2 = torch.zeros_like(grad_w1), torch.zeros_like(grad_w2)
+    for rows in torch.arange(96).split(32):
+        xs, gs = x[rows].bfloat16(), grad[rows].bfloat16()
+        h = torch.nn.functional.linear(xs, w1, b1)
+        grad_h = torch.ops.aten.gelu_backward(gs @ w2, h)
+        expected_w2 += (gs.t() @ torch.nn.functional.gelu(h)).float()
+        expected_w1 += (grad_h.t() @ xs).float()
+    assert torch.equal(grad_w1, expected_w1) and torch.equal(grad_w2, expected_w2)
+    assert not torch.equal(grad_w1.bfloat16().float(), grad_w1)  # sums that bf16 cannot hold

@@ -6,9 +6,9 @@ Plain autograd keeps both the ``fc1`` output (for the GELU's gradient) and the G
 block. Recomputing the GELU costs one elementwise pass in the backward and saves one of them (about a
 fifth of Swin-T's training activations). Both passes run over chunks of tokens, so that the GELU output
 and the hidden gradient stay in the CPU's caches and are never allocated whole, and fc1's output is kept
-as its chunks. Forward values are those
-of the layer-by-layer computation; gradients are the same products, the weight gradients summed over the
-chunks in fp32.
+as its chunks. Forward values are those of the layer-by-layer computation; gradients are the same
+products, the weight and bias gradients summed over the chunks in fp32 and returned in the parameters'
+own dtype (under autocast, fp32 parameters get the fp32 sums, not their bf16 rounding).
 """
 from typing import Optional, Tuple
 
@@ -35,6 +35,10 @@ class _GeluMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 b2: Optional[torch.Tensor], approximate: str, fp32_products: bool, chunk: int) -> torch.Tensor:
+        # The parameters come in their own dtype and are cast to x's here, so that the backward returns
+        # their gradients in that dtype straight from the fp32 sums (no rounding to bf16 and back).
+        ctx.param_dtypes = [None if t is None else t.dtype for t in (w1, b1, w2, b2)]
+        w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in (w1, b1, w2, b2))
         rows = x.reshape(-1, x.shape[-1])
         hidden, out = [], None
         for start in range(0, rows.shape[0], chunk):
@@ -80,10 +84,10 @@ class _GeluMlp(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[rows] = _mm(grad_h, w1, fp32)
         grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None
-        grads = [None if g is None else g.to(ref.dtype) for g, ref in ((grad_w1, w1), (grad_w2, w2))]
-        grad_b1 = None if grad_b1 is None else grad_b1.to(hidden[0].dtype)
+        grads = [None if g is None else g.to(dtype)
+                 for g, dtype in zip((grad_w1, grad_b1, grad_w2, grad_b2), ctx.param_dtypes)]
         grad_x = None if grad_x is None else grad_x.view(x.shape)
-        return grad_x, grads[0], grad_b1, grads[1], grad_b2, None, None, None
+        return grad_x, *grads, None, None, None
 
 
 def gelu_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approximate: str = 'none',
@@ -95,6 +99,6 @@ def gelu_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approx
     device = x.device.type
     fp32_products = bf16_products_in_fp32(x)
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    tensors = [None if t is None else t.to(dtype) for t in (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
     with torch.autocast(device, enabled=False):
-        return _GeluMlp.apply(*tensors, approximate, fp32_products, chunk)
+        return _GeluMlp.apply(x.to(dtype), fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate,
+                              fp32_products, chunk)
