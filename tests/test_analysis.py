@@ -1,6 +1,7 @@
 """FLOP counting agrees with the Swin papers' tables; the get_flops tool reports them."""
 import json
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
             assert row['speedup_vs_mmdet-v1'] > 0
     assert rows[('mmswin-v2', 'train')]['slowdown_vs_mmswin-v1'] > 0
     assert report['matmul_flops_per_s']['fp32'] > 1e9
-    # mmswin-v1 is timed with mmdet's weights and gives mmdet's outputs
+    # mmswin-v1 with mmdet's weights gives mmdet's outputs
     (agreement,) = report['max_abs_diff_vs_mmdet']
     assert len(agreement['max_abs_diff']) == 4 and max(agreement['max_abs_diff']) < 1e-4
     memory = {(m['model'], m['with_cp']): m for m in report['train_peak_memory_bytes']}
@@ -138,21 +139,33 @@ def load_benchmark_tool():
 
 
 def test_timing_counts_page_faults_per_call():
-    """The page faults of every timed call: a call that writes 64 MiB of freshly mapped anonymous memory
-    faults in its pages, at least one per 2 MiB even with transparent huge pages."""
+    """The page faults of a timed call: writing 64 MiB of freshly mapped anonymous memory faults in its
+    pages, at least one per 2 MiB even with transparent huge pages."""
     benchmark = load_benchmark_tool()
 
     def fresh() -> None:
         torch.frombuffer(mmap.mmap(-1, 2 ** 26), dtype=torch.uint8).fill_(1)
 
-    kernel = {}
-    times = benchmark.time_alternating({'fresh': fresh, 'nothing': lambda: None},
-                                       torch.device('cpu'), repeats=3, warmup=1, kernel=kernel)
-    assert [len(t) for t in times.values()] == [3, 3]
-    assert {name: len(calls) for name, calls in kernel.items()} == {'fresh': 3, 'nothing': 3}
-    fresh_faults = [faults for faults, _ in kernel['fresh']]
-    assert min(fresh_faults) >= 32 and max(faults for faults, _ in kernel['nothing']) < min(fresh_faults)
-    assert all(system_s >= 0 for _, system_s in kernel['fresh'] + kernel['nothing'])
+    cpu = torch.device('cpu')
+    calls = [benchmark.timed_call(fresh, cpu) for _ in range(3)]
+    idle = [benchmark.timed_call(lambda: None, cpu) for _ in range(3)]
+    assert all(seconds > 0 and system_s >= 0 for seconds, _, system_s in calls + idle)
+    fresh_faults = [faults for _, faults, _ in calls]
+    assert min(fresh_faults) >= 32 and max(faults for _, faults, _ in idle) < min(fresh_faults)
+
+
+def test_every_model_is_timed_in_a_process_of_its_own(monkeypatch):
+    """Each model is built and called in its own worker process, in turn, for warm-up plus repeats."""
+    monkeypatch.syspath_prepend(str(ROOT / 'tools/analysis'))
+    import benchmark
+    timing = benchmark.time_in_workers(['mmswin-v1', 'mmdet-v1'], 7, [1, 3, 32, 32], 'fp32', 'train', 'cpu',
+                                       repeats=3, warmup=1)
+    pids = timing['pids']
+    assert set(pids) == {'mmswin-v1', 'mmdet-v1'} and len(set(pids.values()) | {os.getpid()}) == 3
+    for key in ('times', 'page_faults', 'system_s'):
+        assert {name: len(values) for name, values in timing[key].items()} == {'mmswin-v1': 3, 'mmdet-v1': 3}
+    with pytest.raises(RuntimeError, match="(?s)benchmark worker of resnet failed:.*unknown model 'resnet'"):
+        benchmark.time_in_workers(['resnet'], 7, [1, 3, 32, 32], 'fp32', 'train', 'cpu', repeats=1, warmup=0)
 
 
 def test_products_replayed_with_the_recorded_operands():

@@ -4,24 +4,27 @@
     python tools/analysis/benchmark.py --sizes 1x3x224x224 --precisions fp32 --repeats 3 --out report.json
 
 Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2`` and timm's Swin models
-when they import. Models of one size, precision and mode are timed alternately (warm-up first), each such
-group in a fresh worker process, and medians
-and ratios are reported (on CPU with the page faults and system CPU time per call), with the peak memory of a training step (CUDA max allocated; on CPU the peak
-of live tensors and the RSS growth of a separate worker process per model, with glibc's default
-settings and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on
-the same device right before each group. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a
-size, so FLOP/s compare like with like.
+when they import. Every model of one size, precision and mode runs in a process of its own, and the
+models are called in turn, one at a time (warm-up first): alternation spreads the machine's drift over
+all of them, and separate processes keep one model's memory use from changing the page faults that the
+next one meets in the C allocator. Medians and ratios are reported (on CPU with the page faults and
+system CPU time per call), with the peak memory of a training step (CUDA max allocated; on CPU the peak
+of live tensors and the RSS growth of a separate worker process per model, with glibc's default settings
+and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on the
+same device right before each group. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for
+every model of a size, so FLOP/s compare like with like.
 """
 import argparse
 import json
 import multiprocessing as mp
 import os
 import os.path as osp
+import queue as queue_module
 import resource
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
@@ -97,27 +100,90 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str) 
     return inference if mode == 'inference' else train
 
 
-def time_alternating(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int,
-                     kernel: Optional[Dict[str, List[tuple]]] = None) -> Dict[str, List[float]]:
-    """Seconds per call of each function, interleaving the functions in every round. ``kernel``, when
-    given, receives per timed call the process's page faults (minor and major) and system CPU seconds: on
-    a CPU, the cost of fresh memory that the wall time alone does not show."""
-    times = {name: [] for name in fns}
-    for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            if round_ >= warmup:
-                times[name].append(elapsed)
-                if kernel is not None:
-                    faults = after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt
-                    kernel.setdefault(name, []).append((faults, after.ru_stime - before.ru_stime))
-    return times
+def timed_call(fn: Callable[[], None], device: torch.device) -> Tuple[float, int, float]:
+    """Seconds of one call of ``fn``, with the process's page faults (minor and major) and system CPU
+    seconds during it: on a CPU, the cost of fresh memory that the wall time alone does not show."""
+    _sync(device)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults = after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt
+    return elapsed, faults, after.ru_stime - before.ru_stime
+
+
+def _timing_worker(conn, name: str, window: int, size: List[int], precision: str, mode: str, device: str,
+                   compile_model: bool, threads: int) -> None:
+    """Builds one model and times one call of its step each time the parent asks, until told to stop."""
+    try:
+        torch.set_num_threads(threads)
+        import mmswin  # noqa: F401
+        device = torch.device(device)
+        torch.manual_seed(0)
+        model = build_model(name, window).to(device)
+        model.train(mode == 'train')  # (mmdet's Swin returns None from train())
+        if compile_model:
+            model = compiled(model, mode)
+        x = torch.randn(*size, generator=torch.Generator().manual_seed(1)).to(device)
+        step = step_fn(model, x, mode, precision)
+        conn.send(('ready', os.getpid()))
+        while conn.recv():
+            conn.send(('call', timed_call(step, device)))
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it with the model's name
+        import traceback
+        conn.send(('error', traceback.format_exc()))
+
+
+def _reply(name: str, conn, proc) -> object:
+    try:
+        kind, value = conn.recv()
+    except EOFError:
+        raise RuntimeError(f'benchmark worker of {name} exited with {proc.exitcode}') from None
+    if kind == 'error':
+        raise RuntimeError(f'benchmark worker of {name} failed:\n{value}')
+    return value
+
+
+def time_in_workers(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
+                    repeats: int, warmup: int, compile_models: bool = False) -> dict:
+    """Times of one step of every model, each model in its own process, called in turn (one at a time,
+    ``warmup`` rounds first): alternation spreads the machine's drift over all models, and separate
+    processes keep one model's allocations from changing the C allocator's state (and so the page faults)
+    that the next one meets. With ``compile_models`` every model also runs compiled, named
+    ``<model>+compile``, in a process of its own. Returns ``times`` (seconds per call), ``page_faults`` and
+    ``system_s`` (per call) and ``pids``, each by model."""
+    ctx = mp.get_context('spawn')
+    specs = [(name, False) for name in names] + ([(name, True) for name in names] if compile_models else [])
+    workers = {}
+    try:
+        for name, compile_model in specs:
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_timing_worker, args=(child, name, window, size, precision, mode, device,
+                                                            compile_model, torch.get_num_threads()))
+            proc.start()
+            child.close()
+            workers[name + (COMPILED if compile_model else '')] = (conn, proc)
+        result = dict(pids={name: _reply(name, *w) for name, w in workers.items()},
+                      times={}, page_faults={}, system_s={})
+        for round_ in range(warmup + repeats):
+            for name, (conn, proc) in workers.items():
+                conn.send(True)
+                elapsed, faults, system_s = _reply(name, conn, proc)
+                if round_ >= warmup:
+                    for key, value in zip(('times', 'page_faults', 'system_s'), (elapsed, faults, system_s)):
+                        result[key].setdefault(name, []).append(value)
+        return result
+    finally:
+        for conn, proc in workers.values():
+            try:
+                conn.send(False)
+            except OSError:
+                pass
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
 
 
 def matmul_rate(device: torch.device, precision: str, budget_s: float = 3.0) -> float:
@@ -344,16 +410,14 @@ def cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> L
 
 
 # ---------------------------------------------------------------------------------------- plot
-def throughput_sweep(models: Dict[str, torch.nn.Module], sides: List[int], device: torch.device, repeats: int,
+def throughput_sweep(names: List[str], window: int, sides: List[int], device: str, repeats: int,
                      warmup: int) -> Dict[str, Dict[int, float]]:
-    """Images per second of fp32 inference on ``side x side`` images, per model."""
-    sweep = {name: {} for name in models}
+    """Images per second of fp32 inference on ``side x side`` images, per model (timed as in
+    :func:`time_in_workers`)."""
+    sweep = {name: {} for name in names}
     for side in sides:
-        x = torch.randn(1, 3, side, side, device=device)
-        for m in models.values():
-            m.eval()
-        fns = {name: step_fn(m, x, 'inference', 'fp32') for name, m in models.items()}
-        for name, times in time_alternating(fns, device, repeats, warmup).items():
+        timing = time_in_workers(names, window, [1, 3, side, side], 'fp32', 'inference', device, repeats, warmup)
+        for name, times in timing['times'].items():
             sweep[name][side] = 1.0 / statistics.median(times)
     return sweep
 
@@ -446,34 +510,34 @@ def build_models(names: List[str], window: int, device: torch.device) -> Dict[st
 
 def measure_group(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
                   repeats: int, warmup: int, profile: bool, compile_models: bool = False) -> dict:
-    """Times of every model at one size, precision and mode, alternating (with ``compile_models``, also of
-    each one compiled, and in inference the cosine of the compiled outputs to the eager ones); with
-    ``profile`` the top operators of each eager model; for fp32 inference the output difference of
-    mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's outputs with its
-    fp32 outputs."""
+    """Times of every model at one size, precision and mode (:func:`time_in_workers`; with
+    ``compile_models`` also of each one compiled, and in inference the cosine of the compiled outputs to the
+    eager ones); with ``profile`` the top operators of each eager model; for fp32 inference the output
+    difference of mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's
+    outputs with its fp32 outputs."""
     import mmswin  # noqa: F401
+    # the device's rate right before the timing: this machine's speed drifts over minutes
+    group = dict(matmul_flops_per_s={p: matmul_rate(torch.device(device), p) for p in {'fp32', precision}})
+    # compilation takes the first warm-up round
+    timing = time_in_workers(names, window, size, precision, mode, device, repeats,
+                             warmup + (1 if compile_models else 0), compile_models)
     device = torch.device(device)
+    group['times'] = timing['times']
+    if device.type == 'cpu':
+        group['page_faults'], group['system_s'] = timing['page_faults'], timing['system_s']
+    # the checks below run here, on models built the same way
     models = build_models(names, window, device)
     x = torch.randn(*size, generator=torch.Generator().manual_seed(1)).to(device)
     for m in models.values():
         m.train(mode == 'train')
     fns = {name: step_fn(m, x, mode, precision) for name, m in models.items()}
-    twins = {name + COMPILED: compiled(m, mode) for name, m in models.items()} if compile_models else {}
-    fns.update({name: step_fn(m, x, mode, precision) for name, m in twins.items()})
-    # the device's rate right before the timing: this machine's speed drifts over minutes
-    group = dict(matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', precision}})
-    # compilation takes the first warm-up round; the eager models' next call after it is slow once more
-    kernel: Dict[str, List[tuple]] = {}
-    group['times'] = time_alternating(fns, device, repeats, warmup + (1 if twins else 0),
-                                      kernel if device.type == 'cpu' else None)
-    if kernel:
-        group['page_faults'] = {name: [f for f, _ in calls] for name, calls in kernel.items()}
-        group['system_s'] = {name: [t for _, t in calls] for name, calls in kernel.items()}
+    twins = ({name + COMPILED: compiled(m, mode) for name, m in models.items()}
+             if compile_models and mode == 'inference' else {})
     if profile:
         group['profiles'] = {name: op_profile(fns[name]) for name in models}
         if device.type == 'cpu':
             group['products_alone'] = {name: products_alone(fns[name], device) for name in models}
-    if twins and mode == 'inference':
+    if twins:
         with torch.no_grad(), _autocast(device, precision):
             group['compiled_cosine'] = {
                 name: [float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
@@ -494,14 +558,19 @@ def _group_worker(args: tuple, queue) -> None:
 
 
 def measure_group_in_worker(*args) -> dict:
-    """:func:`measure_group` in a fresh process: every group starts from the same allocator state (after a
-    training step, the C allocator's heap serves later allocations without page faults, which moved CPU
-    ratios between groups by up to 20 % when all ran in one process)."""
+    """:func:`measure_group` in a fresh process, which starts the models' timing processes and runs the
+    checks of the group."""
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     proc = ctx.Process(target=_group_worker, args=(args, queue))
     proc.start()
-    group = queue.get()  # before join: a large result must be read for the worker to exit
+    while True:  # the result is read before join: a large one must be read for the worker to exit
+        try:
+            group = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f'benchmark worker for {args[2:5]} exited with {proc.exitcode}') from None
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f'benchmark worker for {args[2:5]} exited with {proc.exitcode}')
@@ -580,8 +649,8 @@ def main(argv=None) -> dict:
                           + ', '.join(f'{key.replace("_bytes", "")} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
                           flush=True)
     if args.plot:
-        models = build_models(names, args.window, device)
-        report['throughput_sweep'] = throughput_sweep(models, args.plot_sizes, device, args.repeats, args.warmup)
+        report['throughput_sweep'] = throughput_sweep(names, args.window, args.plot_sizes, str(device), args.repeats,
+                                                      args.warmup)
         plot_sweep(report['throughput_sweep'], args.plot, report['device'])
         print(f'plot written to {args.plot}')
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
