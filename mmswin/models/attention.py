@@ -17,6 +17,7 @@ from torch import nn
 from . import layers
 from .layers import needs_grad
 from .matmul import Linear, attention, linear
+from .qkv_projection import qkv_heads
 from .windows import Size2, log_spaced_coords_on, relative_position_index, relative_position_index_on
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -100,19 +101,23 @@ class WindowAttention(nn.Module):
             self._bias_cache = (key, [p.detach().clone() for p in params], bias)
         return bias
 
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        """The ``(3C,)`` bias of the qkv projection, or ``None``."""
+        return self.qkv.bias
+
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B_, N, C)`` to ``(B_, N, 3, nH, head_dim)``."""
         b, n, c = x.shape
-        return self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+        return linear(x, self.qkv.weight, self.qkv_bias()).view(b, n, 3, self.num_heads, c // self.num_heads)
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         """``(q, k, v, scale)``, each ``(B_, nH, N, head_dim)``, such that the logits are
         ``scale * q @ k^T``."""
-        qkv = self.project_qkv(x)
         if torch.compiler.is_compiling():
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
             return q, k, v, self.scale
-        q, k, v = split_heads(qkv, self.scale)  # q scaled first, as in the official model
+        # q scaled first, as in the official model
+        q, k, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads, self.scale, layers.CHUNK_TOKENS)
         return q, k, v, 1.0
 
     def forward(self, x: torch.Tensor, window: Size2,
@@ -199,68 +204,25 @@ class CosineWindowAttention(WindowAttention):
         bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
 
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        bias = None
-        if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = linear(x, self.qkv.weight, bias)
-        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads)
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
-        qkv = self.project_qkv(x)
-        # Lengths of q and k where the head axis is innermost and contiguous (much faster to reduce than
-        # the permuted views); constants to autograd, whose gradient unit_vectors writes itself.
-        with torch.no_grad():
-            norms = vector_lengths(qkv[:, :, :2]).permute(2, 0, 3, 1, 4)  # (2, B_, nH, N, 1)
         if torch.compiler.is_compiling():
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = split_heads(qkv)
+            q, k, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
+                                chunk_tokens=layers.CHUNK_TOKENS)
+        # Lengths of q and k: constants to autograd, whose gradient unit_vectors writes itself.
+        with torch.no_grad():
+            norm_q, norm_k = vector_lengths(q), vector_lengths(k)
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-        return unit_vectors(q, scale, norms[0]), unit_vectors(k, None, norms[1]), v, 1.0
+        return unit_vectors(q, scale, norm_q), unit_vectors(k, None, norm_k), v, 1.0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
-
-
-class _SplitHeads(torch.autograd.Function):
-    """The projection ``(B_, N, 3, nH, d)`` to contiguous ``q * scale``, ``k``, ``v`` ``(B_, nH, N, d)`` in
-    one pass; the backward writes their gradients into the projection's layout in one pass (autograd's
-    unbind and permute would stack them and then copy the stack)."""
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, scale: float) -> tuple:
-        # Three tensors, not one (3, B_, nH, N, d): a third of the size stays below the size that the C
-        # allocator maps afresh (page faults) on every allocation.
-        out = [torch.empty(p.shape, dtype=qkv.dtype, device=qkv.device) for p in qkv.permute(2, 0, 3, 1, 4)]
-        parts = qkv.permute(2, 0, 3, 1, 4)
-        if scale != 1.0:
-            torch.mul(parts[0], scale, out=out[0])
-        else:
-            out[0].copy_(parts[0])
-        out[1].copy_(parts[1])
-        out[2].copy_(parts[2])
-        ctx.scale, ctx.shape = scale, qkv.shape
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads: Optional[torch.Tensor]) -> tuple:
-        grad = next(g for g in grads if g is not None).new_empty(ctx.shape)
-        parts = grad.permute(2, 0, 3, 1, 4)
-        for i, g in enumerate(grads):
-            if g is None:
-                parts[i].zero_()
-            elif i == 0 and ctx.scale != 1.0:
-                torch.mul(g, ctx.scale, out=parts[0])
-            else:
-                parts[i].copy_(g)
-        return grad, None
-
-
-def split_heads(qkv: torch.Tensor, scale: float = 1.0) -> tuple:
-    """``qkv: (B_, N, 3, nH, d)`` to contiguous ``(q * scale, k, v)``, each ``(B_, nH, N, d)``."""
-    return _SplitHeads.apply(qkv, scale)
 
 
 class _ScaledUnitVectors(torch.autograd.Function):

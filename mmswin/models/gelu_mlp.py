@@ -15,19 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .matmul import bf16_products_in_fp32
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], fp32_products: bool) -> torch.Tensor:
-    if fp32_products:
-        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
-    return F.linear(x, w, b)
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, fp32_products: bool) -> torch.Tensor:
-    if fp32_products:
-        return (a.float() @ b.float()).to(a.dtype)
-    return a @ b
+from .matmul import bf16_products_in_fp32, chunk_linear, chunk_mm
 
 
 class _GeluMlp(torch.autograd.Function):
@@ -42,9 +30,9 @@ class _GeluMlp(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         hidden, out = [], None
         for start in range(0, rows.shape[0], chunk):
-            h = _linear(rows[start:start + chunk], w1, b1, fp32_products)
+            h = chunk_linear(rows[start:start + chunk], w1, b1, fp32_products)
             hidden.append(h)
-            part = _linear(F.gelu(h, approximate=approximate), w2, b2, fp32_products)
+            part = chunk_linear(F.gelu(h, approximate=approximate), w2, b2, fp32_products)
             if out is None:
                 out = part.new_empty(rows.shape[0], part.shape[-1])
             out[start:start + chunk] = part
@@ -63,10 +51,11 @@ class _GeluMlp(torch.autograd.Function):
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         # Weight gradients are sums over tokens: accumulated over the chunks in fp32.
-        grad_w1 = w1.new_zeros(w1.shape, dtype=torch.float32) if need_w1 else None
-        grad_w2 = w2.new_zeros(w2.shape, dtype=torch.float32) if need_w2 else None
+        sums = torch.promote_types(w1.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
+        grad_w1 = w1.new_zeros(w1.shape, dtype=sums) if need_w1 else None
+        grad_w2 = w2.new_zeros(w2.shape, dtype=sums) if need_w2 else None
         grad_x = x2.new_empty(x2.shape) if need_x else None
-        grad_b1 = (hidden[0].new_zeros(hidden[0].shape[-1], dtype=torch.float32)
+        grad_b1 = (hidden[0].new_zeros(hidden[0].shape[-1], dtype=sums)
                    if need_b1 and ctx.has_bias[0] else None)
         start = 0
         for h in hidden:
@@ -74,15 +63,15 @@ class _GeluMlp(torch.autograd.Function):
             start += h.shape[0]
             g_out = grad_out[rows]
             if grad_w2 is not None:
-                grad_w2 += _mm(g_out.t(), F.gelu(h, approximate=approximate), fp32)
-            grad_h = torch.ops.aten.gelu_backward(_mm(g_out, w2, fp32), h, approximate=approximate)
+                grad_w2 += chunk_mm(g_out.t(), F.gelu(h, approximate=approximate), fp32)
+            grad_h = torch.ops.aten.gelu_backward(chunk_mm(g_out, w2, fp32), h, approximate=approximate)
             if grad_w1 is not None:
-                grad_w1 += _mm(grad_h.t(), x2[rows], fp32)
+                grad_w1 += chunk_mm(grad_h.t(), x2[rows], fp32)
             if grad_b1 is not None:
                 # The kernel sums bf16/fp16 in fp32 already; dtype=float32 would first copy grad_h whole.
                 grad_b1 += grad_h.sum(0)
             if grad_x is not None:
-                grad_x[rows] = _mm(grad_h, w1, fp32)
+                grad_x[rows] = chunk_mm(grad_h, w1, fp32)
         grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None
         grads = [None if g is None else g.to(dtype)
                  for g, dtype in zip((grad_w1, grad_b1, grad_w2, grad_b2), ctx.param_dtypes)]

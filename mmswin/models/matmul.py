@@ -110,6 +110,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return torch.ops.aten.gelu_(out, approximate=gelu)  # in place: no second (..., hidden) tensor
 
 
+def chunk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 fp32_products: bool) -> torch.Tensor:
+    """``F.linear`` of tensors of one dtype, as the hand-written backward passes use it: with
+    ``fp32_products``, the fp32 product of the (bf16) values rounded back to their dtype."""
+    if fp32_products:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def chunk_mm(a: torch.Tensor, b: torch.Tensor, fp32_products: bool) -> torch.Tensor:
+    """``a @ b`` as :func:`chunk_linear` takes it."""
+    if fp32_products:
+        return (a.float() @ b.float()).to(a.dtype)
+    return a @ b
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and initialisation) whose product goes through :func:`linear`."""
 

@@ -1,0 +1,113 @@
+"""The qkv projection of window attention, split into contiguous per-head queries, keys and values.
+
+Where autograd records, the projection runs over chunks of windows, each product written straight into
+q, k and v, and the backward gathers their gradients into the projection's layout one chunk at a time.
+The whole ``(B_, N, 3C)`` projection and its gradient never exist: at the first stage of a detection
+input they are the largest tensors of a block (36 MiB in bf16 for Swin-T at 800x1216), which the C
+allocator maps afresh, page fault by page fault, on every step. Values are those of one projection;
+the weight and bias gradients are summed over the chunks in fp32 and returned in the parameters' dtype.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .layers import needs_grad
+from .matmul import bf16_products_in_fp32, chunk_linear, chunk_mm, linear
+
+Heads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _write_heads(qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+    """``qkv: (B_, N, 3, nH, d)`` into ``q * scale``, ``k`` and ``v``, each ``(B_, nH, N, d)``."""
+    parts = qkv.permute(2, 0, 3, 1, 4)
+    if scale != 1.0:
+        torch.mul(parts[0], scale, out=q)
+    else:
+        q.copy_(parts[0])
+    k.copy_(parts[1])
+    v.copy_(parts[2])
+
+
+class _QkvHeads(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads: int,
+                scale: float, fp32_products: bool, chunk: int) -> Heads:
+        # The parameters come in their own dtype and are cast here, so that their gradients are returned
+        # in that dtype straight from the fp32 sums.
+        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        w = weight.to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        bw, n, _ = x.shape
+        head_dim = w.shape[0] // (3 * heads)
+        q, k, v = (x.new_empty(bw, heads, n, head_dim) for _ in range(3))
+        for start in range(0, bw, chunk):
+            rows = slice(start, min(start + chunk, bw))
+            qkv = chunk_linear(x[rows], w, b, fp32_products)
+            _write_heads(qkv.view(-1, n, 3, heads, head_dim), q[rows], k[rows], v[rows], scale)
+        ctx.save_for_backward(x, w)
+        ctx.scale, ctx.fp32_products, ctx.chunk = scale, fp32_products, chunk
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]) -> tuple:
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        bw, n, c = x.shape
+        like = next(g for g in grads if g is not None)
+        heads, head_dim = like.shape[1], like.shape[3]
+        grad_x = x.new_empty(x.shape) if need_x else None
+        sums = torch.promote_types(w.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
+        grad_w = w.new_zeros(w.shape, dtype=sums) if need_w else None
+        grad_b = w.new_zeros(w.shape[0], dtype=sums) if need_b and ctx.param_dtypes[1] is not None else None
+        for start in range(0, bw, ctx.chunk):
+            rows = slice(start, min(start + ctx.chunk, bw))
+            g = like.new_empty(rows.stop - start, n, 3, heads, head_dim)
+            parts = g.permute(2, 0, 3, 1, 4)
+            for i, grad in enumerate(grads):
+                if grad is None:
+                    parts[i].zero_()
+                elif i == 0 and ctx.scale != 1.0:
+                    torch.mul(grad[rows], ctx.scale, out=parts[0])
+                else:
+                    parts[i].copy_(grad[rows])
+            g = g.view(-1, 3 * c)
+            if grad_x is not None:
+                grad_x[rows] = chunk_mm(g, w, ctx.fp32_products).view(-1, n, c)
+            if grad_w is not None:
+                grad_w += chunk_mm(g.t(), x[rows].reshape(-1, c), ctx.fp32_products)
+            if grad_b is not None:
+                grad_b += g.sum(0)  # summed in fp32 by the kernel, rounded once per chunk
+        grad_w = None if grad_w is None else grad_w.to(ctx.param_dtypes[0])
+        grad_b = None if grad_b is None else grad_b.to(ctx.param_dtypes[1])
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads: int,
+              scale: float = 1.0, chunk_tokens: int = 4096) -> Heads:
+    """``x @ weight^T + bias`` split into ``q * scale``, ``k`` and ``v`` for attention.
+
+    Args:
+        x: ``(B_, N, C)`` tokens of ``B_`` windows.
+        weight: ``(3C, C)`` projection, rows in the order q, k, v and heads within each.
+        bias: ``(3C,)`` or ``None``.
+        heads: Heads ``nH``.
+        scale: Factor of the queries.
+        chunk_tokens: Tokens per chunk (whole windows, at least one) where autograd records.
+
+    Returns:
+        Contiguous ``(B_, nH, N, C // nH)`` tensors ``q * scale, k, v``, in the current autocast dtype.
+    """
+    bw, n, _ = x.shape
+    params = (weight,) if bias is None else (weight, bias)
+    if not needs_grad(x, *params):
+        qkv = linear(x, weight, bias)
+        q, k, v = (qkv.new_empty(bw, heads, n, qkv.shape[-1] // (3 * heads)) for _ in range(3))
+        _write_heads(qkv.view(bw, n, 3, heads, -1), q, k, v, scale)
+        return q, k, v
+    device = x.device.type
+    fp32_products = bf16_products_in_fp32(x)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        return _QkvHeads.apply(x.to(dtype), weight, bias, heads, scale, fp32_products,
+                               max(1, chunk_tokens // n))
