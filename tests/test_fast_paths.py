@@ -190,7 +190,7 @@ def test_training_after_inference_gets_position_bias_gradients(cls):
                                          (torch.bfloat16, 200)])
 def test_chunked_inference_equals_whole(cls, dtype, chunk, monkeypatch):
     """Inference in chunks of tokens (windows of attention, rows of the MLP) gives the values of one
-    piece: chunks of one window (16 tokens), of three windows and a bit (50) and larger; two images,
+    piece: chunks of 16 tokens (one window of each image), 50 and larger; two images,
     padding and shifted windows. The products are the same; only the GEMM kernel a library picks for a
     very small chunk may round differently."""
     torch.manual_seed(0)
@@ -210,7 +210,8 @@ def test_chunked_inference_equals_whole(cls, dtype, chunk, monkeypatch):
     monkeypatch.setattr(attention_cls, 'attend',
                         lambda self, *a, **k: calls.append(a[0].shape[0]) or attend(self, *a, **k))
     chunked = run()
-    assert max(calls) == max(1, chunk // 16) and len(calls) > sum(TINY['depths'])
+    # the same windows of both images in a chunk: at least one of each
+    assert max(calls) == 2 * max(1, chunk // (2 * 16)) and len(calls) > sum(TINY['depths'])
     for a, b in zip(chunked, whole):
         assert a.dtype == b.dtype
         if dtype is None:
@@ -228,3 +229,53 @@ def test_window_gather_scatter_gradients_of_gradients(hw, window, shift):
     windows = torch.randn(2, gather.numel(), 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: gather_windows(t, gather, scatter, padded), (tokens,))
     assert torch.autograd.gradgradcheck(lambda t: scatter_windows(t, gather, scatter, padded), (windows,))
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype,chunk', [(None, 4096), (None, 50), (torch.bfloat16, 50)])
+def test_in_place_inference_equals_out_of_place(cls, dtype, chunk, monkeypatch):
+    """CPU inference writes each block's output into its input, chunk by chunk, with the values of the
+    out-of-place blocks, bit for bit (padded and shifted maps, two images, chunks across windows)."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4).eval()
+    x = torch.randn(2, 3, 70, 90)
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', chunk)
+
+    def run():
+        with torch.no_grad(), torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x)
+
+    block_cls = type(model.layers[0].blocks[0])
+    in_place = block_cls.forward_in_place
+    calls = []
+    monkeypatch.setattr(block_cls, 'forward_in_place', lambda self, *a: calls.append(self) or in_place(self, *a))
+    updated = run()
+    assert len(calls) == sum(TINY['depths'])
+    monkeypatch.setattr(block_cls, 'can_update_in_place', lambda self, t: False)
+    reference = run()
+    for a, b in zip(updated, reference):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_only_the_stages_own_tensors_are_overwritten(cls):
+    """A stage called on the caller's tensor leaves it as it was; its later blocks and a block told to
+    overwrite write into their input; training and recorded forwards never do."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4).eval()
+    stage = model.layers[0]
+    x = torch.randn(1, 9, 11, 16)
+    kept = x.clone()
+    with torch.no_grad():
+        out, _ = stage(x)
+        assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr()
+        block = stage.blocks[0]
+        y = x.clone()
+        assert block(y, (4, 4), (0, 0), None, overwrite=True) is y
+        torch.testing.assert_close(y, block(x, (4, 4), (0, 0), None), rtol=0, atol=0)
+    z = x.clone().requires_grad_(True)
+    assert block(z, (4, 4), (0, 0), None, overwrite=True) is not z
+    stage.train()
+    with torch.no_grad():
+        assert block(x, (4, 4), (0, 0), None, overwrite=True) is not x
+    assert torch.equal(x, kept)

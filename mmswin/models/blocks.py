@@ -7,11 +7,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
+from . import layers
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear
-from .windows import (Size2, gather_windows, pad_to_windows, scatter_windows, shift_mask, window_indices,
-                      window_partition, window_reverse)
+from .windows import (Size2, gather_windows, pad_to_windows, scatter_windows, shift_mask, window_chunks,
+                      window_indices, window_partition, window_reverse)
 
 
 class SwinBlock(nn.Module):
@@ -62,20 +63,85 @@ class SwinBlock(nn.Module):
         x = torch.roll(window_reverse(x, window, (hp, wp)), shifts=shift, dims=(1, 2))
         return x[:, :h, :w, :]
 
-    def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x: (B, H, W, C)`` to the same shape."""
+    def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask: Optional[torch.Tensor],
+                overwrite: bool = False) -> torch.Tensor:
+        """``x: (B, H, W, C)`` to the same shape. With ``overwrite``, CPU inference may write the output
+        into ``x`` and return it (:meth:`forward_in_place`)."""
+        if overwrite and self.can_update_in_place(x):
+            return self.forward_in_place(x, window, shift, mask)
         x = add_residual(x, self.drop_path(self.window_attention(self.norm1(x), window, shift, mask)))
         return add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
+
+    def window_branch(self, rows: torch.Tensor, padding: Optional[torch.Tensor], window: Size2,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The attention branch ``(B * nW', N, C)`` of the windows whose tokens are ``rows: (B, nW' * N, C)``
+        (positions ``padding`` pad the map and count as zeros after the norm)."""
+        rows = self.norm1(rows)
+        if padding is not None:
+            rows.index_fill_(1, padding, 0)
+        return self.attn.attend(rows.view(-1, window[0] * window[1], rows.shape[-1]), window, mask)
+
+    def mlp_branch(self, rows: torch.Tensor) -> torch.Tensor:
+        """The MLP branch of token ``rows: (L, C)``, in one piece."""
+        return self.mlp.layers(self.norm2(rows))
+
+    def can_update_in_place(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_in_place` computes this block's values for ``x``: CPU inference in eval
+        mode, nothing recorded, not under torch.compile, and a residual stream that stays in ``x``'s dtype."""
+        if self.training or x.device.type != 'cpu' or not x.is_contiguous() or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return not torch.is_autocast_enabled('cpu') or torch.get_autocast_dtype('cpu') == x.dtype
+
+    def forward_in_place(self, x: torch.Tensor, window: Size2, shift: Size2,
+                         mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` for inference, writing both residual sums into ``x: (B, H, W, C)``.
+
+        The attention half runs over chunks of windows, each gathered from ``x`` (padding and shift in
+        the gather), normalised, attended and added back to the rows it came from; the MLP half over
+        chunks of tokens. No ``(B, H, W, C)`` tensor is allocated (at detection sizes the C allocator maps
+        those afresh, page fault by page fault), and each chunk stays in the CPU's caches from the norm to
+        the residual sum. Windows share no token, so updating one chunk leaves the inputs of the others
+        as they were: the values are those of :meth:`forward`.
+        """
+        b, h, w, c = x.shape
+        n = window[0] * window[1]
+        tokens = x.view(b, h * w, c)
+        per_chunk = max(1, layers.CHUNK_TOKENS // (b * n))  # windows of each image per chunk
+        for i, (index, padding) in enumerate(window_chunks((h, w), window, shift, per_chunk, x.device)):
+            chunk_mask = None if mask is None else mask[i * per_chunk:(i + 1) * per_chunk]
+            branch = self.window_branch(tokens.index_select(1, index), padding, window, chunk_mask)
+            branch = branch.view(b, -1, c)
+            if padding is not None:
+                # -0.0: x + (-0.0) is x for every x, so the rows that padding positions point at stay
+                branch.index_fill_(1, padding, -0.0)
+            tokens.index_add_(1, index, branch)
+        rows = tokens.view(-1, c)
+        for start in range(0, rows.shape[0], layers.CHUNK_TOKENS):
+            part = rows[start:start + layers.CHUNK_TOKENS]
+            part.add_(self.mlp_branch(part))
+        return x
 
 
 class SwinBlockV2(SwinBlock):
     """Res-post-norm Swin block (V2): ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``."""
 
-    def forward(self, x: torch.Tensor, window: Size2, shift: Size2,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask: Optional[torch.Tensor],
+                overwrite: bool = False) -> torch.Tensor:
+        if overwrite and self.can_update_in_place(x):
+            return self.forward_in_place(x, window, shift, mask)
         x = add_residual(x, self.drop_path(self.norm1(self.window_attention(x, window, shift, mask))))
         return add_residual(x, self.drop_path(self.norm2(self.mlp(x))))
+
+    def window_branch(self, rows: torch.Tensor, padding: Optional[torch.Tensor], window: Size2,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if padding is not None:
+            rows.index_fill_(1, padding, 0)
+        return self.norm1(self.attn.attend(rows.view(-1, window[0] * window[1], rows.shape[-1]), window, mask))
+
+    def mlp_branch(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.mlp.layers(rows))
 
 
 class PatchEmbed(nn.Module):
@@ -176,7 +242,11 @@ class SwinStage(nn.Module):
         return window, shift
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``x: (B, H, W, C)`` to the stage output ``(B, H, W, C)`` and the next stage's input."""
+        """``x: (B, H, W, C)`` to the stage output ``(B, H, W, C)`` and the next stage's input.
+
+        In CPU inference each block writes its output into its input (:meth:`SwinBlock.forward_in_place`),
+        the first block into a copy of ``x``, which stays as it was.
+        """
         h, w = x.shape[1:3]
         window, shift = self.window_layout(h, w)
         hp, wp = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
@@ -187,7 +257,9 @@ class SwinStage(nn.Module):
             if self.with_cp and x.requires_grad:
                 x = cp.checkpoint(blk, x, *args, use_reentrant=False)
             else:
-                x = blk(x, *args)
+                if i == 0 and blk.can_update_in_place(x):
+                    x = x.clone()
+                x = blk(x, *args, overwrite=True)
         return x, (x if self.downsample is None else self.downsample(x))
 
 

@@ -84,6 +84,26 @@ def window_indices(hw: Size2, window: Size2, shift: Size2,
     return _gather_index(*args), _scatter_index(*args), padded
 
 
+def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int,
+                  device: torch.device) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor]], ...]:
+    """The gather of :func:`window_indices` in chunks of ``windows_per_chunk`` windows, for maps read and
+    updated in place: per chunk, ``(index, padding)`` where ``index`` holds a token row of
+    ``x.view(B, H * W, C)`` for every window position (padding positions point at any real row) and
+    ``padding`` the positions that pad the map (``None`` where none does). Cached per size."""
+    return _window_chunks(*hw, *window, *shift, windows_per_chunk, str(device))
+
+
+@lru_cache(maxsize=64)
+def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int,
+                   device: str) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor]], ...]:
+    gather = _window_gather_cpu((h, w), (wh, ww), (sh, sw))[0]
+    chunks = []
+    for index in gather.split(per_chunk * wh * ww):
+        padding = (index == h * w).nonzero().view(-1)
+        chunks.append((index.clamp(max=h * w - 1).to(device), padding.to(device) if padding.numel() else None))
+    return tuple(chunks)
+
+
 class _Shuffle(torch.autograd.Function):
     """Rows ``index`` of ``x: (B, L, C)``, with index ``L`` a zero row when ``pad``. The window gather and
     scatter of :func:`window_indices` are each other's adjoint (every real token sits in exactly one
