@@ -87,9 +87,8 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     # every model's products replayed alone, and the speedup over mmdet that they alone would allow
     products = {(p['model'], p['mode']): p for p in report['products_alone']}
     assert set(products) == set(rows)
-    for key, p in products.items():
+    for p in products.values():
         assert p['calls'] >= p['distinct'] > 0 and p['alone_s'] > 0 and p['profiled_s'] > 0
-        assert p['alone_s'] < rows[key]['median_s']
     product_rows = [line.strip('| ').split(' | ') for line in lines if line.count(' ms | ') == 3]
     assert len(product_rows) == 6
     for cells in product_rows:
