@@ -279,3 +279,11 @@ def test_only_the_stages_own_tensors_are_overwritten(cls):
     with torch.no_grad():
         assert block(x, (4, 4), (0, 0), None, overwrite=True) is not x
     assert torch.equal(x, kept)
+
+
+def test_passes_are_chunked_on_the_cpu_only():
+    """Cache-sized chunks on the CPU; one piece on other devices, where chunks only add kernel launches."""
+    cpu, meta = torch.zeros(2, 3), torch.zeros(2, 3, device='meta')
+    assert layers.chunk_tokens(cpu) == layers.CHUNK_TOKENS
+    assert layers.mlp_chunk_elements(cpu) == layers.MLP_CHUNK_ELEMENTS
+    assert layers.chunk_tokens(meta) >= 2 ** 62 and layers.mlp_chunk_elements(meta) >= 2 ** 62

@@ -4,7 +4,7 @@ Both run through ``F.scaled_dot_product_attention`` with the position bias and t
 additive ``attn_mask`` where its kernels are the fastest (see ``matmul.attention``), else through the
 plain matmul/softmax path, which ``use_sdpa=False`` selects everywhere (the reference).
 
-Inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` tokens, from the qkv projection to
+CPU inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` tokens, from the qkv projection to
 the output projection, so that the intermediates stay in the CPU's caches and below the size that the C
 allocator maps afresh (page faults) on every allocation; the values are those of the unchunked path.
 """
@@ -117,7 +117,8 @@ class WindowAttention(nn.Module):
             q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
             return q, k, v, self.scale
         # q scaled first, as in the official model
-        q, k, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads, self.scale, layers.CHUNK_TOKENS)
+        q, k, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads, self.scale,
+                            layers.chunk_tokens(x))
         return q, k, v, 1.0
 
     def forward(self, x: torch.Tensor, window: Size2,
@@ -133,7 +134,7 @@ class WindowAttention(nn.Module):
             ``(B * nW, N, C)``.
         """
         bw, n, _ = x.shape
-        per_chunk = max(1, layers.CHUNK_TOKENS // n)
+        per_chunk = max(1, layers.chunk_tokens(x) // n)
         if bw <= per_chunk or torch.compiler.is_compiling() or needs_grad(x, *self.parameters()):
             return self.attend(x, window, mask)
         nw = bw if mask is None else mask.shape[0]
@@ -214,7 +215,7 @@ class CosineWindowAttention(WindowAttention):
             q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
-                                chunk_tokens=layers.CHUNK_TOKENS)
+                                chunk_tokens=layers.chunk_tokens(x))
         # Lengths of q and k: constants to autograd, whose gradient unit_vectors writes itself.
         with torch.no_grad():
             norm_q, norm_k = vector_lengths(q), vector_lengths(k)

@@ -1,4 +1,5 @@
 """Small building blocks shared by both Swin versions: norm/activation builders, DropPath, Mlp."""
+import sys
 from typing import Callable, Dict, Optional
 
 import torch
@@ -13,6 +14,18 @@ CHUNK_TOKENS = 4096
 # Elements of the MLP's hidden activation per chunk in training: Swin-T's first stage in chunks of
 # CHUNK_TOKENS tokens, later (wider) stages in proportionally fewer.
 MLP_CHUNK_ELEMENTS = CHUNK_TOKENS * 384
+
+
+def chunk_tokens(x: torch.Tensor) -> int:
+    """Tokens per chunk of the chunked passes over ``x``: :data:`CHUNK_TOKENS` on the CPU, all of them on
+    other devices (a GPU has no use for cache-sized pieces, and every chunk costs kernel launches)."""
+    return CHUNK_TOKENS if x.device.type == 'cpu' else sys.maxsize
+
+
+def mlp_chunk_elements(x: torch.Tensor) -> int:
+    """Hidden elements per chunk of the training MLP over ``x``: :data:`MLP_CHUNK_ELEMENTS` on the CPU,
+    everything at once on other devices."""
+    return MLP_CHUNK_ELEMENTS if x.device.type == 'cpu' else sys.maxsize
 
 _NORMS: Dict[str, Callable[..., nn.Module]] = {
     'LN': nn.LayerNorm,
@@ -85,7 +98,7 @@ class Mlp(nn.Module):
     """The transformer MLP ``fc1 -> act -> drop -> fc2 -> drop`` with the official names. With GELU and
     no dropout, training keeps only ``fc1``'s output for backward (:func:`gelu_mlp`). Inference runs in
     chunks of :data:`CHUNK_TOKENS` tokens, applying the GELU in place, so that the ``(tokens, hidden)``
-    activations stay in the CPU's caches and are never allocated whole."""
+    activations stay in the CPU's caches and are never allocated whole (in one piece on other devices)."""
 
     def __init__(self, dim: int, hidden_dim: int, act_cfg: Optional[dict] = None,
                  drop: float = 0.0) -> None:
@@ -99,16 +112,17 @@ class Mlp(nn.Module):
         """``(..., C)`` to ``(..., C)``."""
         recorded = needs_grad(x, self.fc1.weight, self.fc2.weight)
         if recorded and isinstance(self.act, nn.GELU) and self.drop.p == 0:
-            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate, MLP_CHUNK_ELEMENTS)
-        if recorded or torch.compiler.is_compiling() or x.numel() <= CHUNK_TOKENS * x.shape[-1]:
+            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate, mlp_chunk_elements(x))
+        chunk = chunk_tokens(x)
+        if recorded or torch.compiler.is_compiling() or x.numel() <= chunk * x.shape[-1]:
             return self.layers(x)
         rows = x.reshape(-1, x.shape[-1])
         out = None
-        for start in range(0, rows.shape[0], CHUNK_TOKENS):
-            part = self.layers(rows[start:start + CHUNK_TOKENS])
+        for start in range(0, rows.shape[0], chunk):
+            part = self.layers(rows[start:start + chunk])
             if out is None:
                 out = part.new_empty(rows.shape[0], part.shape[-1])
-            out[start:start + CHUNK_TOKENS] = part
+            out[start:start + chunk] = part
         return out.view(*x.shape[:-1], -1)
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
                 q, k, v = (t.reshape(bw // nw, nw * heads, n, -1) for t in (q, k, v))
                 bias = bias.reshape(1, nw * heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-        return out.view(bw, heads, n, -1)
+        return out.reshape(bw, heads, n, -1)  # (a CUDA kernel's output may be laid out (B, N, H, d))
     # The bias and the mask are added in place, each broadcast: no (B * nW, nH, N, N) tensor but the logits.
     # The product is taken in the (B, nW, nH, N, N) shape the mask broadcasts over: an in-place add on a
     # view of it would make autograd copy the whole logit gradient in the backward.
