@@ -301,7 +301,8 @@ def peak_train_memory(name: str, window: int, size: List[int], precision: str, d
     set under the environment's allocator settings (``rss_bytes``; with glibc's defaults it includes
     what the allocator keeps for reuse) and with :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the resident set of live memory)."""
     if device.type == 'cuda':
-        model = build_model(name, window, with_cp=with_cp).to(device).train()
+        model = build_model(name, window, with_cp=with_cp).to(device)
+        model.train()  # (mmdet's Swin returns None from train())
         x = torch.randn(*size, device=device)
         step = step_fn(model, x, 'train', precision)
         torch.cuda.synchronize(device)
@@ -639,6 +640,7 @@ def main(argv=None) -> dict:
                 for name, cosine in group.get('cosine', {}).items():
                     report.setdefault('cosine_to_fp32', []).append(
                         dict(size=size, precision=precision, model=name, cosine=cosine))
+                write_report(report, args.out)
         if not args.no_memory:
             for name in args.memory_models or names:
                 for with_cp in ([False, True] if name.startswith(('mmswin', 'mmdet')) else [False]):
@@ -648,16 +650,23 @@ def main(argv=None) -> dict:
                     print(f'{"x".join(map(str, size)):>14} memory {name:>14} with_cp={with_cp!s:>5}: '
                           + ', '.join(f'{key.replace("_bytes", "")} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
                           flush=True)
+                    write_report(report, args.out)
     if args.plot:
         report['throughput_sweep'] = throughput_sweep(names, args.window, args.plot_sizes, str(device), args.repeats,
                                                       args.warmup)
         plot_sweep(report['throughput_sweep'], args.plot, report['device'])
         print(f'plot written to {args.plot}')
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=1)
+    write_report(report, args.out)
     print(f'report written to {args.out}')
     return report
+
+
+def write_report(report: dict, path: str) -> None:
+    """The report as JSON, replaced whole (written after every group, so a stopped run keeps its rows)."""
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 if __name__ == '__main__':
