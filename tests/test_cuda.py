@@ -102,6 +102,25 @@ def test_training_step_on_cuda_equals_cpu(cls, with_cp, use_sdpa):
         torch.testing.assert_close(grads[name].cpu(), ref, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize('use_sdpa', [True, False], ids=['sdpa', 'eager'])
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_inference_on_cuda_never_waits_for_the_device(cls, use_sdpa):
+    """An inference forward only queues kernels: no copy to the host and no synchronisation, which would
+    stall the launch-bound small batches of detection and segmentation and break CUDA graph capture."""
+    model = _perturbed(cls, use_sdpa=use_sdpa).to(CUDA).eval()
+    x = torch.randn(2, 3, 61, 75, device=CUDA)  # padded and shifted
+    with torch.no_grad():
+        expected = model(x)  # builds the per-size window indices and masks (copied to the GPU once)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            outs = model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 def test_autocast_on_cuda(cls, dtype):

@@ -5,7 +5,7 @@ import torch
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models import layers
-from mmswin.models.attention import unit_vectors
+from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
 from mmswin.models.windows import gather_windows, scatter_windows, window_indices
 
 TINY = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
@@ -161,6 +161,29 @@ def test_inference_reuses_position_bias_until_parameters_change(cls, monkeypatch
     for a, b in zip(changed, expected):
         assert torch.equal(a, b)
     assert not torch.equal(changed[0], first[0])
+
+
+@pytest.mark.parametrize('cls', [WindowAttention, CosineWindowAttention])
+def test_position_bias_is_kept_on_the_cpu_only(cls, monkeypatch):
+    """Off the CPU the bias is computed on every call and never compared with a kept copy: the comparison
+    would wait for the device once per block (and break CUDA graph capture). ``meta`` stands in for a
+    GPU here; tests/test_cuda.py checks a CUDA forward for synchronisations."""
+    torch.manual_seed(0)
+    cpu = cls(32, 2, 4).eval()
+    meta = cls(32, 2, 4).to('meta').eval()
+    calls = count_bias_computations(cpu, monkeypatch)
+    with torch.no_grad():
+        kept = cpu.attention_bias((4, 4), torch.float32)
+        assert cpu.attention_bias((4, 4), torch.float32) is kept and len(calls) == 1
+
+        def no_comparison(*args):
+            raise AssertionError('a bias off the CPU was compared with a kept copy')
+
+        monkeypatch.setattr(torch, 'equal', no_comparison)
+        for _ in range(2):
+            bias = meta.attention_bias((4, 4), torch.float32)
+            assert bias.device.type == 'meta' and bias.shape == (1, 2, 16, 16)
+        assert len(calls) == 3 and meta._bias_cache is None
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])

@@ -8,6 +8,7 @@ CPU inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` token
 the output projection, so that the intermediates stay in the CPU's caches and below the size that the C
 allocator maps afresh (page faults) on every allocation; the values are those of the unchunked path.
 """
+import contextlib
 import math
 from typing import List, Optional, Sequence
 
@@ -81,13 +82,16 @@ class WindowAttention(nn.Module):
         """:meth:`position_bias` as a contiguous ``(1, nH, N, N)`` in ``dtype`` (adding the permuted view
         that the table lookup gives to the logits is ten times slower than adding a contiguous one).
 
-        When no gradient is wanted for it (inference, or frozen parameters) it is reused while the window,
-        dtype, inference mode and the values of :meth:`position_bias_parameters` stay the same. The values
-        are compared with a copy kept beside the bias (a few thousand numbers), not through version
-        counters, which miss writes through ``.data`` such as those of EMA hooks.
+        On the CPU, when no gradient is wanted for it (inference, or frozen parameters), it is reused
+        while the window, dtype, inference mode and the values of :meth:`position_bias_parameters` stay
+        the same. The values are compared with a copy kept beside the bias (a few thousand numbers), not
+        through version counters, which miss writes through ``.data`` such as those of EMA hooks. On
+        other devices it is computed on every call: the comparison would wait for the device (a
+        synchronisation per block, which also breaks CUDA graph capture), and the few kernels that
+        compute it cost less than that.
         """
         params = self.position_bias_parameters()
-        if torch.compiler.is_compiling() or (
+        if torch.compiler.is_compiling() or any(p.device.type != 'cpu' for p in params) or (
                 torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self.position_bias(window).to(dtype, memory_format=torch.contiguous_format).unsqueeze(0)
         key = (window, dtype, torch.is_inference_mode_enabled())
@@ -200,7 +204,8 @@ class CosineWindowAttention(WindowAttention):
         index = relative_position_index_on(*window, str(device))
         n = window[0] * window[1]
         # In float32 even under autocast: the MLP's output goes through a sigmoid scaled by 16.
-        with torch.autocast(device_type=device.type, enabled=False):
+        with torch.autocast(device_type=device.type, enabled=False) if torch.amp.is_autocast_available(
+                device.type) else contextlib.nullcontext():
             table = self.cpb_mlp(coords).float()  # ((2wh-1)(2ww-1), nH)
         bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
