@@ -105,8 +105,8 @@ def test_training_step_on_cuda_equals_cpu(cls, with_cp, use_sdpa):
 @pytest.mark.parametrize('use_sdpa', [True, False], ids=['sdpa', 'eager'])
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 def test_inference_on_cuda_never_waits_for_the_device(cls, use_sdpa):
-    """An inference forward only queues kernels: no copy to the host and no synchronisation, which would
-    stall the launch-bound small batches of detection and segmentation and break CUDA graph capture."""
+    """An inference forward only queues kernels: no copy to the host and no synchronisation (the host
+    would wait for the device, and CUDA graph capture fails on one)."""
     model = _perturbed(cls, use_sdpa=use_sdpa).to(CUDA).eval()
     x = torch.randn(2, 3, 61, 75, device=CUDA)  # padded and shifted
     with torch.no_grad():

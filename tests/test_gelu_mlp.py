@@ -111,3 +111,34 @@ def test_bf16_weight_gradients_are_the_fp32_sums_of_the_chunk_products(monkeypat
         expected_w1 += (grad_h.t() @ xs).float()
     assert torch.equal(grad_w1, expected_w1) and torch.equal(grad_w2, expected_w2)
     assert not torch.equal(grad_w1.bfloat16().float(), grad_w1)  # sums that bf16 cannot hold
+
+
+def ops_inside(prof, name: str) -> set:
+    """Names of the operators that the profiled calls named ``name`` issue themselves."""
+    calls = [e for e in prof.events() if e.name == name]
+    assert calls, name
+    return {c.name for e in calls for c in e.cpu_children}
+
+
+NO_ACCUMULATORS = {'aten::zeros', 'aten::new_zeros', 'aten::zeros_like', 'aten::zero_', 'aten::fill_',
+                   'aten::add_'}
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_one_chunk_gradients_are_the_products_themselves(dtype):
+    """In one chunk (a GPU's case) the weight and bias gradients are that chunk's products and sums: no
+    zero-filled accumulators and no additions; in fp32 they are autograd's bit for bit."""
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    reference = copy.deepcopy(mlp)
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype is not None):
+        out = gelu_mlp_module.gelu_mlp(x, mlp.fc1, mlp.fc2, chunk_elements=27 * 64)
+    with torch.profiler.profile() as prof:
+        out.float().square().sum().backward()
+    ops = ops_inside(prof, '_GeluMlpBackward')
+    assert 'aten::matmul' in ops and not ops & NO_ACCUMULATORS, ops
+    assert all(p.grad.dtype == torch.float32 for p in mlp.parameters())
+    if dtype is None:
+        expected = run(reference, x.detach(), 2 * out.detach(), layer_by_layer=True)
+        assert all(torch.equal(a.grad, b) for a, b in zip(mlp.parameters(), expected[2]))

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from mmswin.models import qkv_projection
 from mmswin.models.qkv_projection import qkv_heads
 
+from .test_gelu_mlp import NO_ACCUMULATORS, ops_inside
+
 WINDOWS, TOKENS, DIM, HEADS = 7, 16, 8, 2
 
 
@@ -109,3 +111,17 @@ def test_bf16_parameter_gradients_are_the_fp32_sums_of_the_chunk_products(bf16_m
     assert torch.equal(weight.grad, expected_w)
     assert not torch.equal(weight.grad.bfloat16().float(), weight.grad)  # sums that bf16 cannot hold
     torch.testing.assert_close(x.grad, (g.float() @ wb.float()).bfloat16().float(), rtol=0, atol=0)
+
+
+def test_one_chunk_gradients_are_the_products_themselves():
+    """All windows in one chunk (a GPU's case): the weight and bias gradients are the products and sums
+    themselves, with no zero-filled accumulator and no addition, equal to the plain projection's."""
+    x, weight, b = inputs(dtype=torch.float32)
+    loss = sum((t * t).sum() for t in qkv_heads(x, weight, b, HEADS, 0.5, chunk_tokens=WINDOWS * TOKENS))
+    with torch.profiler.profile() as prof:
+        got = torch.autograd.grad(loss, (x, weight, b))
+    ops = ops_inside(prof, '_QkvHeadsBackward')
+    assert 'aten::matmul' in ops and not ops & NO_ACCUMULATORS, ops
+    expected = torch.autograd.grad(sum((t * t).sum() for t in reference(x, weight, b, 0.5)), (x, weight, b))
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .matmul import bf16_products_in_fp32, chunk_linear, chunk_mm
+from .matmul import add_chunk, bf16_products_in_fp32, chunk_linear, chunk_mm
 
 
 class _GeluMlp(torch.autograd.Function):
@@ -52,24 +52,23 @@ class _GeluMlp(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         # Weight gradients are sums over tokens: accumulated over the chunks in fp32.
         sums = torch.promote_types(w1.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
-        grad_w1 = w1.new_zeros(w1.shape, dtype=sums) if need_w1 else None
-        grad_w2 = w2.new_zeros(w2.shape, dtype=sums) if need_w2 else None
+        need_b1 = need_b1 and ctx.has_bias[0]
+        grad_w1 = grad_w2 = grad_b1 = None
         grad_x = x2.new_empty(x2.shape) if need_x else None
-        grad_b1 = (hidden[0].new_zeros(hidden[0].shape[-1], dtype=sums)
-                   if need_b1 and ctx.has_bias[0] else None)
         start = 0
         for h in hidden:
             rows = slice(start, start + h.shape[0])
             start += h.shape[0]
             g_out = grad_out[rows]
-            if grad_w2 is not None:
-                grad_w2 += chunk_mm(g_out.t(), F.gelu(h, approximate=approximate), fp32)
+            if need_w2:
+                act = F.gelu(h, approximate=approximate)
+                grad_w2 = add_chunk(grad_w2, chunk_mm(g_out.t(), act, fp32), sums)
             grad_h = torch.ops.aten.gelu_backward(chunk_mm(g_out, w2, fp32), h, approximate=approximate)
-            if grad_w1 is not None:
-                grad_w1 += chunk_mm(grad_h.t(), x2[rows], fp32)
-            if grad_b1 is not None:
+            if need_w1:
+                grad_w1 = add_chunk(grad_w1, chunk_mm(grad_h.t(), x2[rows], fp32), sums)
+            if need_b1:
                 # The kernel sums bf16/fp16 in fp32 already; dtype=float32 would first copy grad_h whole.
-                grad_b1 += grad_h.sum(0)
+                grad_b1 = add_chunk(grad_b1, grad_h.sum(0), sums)
             if grad_x is not None:
                 grad_x[rows] = chunk_mm(grad_h, w1, fp32)
         grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .layers import needs_grad
-from .matmul import bf16_products_in_fp32, chunk_linear, chunk_mm, linear
+from .matmul import add_chunk, bf16_products_in_fp32, chunk_linear, chunk_mm, linear
 
 Heads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -58,8 +58,8 @@ class _QkvHeads(torch.autograd.Function):
         heads, head_dim = like.shape[1], like.shape[3]
         grad_x = x.new_empty(x.shape) if need_x else None
         sums = torch.promote_types(w.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
-        grad_w = w.new_zeros(w.shape, dtype=sums) if need_w else None
-        grad_b = w.new_zeros(w.shape[0], dtype=sums) if need_b and ctx.param_dtypes[1] is not None else None
+        need_b = need_b and ctx.param_dtypes[1] is not None
+        grad_w = grad_b = None
         for start in range(0, bw, ctx.chunk):
             rows = slice(start, min(start + ctx.chunk, bw))
             g = like.new_empty(rows.stop - start, n, 3, heads, head_dim)
@@ -74,10 +74,10 @@ class _QkvHeads(torch.autograd.Function):
             g = g.view(-1, 3 * c)
             if grad_x is not None:
                 grad_x[rows] = chunk_mm(g, w, ctx.fp32_products).view(-1, n, c)
-            if grad_w is not None:
-                grad_w += chunk_mm(g.t(), x[rows].reshape(-1, c), ctx.fp32_products)
-            if grad_b is not None:
-                grad_b += g.sum(0)  # summed in fp32 by the kernel, rounded once per chunk
+            if need_w:
+                grad_w = add_chunk(grad_w, chunk_mm(g.t(), x[rows].reshape(-1, c), ctx.fp32_products), sums)
+            if need_b:
+                grad_b = add_chunk(grad_b, g.sum(0), sums)  # the kernel sums in fp32, rounded once per chunk
         grad_w = None if grad_w is None else grad_w.to(ctx.param_dtypes[0])
         grad_b = None if grad_b is None else grad_b.to(ctx.param_dtypes[1])
         return grad_x, grad_w, grad_b, None, None, None, None
