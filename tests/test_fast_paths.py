@@ -187,6 +187,22 @@ def test_position_bias_is_kept_on_the_cpu_only(cls, monkeypatch):
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_training_step_on_the_meta_device(cls):
+    """On ``meta`` (shapes without data, and a device without autocast) a training step gives the CPU's
+    output shapes and a gradient of its shape for every parameter."""
+    torch.manual_seed(0)
+    cpu = cls(**TINY, window_size=4)
+    meta = cls(**TINY, window_size=4).to('meta')
+    x = torch.randn(2, 3, 70, 90)
+    expected = [o.shape for o in cpu(x)]
+    outs = meta(x.to('meta'))
+    assert [o.shape for o in outs] == expected and all(o.device.type == 'meta' for o in outs)
+    sum(o.sum() for o in outs).backward()
+    for name, p in meta.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 def test_training_after_inference_gets_position_bias_gradients(cls):
     """A bias kept from inference is never used where its parameters want a gradient."""
     torch.manual_seed(0)

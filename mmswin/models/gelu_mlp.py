@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .matmul import add_chunk, bf16_products_in_fp32, chunk_linear, chunk_mm
+from .matmul import add_chunk, autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm
 
 
 class _GeluMlp(torch.autograd.Function):
@@ -86,7 +86,7 @@ def gelu_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approx
     chunk = max(1, chunk_elements // fc1.out_features)
     device = x.device.type
     fp32_products = bf16_products_in_fp32(x)
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = autocast_dtype(x)
+    with autocast_off(device):
         return _GeluMlp.apply(x.to(dtype), fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate,
                               fp32_products, chunk)

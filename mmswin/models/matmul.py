@@ -16,6 +16,7 @@ bias into the output or to apply the GELU, one rounding instead of two.
 ``MMSWIN_BF16_MATMUL=native`` uses PyTorch's kernels as they are, ``=fp32`` forces the substitution and
 ``=onednn`` the fused linear (for tests).
 """
+import contextlib
 import os
 from functools import lru_cache
 from typing import Optional
@@ -47,6 +48,22 @@ def bf16_matmul_setting() -> str:
     if mode not in ('auto', 'native', 'fp32', 'onednn'):
         raise ValueError(f"MMSWIN_BF16_MATMUL must be 'auto', 'native', 'fp32' or 'onednn', got {mode!r}")
     return mode
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives products of ``x`` on its device: the autocast dtype where autocast is on,
+    else ``x.dtype`` (also on devices without autocast, such as ``meta``)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled on ``device_type`` (nothing to disable on devices without it)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _bf16_matmul_mode(x: torch.Tensor) -> Optional[str]:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .layers import needs_grad
-from .matmul import add_chunk, bf16_products_in_fp32, chunk_linear, chunk_mm, linear
+from .matmul import add_chunk, autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm, linear
 
 Heads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -107,7 +107,7 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         return q, k, v
     device = x.device.type
     fp32_products = bf16_products_in_fp32(x)
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = autocast_dtype(x)
+    with autocast_off(device):
         return _QkvHeads.apply(x.to(dtype), weight, bias, heads, scale, fp32_products,
                                max(1, chunk_tokens // n))
