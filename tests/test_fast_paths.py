@@ -1,12 +1,15 @@
 """The fast paths: inference attention runs in SDPA's fused CPU kernel (the math
 fallback is several times slower), whatever the batch, the shift and the version."""
+import math
+
 import pytest
 import torch
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models import layers
 from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
-from mmswin.models.windows import gather_windows, scatter_windows, window_indices
+from mmswin.models.windows import (gather_windows, log_spaced_coords_on, relative_position_index, scatter_windows,
+                                   window_indices)
 
 TINY = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 FUSED = 'aten::_scaled_dot_product_flash_attention_for_cpu'
@@ -184,6 +187,67 @@ def test_position_bias_is_kept_on_the_cpu_only(cls, monkeypatch):
             bias = meta.attention_bias((4, 4), torch.float32)
             assert bias.device.type == 'meta' and bias.shape == (1, 2, 16, 16)
         assert len(calls) == 3 and meta._bias_cache is None
+
+
+@pytest.mark.parametrize('cls', [WindowAttention, CosineWindowAttention])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('training', [False, True])
+def test_position_bias_is_the_official_lookup_laid_out_contiguously(cls, dtype, training):
+    """The bias added to the logits is contiguous in every dtype (a permuted view adds several times
+    slower) and holds the official values: the table looked up per offset pair, permuted to heads first
+    (V2: then ``16 * sigmoid``)."""
+    torch.manual_seed(0)
+    attn = cls(32, 2, 4).train(training)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0.0, 0.5)
+    with torch.set_grad_enabled(training):
+        bias = attn.attention_bias((4, 4), dtype)
+    assert bias.shape == (1, 2, 16, 16) and bias.dtype == dtype and bias.is_contiguous()
+    index = relative_position_index((4, 4)).view(-1)
+    with torch.no_grad():
+        if cls is WindowAttention:
+            expected = attn.relative_position_bias_table[index].view(16, 16, -1).permute(2, 0, 1)
+        else:
+            table = attn.cpb_mlp(log_spaced_coords_on(4, 4, 0, 'cpu'))
+            expected = 16 * torch.sigmoid(table[index].view(16, 16, -1).permute(2, 0, 1).contiguous())
+    torch.testing.assert_close(bias[0].float(), expected.to(dtype).float(), rtol=1.3e-6, atol=1e-5)
+
+
+def test_v2_normalises_queries_and_keys_in_one_pass():
+    """V2's cosine attention takes the lengths of queries and keys in one reduction and normalises both
+    in one autograd node (one pass forward, one backward: half the kernels of doing each apart), with the
+    gradients of the official ``F.normalize`` form."""
+    torch.manual_seed(0)
+    attn = CosineWindowAttention(32, 2, 4)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(6, 16, 32, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        q, k, v, scale = attn.queries_keys_values(x)
+    assert [e.count for e in prof.key_averages() if e.key == 'aten::linalg_vector_norm'] == [1]
+    assert q.grad_fn is k.grad_fn  # the unbind of one output
+    assert type(q.grad_fn.next_functions[0][0]).__name__ == '_ScaledUnitVectorsBackward'
+
+    reference = CosineWindowAttention(32, 2, 4)
+    reference.load_state_dict(attn.state_dict())
+    x_ref = x.detach().clone().requires_grad_(True)
+    qkv = torch.nn.functional.linear(x_ref, reference.qkv.weight, reference.qkv_bias())
+    q_ref, k_ref, v_ref = qkv.view(6, 16, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    log_scale = torch.clamp(reference.logit_scale, max=math.log(100.0))
+    q_ref = torch.nn.functional.normalize(q_ref, dim=-1) * log_scale.exp()
+    k_ref = torch.nn.functional.normalize(k_ref, dim=-1)
+    weights = [torch.randn_like(t) for t in (q, k, v)]
+    for ours, theirs in zip((q, k, v), (q_ref, k_ref, v_ref)):
+        torch.testing.assert_close(ours, theirs)
+    sum((t * w).sum() for t, w in zip((q, k, v), weights)).backward()
+    sum((t * w).sum() for t, w in zip((q_ref, k_ref, v_ref), weights)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    theirs = dict(reference.named_parameters())
+    for name, p in attn.named_parameters():
+        if 'cpb_mlp' not in name:
+            torch.testing.assert_close(p.grad, theirs[name].grad, msg=name)
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])

@@ -125,3 +125,22 @@ def test_one_chunk_gradients_are_the_products_themselves():
     expected = torch.autograd.grad(sum((t * t).sum() for t in reference(x, weight, b, 0.5)), (x, weight, b))
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('record', [False, True])
+def test_stacked_queries_and_keys_are_the_split_ones(record):
+    """``stack_qk=True`` returns ``(qk, v)`` with ``qk[0], qk[1]`` the queries and keys of the split form:
+    the same values, and (training, chunked) the same gradients."""
+    x, weight, b = inputs()
+    with torch.set_grad_enabled(record):
+        qk, v = qkv_heads(x, weight, b, HEADS, 0.5, chunk_tokens=3 * TOKENS, stack_qk=True)
+        split = qkv_heads(x, weight, b, HEADS, 0.5, chunk_tokens=3 * TOKENS)
+    assert qk.shape == (2, WINDOWS, HEADS, TOKENS, DIM // HEADS) and qk.is_contiguous()
+    for o, e in zip((*qk.unbind(0), v), split):
+        assert torch.equal(o, e)
+    if record:
+        weights = [torch.randn_like(e) for e in split]
+        got = grads_of((*qk.unbind(0), v), weights, None, x, weight, b)
+        want = grads_of(split, weights, None, x, weight, b)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)

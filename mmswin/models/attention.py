@@ -8,16 +8,16 @@ CPU inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` token
 the output projection, so that the intermediates stay in the CPU's caches and below the size that the C
 allocator maps afresh (page faults) on every allocation; the values are those of the unchunked path.
 """
-import contextlib
 import math
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import layers
 from .layers import needs_grad
-from .matmul import Linear, attention, linear
+from .matmul import Linear, attention, autocast_off, linear
 from .qkv_projection import qkv_heads
 from .windows import Size2, log_spaced_coords_on, relative_position_index, relative_position_index_on
 
@@ -71,16 +71,15 @@ class WindowAttention(nn.Module):
             raise ValueError(f'V1 attention has a bias table for window {self.window_size}, '
                              f'got window {window}')
         n = window[0] * window[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1)
+        return gather_bias(self.relative_position_bias_table, self.relative_position_index, n)
 
     def position_bias_parameters(self) -> List[nn.Parameter]:
         """The parameters :meth:`position_bias` is computed from."""
         return [self.relative_position_bias_table]
 
     def attention_bias(self, window: Size2, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`position_bias` as a contiguous ``(1, nH, N, N)`` in ``dtype`` (adding the permuted view
-        that the table lookup gives to the logits is ten times slower than adding a contiguous one).
+        """:meth:`position_bias` as a contiguous ``(1, nH, N, N)`` in ``dtype`` (adding a permuted view of a
+        table lookup to the logits is ten times slower than adding a contiguous one).
 
         On the CPU, when no gradient is wanted for it (inference, or frozen parameters), it is reused
         while the window, dtype, inference mode and the values of :meth:`position_bias_parameters` stay
@@ -202,12 +201,11 @@ class CosineWindowAttention(WindowAttention):
         coords = log_spaced_coords_on(*window, self.pretrained_window_size, str(device))
         index = relative_position_index_on(*window, str(device))
         n = window[0] * window[1]
-        # In float32 even under autocast: the MLP's output goes through a sigmoid scaled by 16.
-        with torch.autocast(device_type=device.type, enabled=False) if torch.amp.is_autocast_available(
-                device.type) else contextlib.nullcontext():
-            table = self.cpb_mlp(coords).float()  # ((2wh-1)(2ww-1), nH)
-        bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
-        return 16 * torch.sigmoid(bias)
+        # In float32 even under autocast: the MLP's output goes through a sigmoid scaled by 16 (applied to
+        # the table before the lookup: the same values, computed once per offset).
+        with autocast_off(device.type):
+            table = 16 * torch.sigmoid(self.cpb_mlp(coords).float())  # ((2wh-1)(2ww-1), nH)
+        return gather_bias(table, index, n)
 
     def qkv_bias(self) -> Optional[torch.Tensor]:
         if self.q_bias is None:
@@ -216,15 +214,22 @@ class CosineWindowAttention(WindowAttention):
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         if torch.compiler.is_compiling():
-            q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = self.project_qkv(x).permute(2, 0, 3, 1, 4)
+            qk, v = qkv[:2], qkv[2]
         else:
-            q, k, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
-                                chunk_tokens=layers.chunk_tokens(x))
-        # Lengths of q and k: constants to autograd, whose gradient unit_vectors writes itself.
+            qk, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
+                              chunk_tokens=layers.chunk_tokens(x), stack_qk=True)
+        # Queries and keys normalised together, (2, B_, nH, N, d): one pass, and one in the backward.
+        # Their lengths are constants to autograd, whose gradient unit_vectors writes itself.
         with torch.no_grad():
-            norm_q, norm_k = vector_lengths(q), vector_lengths(k)
-        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-        return unit_vectors(q, scale, norm_q), unit_vectors(k, None, norm_k), v, 1.0
+            norms = vector_lengths(qk)
+        return (*unit_vectors(qk, self.logit_scales(), norms).unbind(0), v, 1.0)
+
+    def logit_scales(self) -> torch.Tensor:
+        """``(2, 1, nH, 1, 1)``: the clamped learned logit scale of the queries and 1 for the keys (the
+        exponential of a zero padded to the log-scale)."""
+        log_scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).view(1, 1, -1, 1, 1)
+        return F.pad(log_scale, (0, 0, 0, 0, 0, 0, 0, 0, 0, 1)).exp()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pretrained_window_size={self.pretrained_window_size}'
@@ -258,6 +263,12 @@ class _ScaledUnitVectors(torch.autograd.Function):
         if ctx.scale_shape is not None and ctx.needs_input_grad[2]:
             grad_scale = (dot * inv).sum_to_size(ctx.scale_shape)
         return grad_x, None, grad_scale, None
+
+
+def gather_bias(table: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``(nH, N, N)`` bias of ``N = n`` tokens from a ``(offsets, nH)`` table and the ``(N, N)`` offset
+    ``index``, gathered straight into that layout (contiguous; no copy of a permuted lookup)."""
+    return table.t()[:, index.view(-1)].view(-1, n, n)
 
 
 def vector_lengths(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 
 from .layers import needs_grad
-from .matmul import add_chunk, autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm, linear
+from .matmul import (add_chunk, autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm,
+                     linear)
 
 Heads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -28,11 +29,25 @@ def _write_heads(qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     v.copy_(parts[2])
 
 
+def _empty_heads(x: torch.Tensor, heads: int, n: int, head_dim: int, stack_qk: bool) -> tuple:
+    """Uninitialised outputs for ``B_ = x.shape[0]`` windows: ``(qk, v)`` with ``qk: (2, B_, nH, N, d)`` if
+    ``stack_qk``, else ``(q, k, v)``, each ``(B_, nH, N, d)``."""
+    bw = x.shape[0]
+    if stack_qk:
+        return x.new_empty(2, bw, heads, n, head_dim), x.new_empty(bw, heads, n, head_dim)
+    return tuple(x.new_empty(bw, heads, n, head_dim) for _ in range(3))
+
+
+def _split_heads(outputs: tuple, stack_qk: bool) -> Heads:
+    """``(q, k, v)`` of :func:`_empty_heads`' outputs."""
+    return (*outputs[0].unbind(0), outputs[1]) if stack_qk else outputs
+
+
 class _QkvHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads: int,
-                scale: float, fp32_products: bool, chunk: int) -> Heads:
+                scale: float, fp32_products: bool, chunk: int, stack_qk: bool) -> tuple:
         # The parameters come in their own dtype and are cast here, so that their gradients are returned
         # in that dtype straight from the fp32 sums.
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -40,17 +55,20 @@ class _QkvHeads(torch.autograd.Function):
         b = None if bias is None else bias.to(x.dtype)
         bw, n, _ = x.shape
         head_dim = w.shape[0] // (3 * heads)
-        q, k, v = (x.new_empty(bw, heads, n, head_dim) for _ in range(3))
+        outputs = _empty_heads(x, heads, n, head_dim, stack_qk)
+        q, k, v = _split_heads(outputs, stack_qk)
         for start in range(0, bw, chunk):
             rows = slice(start, min(start + chunk, bw))
             qkv = chunk_linear(x[rows], w, b, fp32_products)
             _write_heads(qkv.view(-1, n, 3, heads, head_dim), q[rows], k[rows], v[rows], scale)
         ctx.save_for_backward(x, w)
-        ctx.scale, ctx.fp32_products, ctx.chunk = scale, fp32_products, chunk
-        return q, k, v
+        ctx.scale, ctx.fp32_products, ctx.chunk, ctx.stack_qk = scale, fp32_products, chunk, stack_qk
+        return outputs
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]) -> tuple:
+        if ctx.stack_qk:
+            grads = (None, None, grads[1]) if grads[0] is None else (*grads[0].unbind(0), grads[1])
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         bw, n, c = x.shape
@@ -80,11 +98,11 @@ class _QkvHeads(torch.autograd.Function):
                 grad_b = add_chunk(grad_b, g.sum(0), sums)  # the kernel sums in fp32, rounded once per chunk
         grad_w = None if grad_w is None else grad_w.to(ctx.param_dtypes[0])
         grad_b = None if grad_b is None else grad_b.to(ctx.param_dtypes[1])
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads: int,
-              scale: float = 1.0, chunk_tokens: int = 4096) -> Heads:
+              scale: float = 1.0, chunk_tokens: int = 4096, stack_qk: bool = False) -> tuple:
     """``x @ weight^T + bias`` split into ``q * scale``, ``k`` and ``v`` for attention.
 
     Args:
@@ -94,20 +112,22 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         heads: Heads ``nH``.
         scale: Factor of the queries.
         chunk_tokens: Tokens per chunk (whole windows, at least one) where autograd records.
+        stack_qk: Return queries and keys stacked in one tensor (V2 normalises both in one pass).
 
     Returns:
-        Contiguous ``(B_, nH, N, C // nH)`` tensors ``q * scale, k, v``, in the current autocast dtype.
+        Contiguous ``(B_, nH, N, C // nH)`` tensors ``q * scale, k, v``, in the current autocast dtype;
+        with ``stack_qk``, ``(qk, v)`` where ``qk: (2, B_, nH, N, C // nH)`` holds ``q * scale`` and ``k``.
     """
     bw, n, _ = x.shape
     params = (weight,) if bias is None else (weight, bias)
     if not needs_grad(x, *params):
         qkv = linear(x, weight, bias)
-        q, k, v = (qkv.new_empty(bw, heads, n, qkv.shape[-1] // (3 * heads)) for _ in range(3))
-        _write_heads(qkv.view(bw, n, 3, heads, -1), q, k, v, scale)
-        return q, k, v
+        outputs = _empty_heads(qkv, heads, n, qkv.shape[-1] // (3 * heads), stack_qk)
+        _write_heads(qkv.view(bw, n, 3, heads, -1), *_split_heads(outputs, stack_qk), scale)
+        return outputs
     device = x.device.type
     fp32_products = bf16_products_in_fp32(x)
     dtype = autocast_dtype(x)
     with autocast_off(device):
         return _QkvHeads.apply(x.to(dtype), weight, bias, heads, scale, fp32_products,
-                               max(1, chunk_tokens // n))
+                               max(1, chunk_tokens // n), stack_qk)
