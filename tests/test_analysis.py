@@ -96,6 +96,14 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
         assert cells[7] == f"{rows[('mmdet-v1', cells[2])]['median_s'] / alone:.2f}x"
     memory_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | mmswin-v1 |')]
     assert len(memory_rows) == 2 and memory_rows[0].count('MiB') == 3
+    # operators per call, forward and backward: a training step runs more than a forward
+    operators = {(p['model'], p['mode']): p['operators'] for p in report['profiles']}
+    assert set(operators) == set(rows)
+    for model in ('mmswin-v1', 'mmswin-v2', 'mmdet-v1'):
+        assert 0 < operators[(model, 'inference')] < operators[(model, 'train')]
+    profile_rows = [line.strip('| ').split(' | ') for line in lines if line.count(' | ') == 5 and '%' in line]
+    assert sorted((cells[3], cells[2], int(cells[4])) for cells in profile_rows) == sorted(
+        (model, mode, count) for (model, mode), count in operators.items())
     # with_cp against without, per column
     assert memory_rows[1].count('less)') + memory_rows[1].count('more)') == 3
 
@@ -188,3 +196,19 @@ def test_products_replayed_with_the_recorded_operands():
     }
     result = benchmark.products_alone(step, torch.device('cpu'), repeats=2)
     assert result['calls'] == 4 and result['distinct'] == 3 and result['alone_s'] > 0
+
+
+
+def test_operator_count_leaves_out_views_and_allocations():
+    benchmark = load_benchmark_tool()
+    x = torch.randn(4, 6, requires_grad=True)
+
+    def step():
+        x.grad = None
+        torch.empty(4, 6)  # an allocation: no kernel
+        y = x.view(24).mul(2).view(4, 6).t()  # views around one operator
+        y.add(1).sum().backward()
+
+    # forward: mul, add, sum; backward: the ones of the loss's gradient and the mul of mul's gradient
+    # (sum's expand, the views' gradients and the detach of the new x.grad are views)
+    assert benchmark.operator_count(step) == 5

@@ -30,6 +30,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ARCH = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))  # Swin-T
 
@@ -330,6 +331,34 @@ def op_profile(step: Callable[[], None], top: int = 8) -> List[dict]:
             for e in events[:top]]
 
 
+# Allocations without a kernel; views are recognised by their schema (OpOverload.is_view).
+_NO_KERNEL = frozenset({'empty', 'empty_strided', 'new_empty', 'new_empty_strided', 'empty_like'})
+
+
+class _OperatorCount(TorchDispatchMode):
+    """Counts the operators dispatched below autograd, views and uninitialised allocations left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_count(step: Callable[[], None]) -> int:
+    """Operators that one call of ``step`` runs, forward and backward, counted below autograd with views and
+    uninitialised allocations left out: on a GPU, which one image at a time leaves bound by kernel
+    launches, each is one launch or more. On the CPU mmswin's passes run in cache-sized chunks, each
+    chunk its own operators, so there the count is not a GPU's."""
+    counter = _OperatorCount()
+    with counter:
+        step()
+    return counter.count
+
+
 # ---------------------------------------------------------------------------------------- products alone
 PRODUCT_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'mkldnn::_linear_pointwise')
 _DTYPES = {'float': torch.float32, 'c10::BFloat16': torch.bfloat16, 'c10::Half': torch.float16,
@@ -513,7 +542,7 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
                   repeats: int, warmup: int, profile: bool, compile_models: bool = False) -> dict:
     """Times of every model at one size, precision and mode (:func:`time_in_workers`; with
     ``compile_models`` also of each one compiled, and in inference the cosine of the compiled outputs to the
-    eager ones); with ``profile`` the top operators of each eager model; for fp32 inference the output
+    eager ones); with ``profile`` the top operators and the operator count of each eager model; for fp32 inference the output
     difference of mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's
     outputs with its fp32 outputs."""
     import mmswin  # noqa: F401
@@ -536,6 +565,7 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
              if compile_models and mode == 'inference' else {})
     if profile:
         group['profiles'] = {name: op_profile(fns[name]) for name in models}
+        group['operators'] = {name: operator_count(fns[name]) for name in models}
         if device.type == 'cpu':
             group['products_alone'] = {name: products_alone(fns[name], device) for name in models}
     if twins:
@@ -627,7 +657,8 @@ def main(argv=None) -> dict:
                           flush=True)
                 for name, ops in group.get('profiles', {}).items():
                     report.setdefault('profiles', []).append(
-                        dict(size=size, precision=precision, mode=mode, model=name, ops=ops))
+                        dict(size=size, precision=precision, mode=mode, model=name, ops=ops,
+                             operators=group['operators'][name]))
                 for name, products in group.get('products_alone', {}).items():
                     report.setdefault('products_alone', []).append(
                         dict(size=size, precision=precision, mode=mode, model=name, **products))

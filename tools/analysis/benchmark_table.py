@@ -5,7 +5,7 @@
 Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
 ratios to mmdet and V2/V1), on CPU the page faults and system time per call, the headroom over mmdet that the dense matmul rate leaves, the training
 memory table, bf16/fp16 agreement with fp32, and, when the reports hold profiles, the matrix products
-replayed alone and the top operators.
+replayed alone, the operators per call and the top operators.
 """
 import argparse
 import json
@@ -135,10 +135,13 @@ def profile_table(reports: List[dict], top: int = 4) -> List[str]:
     rows = [p for report in reports for p in report.get('profiles', [])]
     if not rows:
         return []
-    lines = ['| input | precision | mode | model | top operators by own CPU time |', '| --- | --- | --- | --- | --- |']
+    lines = ['| input | precision | mode | model | operators per call | top operators by own CPU time |',
+             '| --- | --- | --- | --- | ---: | --- |']
     for p in rows:
         ops = ', '.join(f"{o['op'].replace('aten::', '')} {o['share']:.0%}" for o in p['ops'][:top])
-        lines.append(f"| {_size(p['size'])} | {p['precision']} | {p['mode']} | {p['model']} | {ops} |")
+        count = p.get('operators')  # (absent from reports of earlier versions of the tool)
+        lines.append(f"| {_size(p['size'])} | {p['precision']} | {p['mode']} | {p['model']} "
+                     f"| {'' if count is None else count} | {ops} |")
     return lines
 
 
