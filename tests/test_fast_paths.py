@@ -8,6 +8,7 @@ import torch
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models import layers
 from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
+from mmswin.models.layers import DropPath, add_residual
 from mmswin.models.windows import (gather_windows, log_spaced_coords_on, relative_position_index, scatter_windows,
                                    window_indices)
 
@@ -390,3 +391,37 @@ def test_passes_are_chunked_on_the_cpu_only():
     assert layers.chunk_tokens(cpu) == layers.CHUNK_TOKENS
     assert layers.mlp_chunk_elements(cpu) == layers.MLP_CHUNK_ELEMENTS
     assert layers.chunk_tokens(meta) >= 2 ** 62 and layers.mlp_chunk_elements(meta) >= 2 ** 62
+
+
+@pytest.mark.parametrize('branch_dtype', [torch.float32, torch.bfloat16])
+def test_stochastic_depth_adds_the_scaled_branch_in_one_pass(branch_dtype):
+    """In training a residual with stochastic depth is ``x + branch * scales`` in one ``addcmul``: the
+    samples' factors are 0 or ``1 / keep``, values and gradients those of ``x + drop_path(branch)`` with the
+    same random draws, and no branch-sized product is written first."""
+    drop = DropPath(0.5).train()
+    x = torch.randn(8, 5, 6, requires_grad=True)
+    branch = torch.randn(8, 5, 6).to(branch_dtype).requires_grad_(True)
+    torch.manual_seed(3)
+    with torch.profiler.profile() as prof:
+        out = add_residual(x, branch, drop)
+    ops = {e.key for e in prof.key_averages()}
+    assert 'aten::addcmul' in ops and 'aten::mul' not in ops and 'aten::add' not in ops, ops
+    torch.manual_seed(3)
+    scales = drop.sample_scales(branch)
+    assert scales.shape == (8, 1, 1) and scales.dtype == branch_dtype
+    assert set(scales.flatten().tolist()) == {0.0, 2.0}  # both cases occur with this seed
+    dropped = scales.flatten() == 0
+    assert torch.equal(out[dropped], x[dropped])
+    x_ref, branch_ref = (t.detach().clone().requires_grad_(True) for t in (x, branch))
+    torch.manual_seed(3)
+    expected = x_ref + drop(branch_ref).float()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(branch.grad, branch_ref.grad)
+
+    drop.eval()  # nothing dropped: the plain sum (written into the branch, a block's own tensor)
+    with torch.no_grad():
+        expected = x + branch.float()
+        torch.testing.assert_close(add_residual(x, branch.float().clone(), drop), expected, rtol=0, atol=0)

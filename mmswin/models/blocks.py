@@ -69,8 +69,8 @@ class SwinBlock(nn.Module):
         into ``x`` and return it (:meth:`forward_in_place`)."""
         if overwrite and self.can_update_in_place(x):
             return self.forward_in_place(x, window, shift, mask)
-        x = add_residual(x, self.drop_path(self.window_attention(self.norm1(x), window, shift, mask)))
-        return add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
+        x = add_residual(x, self.window_attention(self.norm1(x), window, shift, mask), self.drop_path)
+        return add_residual(x, self.mlp(self.norm2(x)), self.drop_path)
 
     def window_branch(self, rows: torch.Tensor, padding: Optional[torch.Tensor], window: Size2,
                       mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -131,8 +131,8 @@ class SwinBlockV2(SwinBlock):
                 overwrite: bool = False) -> torch.Tensor:
         if overwrite and self.can_update_in_place(x):
             return self.forward_in_place(x, window, shift, mask)
-        x = add_residual(x, self.drop_path(self.norm1(self.window_attention(x, window, shift, mask))))
-        return add_residual(x, self.drop_path(self.norm2(self.mlp(x))))
+        x = add_residual(x, self.norm1(self.window_attention(x, window, shift, mask)), self.drop_path)
+        return add_residual(x, self.norm2(self.mlp(x)), self.drop_path)
 
     def window_branch(self, rows: torch.Tensor, padding: Optional[torch.Tensor], window: Size2,
                       mask: Optional[torch.Tensor]) -> torch.Tensor:

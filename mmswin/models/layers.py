@@ -82,13 +82,18 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = float(p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def sample_scales(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Factors ``(B, 1, ..., 1)`` in ``x``'s dtype for the samples of ``x``: 0 for a dropped branch,
+        ``1 / (1 - p)`` for a kept one; ``None`` where nothing is dropped (``p == 0`` or eval)."""
         if self.p == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.p
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = x.new_empty(shape).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self.sample_scales(x)
+        return x if scales is None else x * scales
 
     def extra_repr(self) -> str:
         return f'p={self.p}'
@@ -139,9 +144,14 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``x + branch``, written into ``branch`` (a fresh tensor of the block) when autograd records
-    nothing: one memory-bound pass and allocation fewer per residual."""
+def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: Optional[DropPath] = None) -> torch.Tensor:
+    """``x + drop_path(branch)``. With stochastic depth in training, ``x + branch * scales`` in one pass
+    (``addcmul``: no branch-sized product written and read back); otherwise ``x + branch``, written into
+    ``branch`` (a fresh tensor of the block) when autograd records nothing: one memory-bound pass and
+    allocation fewer per residual."""
+    scales = None if drop_path is None else drop_path.sample_scales(branch)
+    if scales is not None:
+        return torch.addcmul(x, branch, scales)
     if needs_grad(x, branch):
         return x + branch
     return branch.add_(x)
