@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models import layers
 from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
+from mmswin.models.blocks import PatchEmbed
 from mmswin.models.layers import DropPath, add_residual
 from mmswin.models.windows import (gather_windows, log_spaced_coords_on, relative_position_index, scatter_windows,
                                    window_indices)
@@ -425,3 +427,30 @@ def test_stochastic_depth_adds_the_scaled_branch_in_one_pass(branch_dtype):
     with torch.no_grad():
         expected = x + branch.float()
         torch.testing.assert_close(add_residual(x, branch.float().clone(), drop), expected, rtol=0, atol=0)
+
+
+def test_patch_embedding_writes_the_token_layout():
+    """The patch convolution takes the image channels-last, so its output and gradient are in the tokens'
+    ``(B, H, W, C)`` layout: no transposed copy of them in the forward or the backward, and the values and
+    gradients of the convolution of the NCHW image."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(3, 32, 4)
+    x = torch.randn(2, 3, 30, 42)
+    outputs = []
+    embed.proj.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.profiler.profile(record_shapes=True) as prof:
+        tokens = embed(x)
+        grad = torch.randn_like(tokens)
+        tokens.backward(grad)
+    assert tokens.shape == (2, 8, 11, 32) and outputs[0].permute(0, 2, 3, 1).is_contiguous()
+    big = [e for e in prof.events() if e.name in ('aten::copy_', 'aten::clone')
+           and any(len(s) == 4 and s[0] * s[1] * s[2] * s[3] == tokens.numel() for s in e.input_shapes)]
+    assert not big, [(e.name, e.input_shapes) for e in big]
+
+    weight, bias = (p.detach().clone().requires_grad_(True) for p in (embed.proj.weight, embed.proj.bias))
+    conv = F.conv2d(F.pad(x, (0, 2, 0, 2)), weight, bias, stride=4).permute(0, 2, 3, 1)
+    expected = F.layer_norm(conv, (32,), embed.norm.weight.detach(), embed.norm.bias.detach())
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-6)
+    expected.backward(grad)
+    torch.testing.assert_close(embed.proj.weight.grad, weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embed.proj.bias.grad, bias.grad, rtol=1e-5, atol=1e-5)
