@@ -256,12 +256,12 @@ class _ScaledUnitVectors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
         x, norm, inv, factor = ctx.saved_tensors
-        dot = (grad * x).sum(-1, keepdim=True)
-        coeff = torch.where(norm >= ctx.eps, dot * inv * inv * factor, 0.0)
+        dot_inv = (grad * x).sum(-1, keepdim=True) * inv
+        coeff = torch.where(norm >= ctx.eps, dot_inv * inv * factor, 0.0)
         grad_x = (grad * factor).addcmul_(x, coeff, value=-1)
         grad_scale = None
         if ctx.scale_shape is not None and ctx.needs_input_grad[2]:
-            grad_scale = (dot * inv).sum_to_size(ctx.scale_shape)
+            grad_scale = dot_inv.sum_to_size(ctx.scale_shape)
         return grad_x, None, grad_scale, None
 
 
