@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models.attention import CosineWindowAttention, unit_vectors
-from mmswin.models.matmul import Conv2d, attention, bf16_products_in_fp32, linear
+from mmswin.models import matmul
+from mmswin.models.matmul import Conv2d, attention, bf16_products_in_fp32, linear, softmax
 
 TINY = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
@@ -85,6 +86,39 @@ def test_bf16_products_through_fp32_kernels_are_bf16_gemms(monkeypatch):
     logits = q.double() @ k.double().transpose(-2, -1) * 8 ** -0.5 + bias.double()
     exact = (logits.softmax(-1) @ v.double()).to(torch.bfloat16)
     assert att.dtype == torch.bfloat16 and bf16_ulps_apart(att, exact).max() <= 1
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance of two tensors of one floating dtype in units of the last place of ``b`` (subnormals
+    included)."""
+    info = torch.finfo(b.dtype)
+    ulp = torch.ldexp(torch.full_like(b.double(), info.eps), torch.frexp(b.double()).exponent - 1)
+    return (a.double() - b.double()).abs() / ulp.clamp_min(info.smallest_normal * info.eps)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_reduced_precision_softmax_is_the_fp32_one_rounded_in_pieces(dtype, monkeypatch):
+    """bf16/fp16 CPU inference: the fp32 softmax rounded once, computed in pieces (several and a
+    remainder here), within one ulp of the exact softmax and of PyTorch's kernel, with large and masked
+    logits. Where autograd records, PyTorch's softmax and its backward."""
+    monkeypatch.setattr(matmul, 'SOFTMAX_CHUNK_ELEMENTS', 8 * 49)
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 49, 49) * 8
+    x[:, :, :20, 30:] -= 100.0  # a shift mask's entries
+    x[0, 0, 0, 0] += 60.0
+    x = x.to(dtype)
+    with torch.profiler.profile() as prof:
+        out = softmax(x)
+    assert {e.key: e.count for e in prof.key_averages()}['aten::_softmax'] == math.ceil(5 * 3 * 49 / 8)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, torch.softmax(x, -1, dtype=torch.float32).to(dtype))
+    assert ulps_apart(out, torch.softmax(x.double(), -1).to(dtype)).max() <= 1
+    assert ulps_apart(out, x.softmax(-1)).max() <= 1
+
+    leaf = x.clone().requires_grad_()
+    weights = softmax(leaf)
+    assert type(weights.grad_fn).__name__ == 'SoftmaxBackward0'
+    assert torch.equal(weights, x.softmax(-1))
 
 
 def test_fp32_and_cuda_products_are_untouched(monkeypatch):

@@ -173,6 +173,26 @@ class Conv2d(nn.Conv2d):
         return out.to(torch.bfloat16)
 
 
+# Elements per piece of the reduced-precision CPU softmax (2 MiB in fp32: a piece stays in the caches).
+SOFTMAX_CHUNK_ELEMENTS = 1 << 19
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(-1)``. In bf16/fp16 CPU inference, the fp32 softmax of pieces of ``x`` rounded to its
+    dtype: PyTorch's reduced-precision CPU softmax spends most of its time in a row maximum that runs
+    about 3x slower than the fp32 one (49-wide rows). Values agree to one unit in the last place. Where
+    autograd records, PyTorch's kernel (its backward needs the output it saves)."""
+    if x.device.type != 'cpu' or x.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and x.requires_grad):
+        return x.softmax(-1)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(rows)
+    step = max(1, SOFTMAX_CHUNK_ELEMENTS // rows.shape[-1])
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = torch.softmax(rows[start:start + step], -1, dtype=torch.float32)
+    return out.view(x.shape)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
               mask: Optional[torch.Tensor], dropout_p: float, scale: float, use_sdpa: bool = True) -> torch.Tensor:
     """Window attention ``softmax(scale * q @ k^T + bias + mask) @ v``, dropout on the weights.
@@ -221,5 +241,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     logits.add_(bias)
     if mask is not None:
         logits.add_(mask.to(q.dtype).unsqueeze(1))
-    weights = F.dropout(logits.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+    weights = F.dropout(softmax(logits), p=dropout_p, training=dropout_p > 0)
     return (weights @ v.view(shape)).view(bw, heads, n, -1)
