@@ -166,7 +166,8 @@ def test_absolute_position_embedding_is_interpolated_bicubically():
     model = SwinTransformer(**SMALL, use_abs_pos_embed=True, pretrain_img_size=64).eval()
     assert model.absolute_pos_embed.shape == (1, 24, 16, 16)
     seen = {}
-    model.pos_drop.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    # a copy: in CPU inference the first stage's blocks update this tensor in place
+    model.pos_drop.register_forward_hook(lambda m, args, out: seen.update(x=args[0].clone()))
     x = torch.randn(1, 3, 97, 131)
     with torch.no_grad():
         model(x)

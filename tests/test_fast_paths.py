@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models import layers
@@ -454,3 +455,115 @@ def test_patch_embedding_writes_the_token_layout():
     expected.backward(grad)
     torch.testing.assert_close(embed.proj.weight.grad, weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(embed.proj.bias.grad, bias.grad, rtol=1e-5, atol=1e-5)
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Records the operators and shapes of new tensors (not views or in-place results) with at least
+    ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.shapes = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.numel
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.shapes.append((func.__name__, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_inference_allocates_the_first_stage_map_twice(cls, dtype, monkeypatch):
+    """CPU inference allocates two tensors of the first stage's size: the patch convolution's output,
+    which the patch norm and every block of the stage update in place, and the first output. The norm
+    output, the stage's copy of its input, the merged 4C map and the normalised map before its
+    transposition are not allocated (at detection sizes each was mapped and faulted in afresh)."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4).eval()
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 48)
+    x = torch.randn(2, 3, 150, 170)
+    big = _LargeAllocations(2 * 38 * 43 * 16)  # the (B, H/4, W/4, C) map
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+        with big:
+            outs = model(x)
+    # activations (weights cast to bf16 can be larger here); the image, padded and laid out channels-last
+    # in the autocast dtype, is larger than the map at this size
+    shapes = [s for s in big.shapes if len(s[1]) >= 3 and s[1] != (2, 3, 152, 172)]
+    assert shapes == [('convolution.default', (2, 16, 38, 43)), ('new_empty.default', (2, 16, 38, 43))], shapes
+    assert outs[0].shape == (2, 16, 38, 43) and outs[0].is_contiguous()
+    assert outs[0].dtype == (dtype or torch.float32)
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_chunked_norms_equal_whole(dtype, monkeypatch):
+    """The patch norm written into the convolution's output and the output norms written band by band
+    into the ``(B, C, H, W)`` output give the norm's values bit for bit (two images, bands across rows,
+    a last band of one row); with autograd, the plain layers."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(3, 16, 4)
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        for p in (*embed.norm.parameters(), *norm.parameters()):
+            p.normal_(1.0, 0.5)
+    x = torch.randn(2, 3, 52, 36)
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 2 * 9 * 3 + 5)  # bands of 3 of the 13 rows; rows of 41 tokens
+
+    def autocast():
+        return torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    with torch.no_grad(), autocast():
+        tokens = embed(x)
+        out = layers.norm_channels_first(norm, tokens)
+        conv = embed.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        expected_tokens = embed.norm(conv)
+        expected_out = norm(tokens).permute(0, 3, 1, 2).contiguous()
+    assert tokens.dtype == expected_tokens.dtype == (dtype or torch.float32)
+    assert torch.equal(tokens, expected_tokens)
+    assert out.is_contiguous() and out.dtype == expected_out.dtype and torch.equal(out, expected_out)
+
+    recorded = tokens.detach().requires_grad_(True)
+    with autocast():
+        out = layers.norm_channels_first(norm, recorded)
+    assert out.grad_fn is not None and torch.equal(out.detach(), expected_out)
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+@pytest.mark.parametrize('hw', [(12, 16), (13, 15)])
+def test_chunked_patch_merging_equals_whole(cls, dtype, hw, monkeypatch):
+    """Patch merging without autograd on the CPU runs over bands of output rows with the values of the
+    whole merge (odd sizes padded, two images); only the GEMM kernel picked for a band may round
+    differently. With autograd, the whole merge and its gradients."""
+    torch.manual_seed(0)
+    merge = with_visible_bias(cls(**TINY, window_size=4)).layers[0].downsample.eval()
+    x = torch.randn(2, *hw, 16)
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 2 * 8 * 2)  # two output rows per band
+    bands = []
+    project = type(merge).project
+    monkeypatch.setattr(type(merge), 'project', lambda self, m: bands.append(m.shape) or project(self, m))
+
+    def autocast():
+        return torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    with torch.no_grad(), autocast():
+        chunked = merge(x)
+        whole = project(merge, merge.merge(x))
+    h2, w2 = -(-hw[0] // 2), -(-hw[1] // 2)
+    assert [s[1] for s in bands] == [min(2, h2 - start) for start in range(0, h2, 2)]
+    assert chunked.shape == whole.shape == (2, h2, w2, 32) and chunked.dtype == whole.dtype
+    if dtype is None:
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(chunked, whole)  # bf16: within a unit in the last place
+
+    recorded = x.clone().requires_grad_(True)
+    with autocast():
+        out = merge(recorded)
+    assert bands[-1][1] == h2 and len(bands) == -(-h2 // 2) + 1  # the recorded merge is one piece
+    out.float().square().sum().backward()
+    assert recorded.grad is not None and recorded.grad.shape == x.shape

@@ -10,7 +10,7 @@ from torch import nn
 from . import layers
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, add_residual, build_norm
-from .matmul import Conv2d, Linear
+from .matmul import Conv2d, Linear, autocast_dtype
 from .windows import (Size2, gather_windows, pad_to_windows, scatter_windows, shift_mask, window_chunks,
                       window_indices, window_partition, window_reverse)
 
@@ -173,8 +173,12 @@ class PatchEmbed(nn.Module):
         h, w = x.shape[-2:]
         if h % p or w % p:
             x = F.pad(x, (0, -w % p, 0, -h % p))
-        x = self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        return x if self.norm is None else self.norm(x)
+        # Under autocast the image is cast as the convolution would cast it, in the same copy.
+        dtype = autocast_dtype(x) if x.dtype == torch.float32 else x.dtype
+        x = self.proj(x.to(dtype=dtype, memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        if self.norm is None:
+            return x
+        return layers.normalise_in_place(self.norm, x) if layers.runs_in_chunks(x, self.norm) else self.norm(x)
 
 
 class PatchMerging(nn.Module):
@@ -201,8 +205,26 @@ class PatchMerging(nn.Module):
         x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5)
         return x.reshape(b, h2, w2, 4 * c)
 
+    def project(self, merged: torch.Tensor) -> torch.Tensor:
+        """Norm and reduction of ``merged: (..., 4C)`` to ``(..., 2C)``."""
+        return self.reduction(self.norm(merged))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduction(self.norm(self.merge(x)))
+        """``(B, H, W, C)`` to ``(B, ceil(H/2), ceil(W/2), 2C)``. Without autograd on the CPU, in bands of
+        about :data:`~.layers.CHUNK_TOKENS` output tokens: the ``(B, H/2, W/2, 4C)`` merged and normalised
+        maps are never allocated whole."""
+        if not layers.runs_in_chunks(x, self):
+            return self.project(self.merge(x))
+        b, h, w, _ = x.shape
+        h2, w2 = -(-h // 2), -(-w // 2)
+        band = max(1, layers.CHUNK_TOKENS // (b * w2))  # output rows; :meth:`merge` pads each band
+        out = None
+        for start in range(0, h2, band):
+            part = self.project(self.merge(x[:, 2 * start:2 * (start + band)]))
+            if out is None:
+                out = part.new_empty(b, h2, w2, part.shape[-1])
+            out[:, start:start + band] = part
+        return out
 
 
 class PatchMergingV2(PatchMerging):
@@ -212,8 +234,8 @@ class PatchMergingV2(PatchMerging):
     def norm_dim(self) -> int:
         return 2 * self.dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(self.merge(x)))
+    def project(self, merged: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(merged))
 
 
 class SwinStage(nn.Module):
@@ -247,11 +269,12 @@ class SwinStage(nn.Module):
         shift = tuple(ws // 2 if size > ws else 0 for size in (h, w))
         return window, shift
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, overwrite: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """``x: (B, H, W, C)`` to the stage output ``(B, H, W, C)`` and the next stage's input.
 
         In CPU inference each block writes its output into its input (:meth:`SwinBlock.forward_in_place`),
-        the first block into a copy of ``x``, which stays as it was.
+        the first block into a copy of ``x``, which stays as it was, or with ``overwrite`` (the backbone's
+        own intermediate) into ``x`` itself.
         """
         h, w = x.shape[1:3]
         window, shift = self.window_layout(h, w)
@@ -263,7 +286,7 @@ class SwinStage(nn.Module):
             if self.with_cp and x.requires_grad:
                 x = cp.checkpoint(blk, x, *args, use_reentrant=False)
             else:
-                if i == 0 and blk.can_update_in_place(x):
+                if i == 0 and not overwrite and blk.can_update_in_place(x):
                     x = x.clone()
                 x = blk(x, *args, overwrite=True)
         return x, (x if self.downsample is None else self.downsample(x))

@@ -144,6 +144,42 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def runs_in_chunks(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether ``module``'s pass over ``x`` may run in cache-sized chunks written into a preallocated output
+    (or into ``x``): on the CPU, with nothing recorded for autograd, not under torch.compile."""
+    return (x.device.type == 'cpu' and not torch.compiler.is_compiling()
+            and not needs_grad(x, *module.parameters()))
+
+
+def normalise_in_place(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` written into ``x: (..., C)`` (contiguous), :data:`CHUNK_TOKENS` rows at a time: no second
+    tensor of ``x``'s size. Where ``norm`` gives another dtype, a new tensor, in one piece."""
+    rows = x.view(-1, x.shape[-1])
+    for start in range(0, rows.shape[0], CHUNK_TOKENS):
+        part = norm(rows[start:start + CHUNK_TOKENS])
+        if part.dtype != x.dtype:
+            return norm(x)
+        rows[start:start + CHUNK_TOKENS] = part
+    return x
+
+
+def norm_channels_first(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` of ``x: (B, H, W, C)`` as a contiguous ``(B, C, H, W)`` map (a backbone output). Without
+    autograd on the CPU, bands of about :data:`CHUNK_TOKENS` tokens are normalised and transposed into the
+    output: the normalised ``(B, H, W, C)`` map is never allocated."""
+    if not runs_in_chunks(x, norm):
+        return norm(x).permute(0, 3, 1, 2).contiguous()
+    b, h, w, _ = x.shape
+    band = max(1, CHUNK_TOKENS // (b * w))
+    out = None
+    for start in range(0, h, band):
+        part = norm(x[:, start:start + band]).permute(0, 3, 1, 2)
+        if out is None:
+            out = part.new_empty(b, part.shape[1], h, w)
+        out[:, :, start:start + band] = part
+    return out
+
+
 def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: Optional[DropPath] = None) -> torch.Tensor:
     """``x + drop_path(branch)``. With stochastic depth in training, ``x + branch * scales`` in one pass
     (``addcmul``: no branch-sized product written and read back); otherwise ``x + branch``, written into

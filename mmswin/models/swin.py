@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..registry import MODELS
 from .attention import CosineWindowAttention, WindowAttention, validate_heads
 from .blocks import BLOCKS, MERGES, PatchEmbed, SwinStage, make_attention
-from .layers import build_norm
+from .layers import build_norm, norm_channels_first
 
 ARCH_ZOO: Dict[str, dict] = {
     'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
@@ -318,10 +318,10 @@ class SwinTransformer(BaseModule):
         outs = []
         last = max(self.out_indices)
         for i, stage in enumerate(self.layers[:last + 1]):
-            out, x = stage(x)
+            # the stage's input is the patch embedding's or the previous merge's output: its own to overwrite
+            out, x = stage(x, overwrite=True)
             if i in self.out_indices:
-                out = getattr(self, f'norm{i}')(out)
-                outs.append(out.permute(0, 3, 1, 2).contiguous())
+                outs.append(norm_channels_first(getattr(self, f'norm{i}'), out))
         return tuple(outs)
 
 
