@@ -98,9 +98,9 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_reduced_precision_softmax_is_the_fp32_one_rounded_in_pieces(dtype, monkeypatch):
-    """bf16/fp16 CPU inference: the fp32 softmax rounded once, computed in pieces (several and a
-    remainder here), within one ulp of the exact softmax and of PyTorch's kernel, with large and masked
-    logits. Where autograd records, PyTorch's softmax and its backward."""
+    """bf16/fp16 on the CPU: the fp32 softmax rounded once, computed in pieces (several and a remainder
+    here), within one ulp of the exact softmax and of PyTorch's kernel, with large and masked logits.
+    Where autograd records, the same values, and the gradient of PyTorch's softmax backward from them."""
     monkeypatch.setattr(matmul, 'SOFTMAX_CHUNK_ELEMENTS', 8 * 49)
     torch.manual_seed(0)
     x = torch.randn(5, 3, 49, 49) * 8
@@ -117,8 +117,15 @@ def test_reduced_precision_softmax_is_the_fp32_one_rounded_in_pieces(dtype, monk
 
     leaf = x.clone().requires_grad_()
     weights = softmax(leaf)
-    assert type(weights.grad_fn).__name__ == 'SoftmaxBackward0'
-    assert torch.equal(weights, x.softmax(-1))
+    assert weights.grad_fn is not None and torch.equal(weights, out)
+    grad = torch.randn_like(x)
+    weights.backward(grad)
+    assert leaf.grad.dtype == dtype and torch.equal(leaf.grad, torch._softmax_backward_data(grad, out, -1, dtype))
+    # against PyTorch's softmax and backward, in fp64 from the same logits: as close as bf16/fp16 rounding
+    reference = x.double().requires_grad_()
+    reference.softmax(-1).backward(grad.double())
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=tolerance, atol=tolerance)
 
 
 def test_fp32_and_cuda_products_are_untouched(monkeypatch):

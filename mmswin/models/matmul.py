@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 @lru_cache(maxsize=1)
@@ -177,20 +178,43 @@ class Conv2d(nn.Conv2d):
 SOFTMAX_CHUNK_ELEMENTS = 1 << 19
 
 
-def softmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.softmax(-1)``. In bf16/fp16 CPU inference, the fp32 softmax of pieces of ``x`` rounded to its
-    dtype: PyTorch's reduced-precision CPU softmax spends most of its time in a row maximum that runs
-    about 3x slower than the fp32 one (49-wide rows). Values agree to one unit in the last place. Where
-    autograd records, PyTorch's kernel (its backward needs the output it saves)."""
-    if x.device.type != 'cpu' or x.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and x.requires_grad):
-        return x.softmax(-1)
+def _softmax_in_pieces(x: torch.Tensor) -> torch.Tensor:
+    """The fp32 softmax over the last axis of ``x``, rounded to ``x``'s dtype, :data:`SOFTMAX_CHUNK_ELEMENTS`
+    logits at a time (no fp32 copy of ``x``)."""
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty_like(rows)
     step = max(1, SOFTMAX_CHUNK_ELEMENTS // rows.shape[-1])
     for start in range(0, rows.shape[0], step):
         out[start:start + step] = torch.softmax(rows[start:start + step], -1, dtype=torch.float32)
     return out.view(x.shape)
+
+
+class _SoftmaxInPieces(torch.autograd.Function):
+    """:func:`_softmax_in_pieces` with the backward of PyTorch's softmax, from the output it saves."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = _softmax_in_pieces(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out, = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, out, -1, out.dtype)
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(-1)``. In bf16/fp16 on the CPU, the fp32 softmax of pieces of ``x`` rounded to its dtype:
+    PyTorch's reduced-precision CPU softmax spends most of its time in a row maximum that runs about 3x
+    slower than the fp32 one (49-wide rows). Values agree to one unit in the last place; where autograd
+    records, the gradient is that of PyTorch's softmax backward from these values."""
+    if x.device.type != 'cpu' or x.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return x.softmax(-1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SoftmaxInPieces.apply(x)
+    return _softmax_in_pieces(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
