@@ -12,8 +12,8 @@ from mmswin.models import layers
 from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
 from mmswin.models.blocks import PatchEmbed
 from mmswin.models.layers import DropPath, add_residual
-from mmswin.models.windows import (gather_windows, log_spaced_coords_on, relative_position_index, scatter_windows,
-                                   window_indices)
+from mmswin.models.windows import (add_tokens_, gather_windows, log_spaced_coords_on, relative_position_index,
+                                   scatter_windows, select_tokens, window_indices)
 
 TINY = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 FUSED = 'aten::_scaled_dot_product_flash_attention_for_cpu'
@@ -336,6 +336,28 @@ def test_window_gather_scatter_gradients_of_gradients(hw, window, shift):
     windows = torch.randn(2, gather.numel(), 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: gather_windows(t, gather, scatter, padded), (tokens,))
     assert torch.autograd.gradgradcheck(lambda t: scatter_windows(t, gather, scatter, padded), (windows,))
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_token_gather_and_sum_equal_those_along_dim_1(batch, dtype):
+    """The CPU's row-wise token gather and residual sum give PyTorch's dim-1 results bit for bit, with
+    an index that repeats a row the way padding positions do (their rows add -0.0, after or before the
+    real one), and leave the other rows alone."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 40, 24).to(dtype)
+    real = torch.randperm(38)[:30]  # rows 38 and 39 untouched
+    index = torch.cat((torch.tensor([real[3]]), real, torch.tensor([real[3], real[-1]])))
+    src = torch.randn(batch, index.numel(), 24).to(dtype)
+    src[:, [0, -2, -1]] = -0.0
+    assert torch.equal(select_tokens(x, index), x.index_select(1, index))
+    expected = x.clone().index_add_(1, index, src)
+    out = x.clone()
+    assert add_tokens_(out, index, src) is out
+    assert torch.equal(out, expected)
+    assert torch.equal(out[:, real], x[:, real] + src[:, 1:-2])
+    untouched = sorted(set(range(40)) - set(real.tolist()))
+    assert torch.equal(out[:, untouched], x[:, untouched])
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])

@@ -11,8 +11,8 @@ from . import layers
 from .attention import CosineWindowAttention, WindowAttention
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear, autocast_dtype
-from .windows import (Size2, gather_windows, pad_to_windows, scatter_windows, shift_mask, window_chunks,
-                      window_indices, window_partition, window_reverse)
+from .windows import (Size2, add_tokens_, gather_windows, pad_to_windows, scatter_windows, select_tokens,
+                      shift_mask, window_chunks, window_indices, window_partition, window_reverse)
 
 
 class SwinBlock(nn.Module):
@@ -111,12 +111,12 @@ class SwinBlock(nn.Module):
         per_chunk = max(1, layers.CHUNK_TOKENS // (b * n))  # windows of each image per chunk
         for i, (index, padding) in enumerate(window_chunks((h, w), window, shift, per_chunk, x.device)):
             chunk_mask = None if mask is None else mask[i * per_chunk:(i + 1) * per_chunk]
-            branch = self.window_branch(tokens.index_select(1, index), padding, window, chunk_mask)
+            branch = self.window_branch(select_tokens(tokens, index), padding, window, chunk_mask)
             branch = branch.view(b, -1, c)
             if padding is not None:
                 # -0.0: x + (-0.0) is x for every x, so the rows that padding positions point at stay
                 branch.index_fill_(1, padding, -0.0)
-            tokens.index_add_(1, index, branch)
+            add_tokens_(tokens, index, branch)
         rows = tokens.view(-1, c)
         for start in range(0, rows.shape[0], layers.CHUNK_TOKENS):
             part = rows[start:start + layers.CHUNK_TOKENS]
