@@ -331,11 +331,11 @@ def test_chunked_inference_equals_whole(cls, dtype, chunk, monkeypatch):
                                              ((5, 9), (4, 4), (2, 2))])
 def test_window_gather_scatter_gradients_of_gradients(hw, window, shift):
     """Gather and scatter are each other's adjoint, also in second derivatives (padded and not)."""
-    gather, scatter, padded = window_indices(hw, window, shift, torch.device('cpu'))
+    gather, scatter, padding = window_indices(hw, window, shift, torch.device('cpu'))
     tokens = torch.randn(2, hw[0] * hw[1], 3, dtype=torch.float64, requires_grad=True)
     windows = torch.randn(2, gather.numel(), 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: gather_windows(t, gather, scatter, padded), (tokens,))
-    assert torch.autograd.gradgradcheck(lambda t: scatter_windows(t, gather, scatter, padded), (windows,))
+    assert torch.autograd.gradgradcheck(lambda t: gather_windows(t, gather, scatter, padding), (tokens,))
+    assert torch.autograd.gradgradcheck(lambda t: scatter_windows(t, gather, scatter, padding), (windows,))
 
 
 @pytest.mark.parametrize('batch', [1, 3])

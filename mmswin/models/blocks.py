@@ -46,10 +46,10 @@ class SwinBlock(nn.Module):
         if torch.compiler.is_compiling():
             return self._window_attention_rolled(x, window, shift, mask)
         b, h, w, c = x.shape
-        gather, scatter, padded = window_indices((h, w), window, shift, x.device)
-        windows = gather_windows(x.reshape(b, h * w, c), gather, scatter, padded)
+        gather, scatter, padding = window_indices((h, w), window, shift, x.device)
+        windows = gather_windows(x.reshape(b, h * w, c), gather, scatter, padding)
         out = self.attn(windows.view(-1, window[0] * window[1], c), window, mask)
-        return scatter_windows(out.view(b, -1, c), gather, scatter, padded).view(b, h, w, c)
+        return scatter_windows(out.view(b, -1, c), gather, scatter, padding).view(b, h, w, c)
 
     def _window_attention_rolled(self, x: torch.Tensor, window: Size2, shift: Size2,
                                  mask: Optional[torch.Tensor]) -> torch.Tensor:

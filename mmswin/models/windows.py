@@ -44,26 +44,28 @@ def window_reverse(windows: torch.Tensor, window: Size2, hw: Size2) -> torch.Ten
 
 
 @lru_cache(maxsize=64)
-def _window_gather_cpu(hw: Size2, window: Size2, shift: Size2) -> Tuple[torch.Tensor, torch.Tensor]:
+def _window_gather_cpu(hw: Size2, window: Size2,
+                       shift: Size2) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     (h, w), (wh, ww), (sh, sw) = hw, window, shift
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     # Position (i, j) of the padded map rolled by -shift holds padded pixel (i + sh, j + sw) mod size.
     rows = (torch.arange(hp) + sh) % hp
     cols = (torch.arange(wp) + sw) % wp
     real = (rows[:, None] < h) & (cols[None, :] < w)
-    source = torch.where(real, rows[:, None] * w + cols[None, :], h * w)  # h * w: an appended zero token
+    source = torch.where(real, rows[:, None] * w + cols[None, :], -1)  # -1: padding
     gather = window_partition(source[None, :, :, None], window).reshape(-1)
+    padding = (gather < 0).nonzero().view(-1)
     # Inverse: real pixel (r, c) sits at (i, j) = (r - sh, c - sw) mod size of the rolled map, whose
     # window-major order is (window row, window col, row in window, col in window).
     i = (torch.arange(h) - sh) % hp
     j = (torch.arange(w) - sw) % wp
     window_id = (i[:, None] // wh) * (wp // ww) + j[None, :] // ww
     scatter = window_id * (wh * ww) + (i[:, None] % wh) * ww + j[None, :] % ww
-    return gather, scatter.reshape(-1)
+    return gather.clamp(min=0), scatter.reshape(-1), padding if padding.numel() else None
 
 
 def window_indices(hw: Size2, window: Size2, shift: Size2,
-                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Indices that do padding, cyclic shift and window partition (and their inverse) in one gather.
 
     Args:
@@ -74,14 +76,14 @@ def window_indices(hw: Size2, window: Size2, shift: Size2,
         device: Where the indices are wanted.
 
     Returns:
-        ``(gather, scatter, padded)``: tokens ``x.view(B, H * W, C)``, with a zero token appended when
-        ``padded``, give the windows ``(B, nW * N, C)`` through ``gather``; window outputs
-        ``(B, nW * N, C)`` give back ``(B, H * W, C)`` through ``scatter``. Cached per size, and
-        constants to ``torch.compile``.
+        ``(gather, scatter, padding)``: tokens ``x.view(B, H * W, C)`` give the windows
+        ``(B, nW * N, C)`` through ``gather``, with zeros at the window positions ``padding`` (``None``
+        where nothing pads; ``gather`` points those at any real token); window outputs ``(B, nW * N, C)``
+        give back ``(B, H * W, C)`` through ``scatter``. Cached per size, and constants to
+        ``torch.compile``.
     """
     args = (*hw, *window, *shift, str(device))
-    padded = hw[0] % window[0] != 0 or hw[1] % window[1] != 0
-    return _gather_index(*args), _scatter_index(*args), padded
+    return _gather_index(*args), _scatter_index(*args), _padding_index(*args)
 
 
 def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int,
@@ -96,11 +98,14 @@ def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int
 @lru_cache(maxsize=64)
 def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int,
                    device: str) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor]], ...]:
-    gather = _window_gather_cpu((h, w), (wh, ww), (sh, sw))[0]
+    gather, _, padding = _window_gather_cpu((h, w), (wh, ww), (sh, sw))
+    is_padding = torch.zeros(gather.shape, dtype=torch.bool)
+    if padding is not None:
+        is_padding[padding] = True
     chunks = []
-    for index in gather.split(per_chunk * wh * ww):
-        padding = (index == h * w).nonzero().view(-1)
-        chunks.append((index.clamp(max=h * w - 1).to(device), padding.to(device) if padding.numel() else None))
+    for index, pads in zip(gather.split(per_chunk * wh * ww), is_padding.split(per_chunk * wh * ww)):
+        positions = pads.nonzero().view(-1)
+        chunks.append((index.to(device), positions.to(device) if positions.numel() else None))
     return tuple(chunks)
 
 
@@ -136,18 +141,19 @@ def add_tokens_(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torc
 
 
 class _Shuffle(torch.autograd.Function):
-    """Rows ``index`` of ``x: (B, L, C)``, with index ``L`` a zero row when ``pad``. The window gather and
-    scatter of :func:`window_indices` are each other's adjoint (every real token sits in exactly one
-    window position), so the gradient of one is the other: an ``index_select`` instead of autograd's
-    zero fill and ``index_add_``."""
+    """Rows ``index`` of ``x: (B, L, C)``, zero at the positions ``zeros`` (or ``None``). The window
+    gather and scatter of :func:`window_indices` are each other's adjoint (every real token sits in
+    exactly one window position), so the gradient of one is the other: an ``index_select`` instead of
+    autograd's zero fill and ``index_add_``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, adjoint: torch.Tensor, pad: bool,
-                adjoint_pad: bool) -> torch.Tensor:
-        ctx.args = (adjoint, index, adjoint_pad, pad)
-        if pad:
-            x = torch.cat((x, x.new_zeros(x.shape[0], 1, x.shape[2])), dim=1)
-        return select_tokens(x, index)
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, adjoint: torch.Tensor, zeros: Optional[torch.Tensor],
+                adjoint_zeros: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.args = (adjoint, index, adjoint_zeros, zeros)
+        out = select_tokens(x, index)
+        if zeros is not None:
+            out.index_fill_(1, zeros, 0)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
@@ -155,15 +161,15 @@ class _Shuffle(torch.autograd.Function):
 
 
 def gather_windows(tokens: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
-                   padded: bool) -> torch.Tensor:
+                   padding: Optional[torch.Tensor]) -> torch.Tensor:
     """Tokens ``(B, H * W, C)`` to windows ``(B, nW * N, C)`` with the indices of :func:`window_indices`."""
-    return _Shuffle.apply(tokens, gather, scatter, padded, False)
+    return _Shuffle.apply(tokens, gather, scatter, padding, None)
 
 
 def scatter_windows(windows: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
-                    padded: bool) -> torch.Tensor:
+                    padding: Optional[torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`gather_windows`: windows ``(B, nW * N, C)`` to tokens ``(B, H * W, C)``."""
-    return _Shuffle.apply(windows, scatter, gather, False, padded)
+    return _Shuffle.apply(windows, scatter, gather, None, padding)
 
 
 # The geometry below depends on sizes only and is cached per size and device (plain ints and a device
@@ -176,6 +182,12 @@ def _gather_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: st
 @lru_cache(maxsize=64)
 def _scatter_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
     return _window_gather_cpu((h, w), (wh, ww), (sh, sw))[1].to(device)
+
+
+@lru_cache(maxsize=64)
+def _padding_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> Optional[torch.Tensor]:
+    padding = _window_gather_cpu((h, w), (wh, ww), (sh, sw))[2]
+    return None if padding is None else padding.to(device)
 
 
 @lru_cache(maxsize=64)
