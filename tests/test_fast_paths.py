@@ -107,6 +107,24 @@ def test_v2_unit_vectors_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_v2_unit_vectors_keep_their_output_not_their_input():
+    """The backward works from the output: the input (V2's raw queries and keys) is not kept, and a
+    scale whose exponential underflows to zero gives the exponent the zero gradient autograd gives."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 4, requires_grad=True)
+    log_scale = torch.tensor([[[1.5]], [[-200.0]]], requires_grad=True)  # exp: 4.48 and 0
+    y = unit_vectors(x, log_scale.exp())
+    saved = {t.data_ptr() for t in y.grad_fn.saved_tensors}
+    assert y.data_ptr() in saved and x.data_ptr() not in saved
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x2, s2 = x.detach().clone().requires_grad_(), log_scale.detach().clone().requires_grad_()
+    (F.normalize(x2, dim=-1) * s2.exp()).backward(grad)
+    assert torch.isfinite(x.grad).all() and log_scale.grad[1].item() == 0.0
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_scale.grad, s2.grad, rtol=1e-5, atol=1e-5)
+
+
 def position_bias_parameters(model: torch.nn.Module) -> list:
     return [p for n, p in model.named_parameters()
             if 'relative_position_bias_table' in n or 'cpb_mlp' in n]

@@ -236,12 +236,16 @@ class CosineWindowAttention(WindowAttention):
 
 
 class _ScaledUnitVectors(torch.autograd.Function):
-    """``y = x * scale / max(|x|, eps)`` with a hand-written backward: two passes over ``x`` instead of the
-    five of the composed operators, and only ``x`` and per-vector factors kept. ``norm`` is ``|x|``,
-    given without a gradient: its dependence on ``x`` is part of the backward here.
+    """``y = x * scale / max(|x|, eps)`` with a hand-written backward that needs ``y`` and per-vector
+    factors only: ``x`` is not kept (for V2's queries and keys, the largest tensors of its attention),
+    and the backward is two passes over ``y`` instead of the five of the composed operators. ``norm`` is
+    ``|x|``, given without a gradient: its dependence on ``x`` is part of the backward here.
 
-    With ``d = max(|x|, eps)`` and ``f = scale / d``: ``dL/dx = f * (g - [|x| >= eps] (g.x / |x|^2) x)``
-    and ``dL/dscale = sum((g.x) / d)`` over the axes ``scale`` is broadcast along.
+    With ``d = max(|x|, eps)``, ``f = scale / d`` and ``c = [|x| >= eps] / (scale * d)``:
+    ``dL/dx = f * g - c * (g.y) y`` (the projection of ``g`` onto ``x``, taken out where ``|x|`` is
+    not clamped) and ``dL/dscale = sum((g.y) / scale)`` over the axes ``scale`` is broadcast along.
+    ``scale`` is positive (V2's is an exponential); where it underflows to zero, ``y`` and the gradient
+    that reaches the exponent are zero, and so is what is returned here.
     """
 
     @staticmethod
@@ -249,19 +253,23 @@ class _ScaledUnitVectors(torch.autograd.Function):
                 eps: float) -> torch.Tensor:
         inv = 1.0 / norm.clamp_min(eps)
         factor = inv if scale is None else inv * scale
-        ctx.save_for_backward(x, norm, inv, factor)
-        ctx.eps, ctx.scale_shape = eps, None if scale is None else scale.shape
-        return x * factor.to(x.dtype)
+        out = x * factor.to(x.dtype)
+        inv_scale = None if scale is None else torch.where(scale > 0, 1.0 / scale, 0.0)
+        coeff = torch.where(norm >= eps, inv, 0.0)  # the projection's, zero where |x| is clamped
+        if inv_scale is not None:
+            coeff = coeff * inv_scale
+        ctx.save_for_backward(out, factor, coeff, inv_scale)
+        ctx.scale_shape = None if scale is None else scale.shape
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        x, norm, inv, factor = ctx.saved_tensors
-        dot_inv = (grad * x).sum(-1, keepdim=True) * inv
-        coeff = torch.where(norm >= ctx.eps, dot_inv * inv * factor, 0.0)
-        grad_x = (grad * factor).addcmul_(x, coeff, value=-1)
+        out, factor, coeff, inv_scale = ctx.saved_tensors
+        dot = (grad * out).sum(-1, keepdim=True)
+        grad_x = (grad * factor).addcmul_(out, dot * coeff, value=-1)
         grad_scale = None
         if ctx.scale_shape is not None and ctx.needs_input_grad[2]:
-            grad_scale = dot_inv.sum_to_size(ctx.scale_shape)
+            grad_scale = (dot * inv_scale).sum_to_size(ctx.scale_shape)
         return grad_x, None, grad_scale, None
 
 
