@@ -2,6 +2,7 @@
 import json
 import mmap
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,16 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
     assert len([line for line in lines if line.count(' | ') == 9]) == 6  # speed: 3 models x 2 modes
+    # the ratio to mmdet of each round: mmdet's time over the model's, both from that round
+    for (model, mode), row in rows.items():
+        if model != 'mmdet-v1':
+            mmdet_times = rows[('mmdet-v1', mode)]['times_s']
+            assert row['round_speedups_vs_mmdet-v1'] == [p / t for p, t in zip(mmdet_times, row['times_s'])]
+    round_rows = [line.strip('| ').split(' | ') for line in lines if line.count(' | ') == 6 and line.endswith('x |')]
+    assert len(round_rows) == 4  # mmswin-v1 and v2 x 2 modes
+    for cells in round_rows:
+        rounds = rows[(cells[3], cells[2])]['round_speedups_vs_mmdet-v1']
+        assert cells[4:] == [f'{statistics.median(rounds):.2f}x', f'{min(rounds):.2f}x', f'{max(rounds):.2f}x']
     # page faults and system time per call, medians of the timed calls
     for row in rows.values():
         assert row['page_faults'] >= 0 and row['system_s'] >= 0
@@ -137,12 +148,21 @@ def test_compile_needs_a_warmup_round():
                              '--warmup', '0'], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and '--compile needs --warmup of at least 1' in result.stderr
 
-def load_benchmark_tool():
+def load_benchmark_tool(name: str = 'benchmark'):
     import importlib.util
-    spec = importlib.util.spec_from_file_location('benchmark', ROOT / 'tools/analysis/benchmark.py')
+    spec = importlib.util.spec_from_file_location(name, ROOT / f'tools/analysis/{name}.py')
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     return benchmark
+
+
+def test_round_ratios_of_reports_without_them():
+    # reports written before the tool recorded the rounds' ratios: they come from the times, in round order
+    table = load_benchmark_tool('benchmark_table')
+    group = dict(size=[1, 3, 64, 64], precision='bf16', mode='train')
+    report = dict(results=[dict(group, model='mmswin-v1', times_s=[1.0, 2.0, 1.0]),
+                           dict(group, model='mmdet-v1', times_s=[2.0, 3.0, 4.0])])
+    assert table.round_table([report])[2:] == ['| 1x3x64x64 | bf16 | train | mmswin-v1 | 2.00x | 1.50x | 4.00x |']
 
 
 def test_timing_counts_page_faults_per_call():

@@ -7,7 +7,8 @@ Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2
 when they import. Every model of one size, precision and mode runs in a process of its own, and the
 models are called in turn, one at a time (warm-up first): alternation spreads the machine's drift over
 all of them, and separate processes keep one model's memory use from changing the page faults that the
-next one meets in the C allocator. Medians and ratios are reported (on CPU with the page faults and
+next one meets in the C allocator. Medians and ratios are reported (the ratio of the medians, and the
+ratios of the rounds, whose calls are minutes closer than the medians' may be; on CPU with the page faults and
 system CPU time per call), with the peak memory of a training step (CUDA max allocated; on CPU the peak
 of live tensors and the RSS growth of a separate worker process per model, with glibc's default settings
 and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on the
@@ -648,6 +649,9 @@ def main(argv=None) -> dict:
                         row['fraction_of_fp32_matmul'] = 2 * work / median / rates['fp32']
                     if peer in medians and name != peer:
                         row[f'speedup_vs_{peer}'] = medians[peer] / median
+                        # both are called once per round, one after the other: the ratio of each round is
+                        # free of the machine's drift between rounds
+                        row[f'round_speedups_vs_{peer}'] = [p / t for p, t in zip(times[peer], times[name])]
                     if name == 'mmswin-v2' and 'mmswin-v1' in medians:
                         row['slowdown_vs_mmswin-v1'] = median / medians['mmswin-v1']
                     report['results'].append(row)

@@ -3,12 +3,13 @@
     python tools/analysis/benchmark_table.py docs/benchmark.json
 
 Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
-ratios to mmdet and V2/V1), on CPU the page faults and system time per call, the headroom over mmdet that the dense matmul rate leaves, the training
+ratios to mmdet and V2/V1), the ratios to mmdet round by round, on CPU the page faults and system time per call, the headroom over mmdet that the dense matmul rate leaves, the training
 memory table, bf16/fp16 agreement with fp32, and, when the reports hold profiles, the matrix products
 replayed alone, the operators per call and the top operators.
 """
 import argparse
 import json
+import statistics
 from typing import Dict, List, Optional
 
 
@@ -31,6 +32,35 @@ def speed_table(reports: List[dict]) -> List[str]:
                 f"| {row['median_s'] * 1e3:.0f} ms | {row['images_per_s']:.2f} "
                 f"| {'' if of_fp32 is None or fp32_rate is None else f'{of_fp32:.0%}'} | {own:.0%} "
                 f"| {'' if vs is None else f'{vs:.2f}x'} | {'' if v2 is None else f'{v2:.2f}x'} |")
+    return lines
+
+
+def _round_speedups(report: dict, row: dict, peer: str) -> Optional[List[float]]:
+    """``row``'s ratios to ``peer`` round by round; from the times of the two for reports written before the
+    tool recorded them (their times are in round order too)."""
+    if f'round_speedups_vs_{peer}' in row:
+        return row[f'round_speedups_vs_{peer}']
+    if row['model'] == peer:
+        return None
+    key = (row['size'], row['precision'], row['mode'])
+    for other in report['results']:
+        if other['model'] == peer and (other['size'], other['precision'], other['mode']) == key:
+            return [p / t for p, t in zip(other['times_s'], row['times_s'])]
+    return None
+
+
+def round_table(reports: List[dict], peer: str = 'mmdet-v1') -> List[str]:
+    """The ratio to ``peer`` round by round (each round calls every model once, in turn): the median and the
+    range of the rounds' ratios, beside the ratio of the medians of the speed table."""
+    rows = [(r, _round_speedups(report, r, peer)) for report in reports for r in report['results']]
+    rows = [(r, rounds) for r, rounds in rows if rounds]
+    if not rows:
+        return []
+    lines = [f'| input | precision | mode | model | vs {peer.split("-")[0]}, median of the rounds | lowest round '
+             '| highest round |', '| --- | --- | --- | --- | ---: | ---: | ---: |']
+    for r, rounds in rows:
+        lines.append(f"| {_size(r['size'])} | {r['precision']} | {r['mode']} | {r['model']} "
+                     f"| {statistics.median(rounds):.2f}x | {min(rounds):.2f}x | {max(rounds):.2f}x |")
     return lines
 
 
@@ -167,7 +197,7 @@ def main(argv=None) -> str:
             spans = ', '.join(f'{p} {min(v):.1f}-{max(v):.1f}' for p, v in sorted(per_group.items()))
             parts.append(f'- measured again before each group (the rates the shares use): {spans} GFLOP/s')
     parts.append('')
-    for table in (speed_table(reports), kernel_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
+    for table in (speed_table(reports), round_table(reports), kernel_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
                   agreement_table(reports),
                   agreement_table(reports, 'compiled_cosine_to_eager', 'the eager model, same precision'),
                   mmdet_agreement(reports), profile_table(reports)):
