@@ -251,25 +251,29 @@ class _ScaledUnitVectors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, norm: torch.Tensor, scale: Optional[torch.Tensor],
                 eps: float) -> torch.Tensor:
-        inv = 1.0 / norm.clamp_min(eps)
-        factor = inv if scale is None else inv * scale
+        factor = norm.clamp_min(eps).reciprocal()
+        if scale is not None:
+            factor = factor * scale
         out = x * factor.to(x.dtype)
-        inv_scale = None if scale is None else torch.where(scale > 0, 1.0 / scale, 0.0)
-        coeff = torch.where(norm >= eps, inv, 0.0)  # the projection's, zero where |x| is clamped
-        if inv_scale is not None:
-            coeff = coeff * inv_scale
-        ctx.save_for_backward(out, factor, coeff, inv_scale)
-        ctx.scale_shape = None if scale is None else scale.shape
+        # The backward's coefficients are computed there from these small tensors: an inference
+        # forward (V2's CPU chunks, launch-bound GPU batches) does not pay for them.
+        ctx.save_for_backward(out, factor, norm, scale)
+        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        out, factor, coeff, inv_scale = ctx.saved_tensors
+        out, factor, norm, scale = ctx.saved_tensors
+        coeff = torch.where(norm >= ctx.eps, norm.clamp_min(ctx.eps).reciprocal(), 0.0)
+        inv_scale = None
+        if scale is not None:
+            inv_scale = torch.where(scale > 0, scale.reciprocal(), 0.0)
+            coeff = coeff * inv_scale
         dot = (grad * out).sum(-1, keepdim=True)
         grad_x = (grad * factor).addcmul_(out, dot * coeff, value=-1)
         grad_scale = None
-        if ctx.scale_shape is not None and ctx.needs_input_grad[2]:
-            grad_scale = (dot * inv_scale).sum_to_size(ctx.scale_shape)
+        if scale is not None and ctx.needs_input_grad[2]:
+            grad_scale = (dot * inv_scale).sum_to_size(scale.shape)
         return grad_x, None, grad_scale, None
 
 
