@@ -13,7 +13,7 @@ export VENV PYTHON TORCH_SPEC WHEEL_CACHE
 
 install: $(STAMP)
 
-$(STAMP): tools/install_deps.sh setup.py $(wildcard requirements/*.txt)
+$(STAMP): tools/install_deps.sh setup.py $(wildcard requirements/*.txt) $(wildcard mmswin/csrc/*)
 	bash tools/install_deps.sh
 	touch $@
 
@@ -24,4 +24,4 @@ demo: install
 	$(PY) tools/demo/run_demo.py
 
 clean:
-	rm -rf $(VENV) work_dirs build *.egg-info .pytest_cache
+	rm -rf $(VENV) work_dirs build *.egg-info .pytest_cache mmswin/_C*.so

@@ -1,5 +1,12 @@
-"""Installs mmswin. Dependencies beyond torch and mmengine are pinned in requirements/."""
+"""Installs mmswin. Dependencies beyond torch and mmengine are pinned in requirements/.
+
+On Linux, when torch is importable at build time (``pip install --no-build-isolation``), the fused CPU
+kernels in ``mmswin/csrc`` are compiled into ``mmswin._C``; ``MMSWIN_WITH_OPS=0`` skips them. Without them
+mmswin runs the same models through PyTorch's operators.
+"""
+import os
 import re
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -12,6 +19,21 @@ version = re.search(r"__version__ = '([^']+)'",
 def read_requirements(name: str) -> list:
     lines = (here / 'requirements' / name).read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith('#')]
+
+
+def extensions() -> dict:
+    """``ext_modules`` and ``cmdclass`` for the fused CPU kernels, or nothing where they are not built."""
+    if os.environ.get('MMSWIN_WITH_OPS', '1') == '0' or not sys.platform.startswith('linux'):
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # an isolated build without torch: the package works without the kernels
+        return {}
+    sources = sorted(str(p.relative_to(here)) for p in (here / 'mmswin' / 'csrc').glob('*.cpp'))
+    # -fopenmp: at::parallel_for is OpenMP in the caller's code; torch's libgomp, already loaded, serves it
+    ext = CppExtension('mmswin._C', sources, extra_compile_args=['-O3', '-fopenmp'],
+                       extra_link_args=['-fopenmp'])
+    return dict(ext_modules=[ext], cmdclass={'build_ext': BuildExtension})
 
 
 setup(
@@ -30,4 +52,5 @@ setup(
     },
     license='Apache-2.0',
     zip_safe=False,
+    **extensions(),
 )

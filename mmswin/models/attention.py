@@ -2,7 +2,9 @@
 
 Both run through ``F.scaled_dot_product_attention`` with the position bias and the shift mask as its
 additive ``attn_mask`` where its kernels are the fastest (see ``matmul.attention``), else through the
-plain matmul/softmax path, which ``use_sdpa=False`` selects everywhere (the reference).
+plain matmul/softmax path, which ``use_sdpa=False`` selects everywhere (the reference). CPU bf16
+inference takes the fused kernel of :mod:`.fused_attention` instead where it is built (not with
+``use_sdpa=False``).
 
 CPU inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` tokens, from the qkv projection to
 the output projection, so that the intermediates stay in the CPU's caches and below the size that the C
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers
+from . import fused_attention, layers
 from .layers import needs_grad
 from .matmul import Linear, attention, autocast_off, linear
 from .qkv_projection import qkv_heads
@@ -103,6 +105,12 @@ class WindowAttention(nn.Module):
             self._bias_cache = (key, [p.detach().clone() for p in params], bias)
         return bias
 
+    cosine = False  # logits of unit vectors (V2)
+
+    def head_logit_scales(self) -> torch.Tensor:
+        """``(nH,)`` fp32: each head's factor of ``q @ k^T`` (of unit vectors in cosine attention)."""
+        return torch.full((self.num_heads,), self.scale, device=self.qkv.weight.device)
+
     def qkv_bias(self) -> Optional[torch.Tensor]:
         """The ``(3C,)`` bias of the qkv projection, or ``None``."""
         return self.qkv.bias
@@ -154,9 +162,15 @@ class WindowAttention(nn.Module):
     def attend(self, x: torch.Tensor, window: Size2, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`forward` in one piece: ``x: (B * nW, N, C)``, ``mask: (nW, N, N)`` or ``None``."""
         bw, n, c = x.shape
+        drop = self.attn_drop if self.training else 0.0
+        if self.use_sdpa and fused_attention.applies(x, self.num_heads, drop, self.parameters()):
+            qkv = linear(x, self.qkv.weight, self.qkv_bias())  # (B_, N, 3C), read by the kernel as it is
+            bias = self.attention_bias(window, torch.float32)[0]  # (nH, N, N)
+            out = fused_attention.window_attention(qkv, self.num_heads, bias, mask, self.head_logit_scales(),
+                                                   cosine=self.cosine)
+            return self.proj_drop(self.proj(out))
         q, k, v, scale = self.queries_keys_values(x)
         bias = self.attention_bias(window, q.dtype)  # (1, nH, N, N)
-        drop = self.attn_drop if self.training else 0.0
         out = attention(q, k, v, bias, mask, drop, scale, self.use_sdpa)
         out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
@@ -224,6 +238,11 @@ class CosineWindowAttention(WindowAttention):
         with torch.no_grad():
             norms = vector_lengths(qk)
         return (*unit_vectors(qk, self.logit_scales(), norms).unbind(0), v, 1.0)
+
+    cosine = True
+
+    def head_logit_scales(self) -> torch.Tensor:
+        return torch.clamp(self.logit_scale.detach().float(), max=LOGIT_SCALE_MAX).exp().view(-1)
 
     def logit_scales(self) -> torch.Tensor:
         """``(2, 1, nH, 1, 1)``: the clamped learned logit scale of the queries and 1 for the keys (the

@@ -1,0 +1,187 @@
+"""The fused CPU bf16 window attention (``mmswin/csrc``): against the fp32 attention written out here
+from the official formulas, against PyTorch's bf16 path, inside the backbones, where it applies, and its
+errors."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmswin.models import SwinTransformer, SwinTransformerV2, fused_attention
+from mmswin.models.matmul import attention
+
+needs_kernels = pytest.mark.skipif(not fused_attention.kernels_available(),
+                                   reason='the compiled kernels need Linux on x86 with AVX512-BF16')
+TINY = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8), drop_path_rate=0.0)
+
+
+def test_kernels_are_built_where_the_cpu_runs_them():
+    """An install on Linux builds the kernels; where this CPU has AVX512-BF16 they must load, so that a
+    failed build cannot hide behind the skips of the tests below."""
+    if not sys.platform.startswith('linux') or os.environ.get('MMSWIN_WITH_OPS') == '0':
+        pytest.skip('the kernels are built on Linux unless MMSWIN_WITH_OPS=0')
+    if not torch._C._cpu._get_cpu_capability().get('avx512_bf16'):
+        pytest.skip('this CPU has no AVX512-BF16')
+    assert fused_attention.kernels_available()
+
+
+def fp32_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask, scale: torch.Tensor,
+                   cosine: bool) -> torch.Tensor:
+    """The official window attention in fp32 from the same inputs: ``(B_, N, 3C)`` to ``(B_, N, C)``."""
+    bw, n, c3 = qkv.shape
+    q, k, v = qkv.float().view(bw, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    if cosine:
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale.view(-1, 1, 1)
+    else:
+        logits = (q * scale.view(-1, 1, 1)) @ k.transpose(-2, -1)
+    logits = logits + bias
+    if mask is not None:
+        nw = mask.shape[0]
+        logits = (logits.view(-1, nw, heads, n, n) + mask.unsqueeze(1)).view(bw, heads, n, n)
+    return (logits.softmax(-1) @ v).transpose(1, 2).reshape(bw, n, c3 // 3)
+
+
+def pytorch_bf16_attention(qkv, heads, bias, mask, scale, cosine):
+    """The same attention through PyTorch's bf16 operators, as mmswin computes it without the kernel."""
+    bw, n, c3 = qkv.shape
+    q, k, v = qkv.view(bw, n, 3, heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    if cosine:
+        q = F.normalize(q, dim=-1) * scale.view(-1, 1, 1).to(q.dtype)
+        k = F.normalize(k, dim=-1)
+    else:
+        q = q * scale.view(-1, 1, 1).to(q.dtype)
+    out = attention(q, k, v, bias.to(q.dtype).unsqueeze(0), mask, 0.0, 1.0)
+    return out.transpose(1, 2).reshape(bw, n, c3 // 3)
+
+
+def inputs(bw: int, heads: int, n: int, d: int, nw, cosine: bool, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(bw, n, 3 * heads * d, generator=g).bfloat16()
+    bias = torch.randn(heads, n, n, generator=g)
+    if cosine:
+        scale = torch.rand(heads, generator=g) * 30 + 1
+    else:
+        scale = torch.full((heads,), d ** -0.5)
+    mask = None
+    if nw is not None:  # Swin's shift mask: 0 or -100
+        mask = torch.where(torch.rand(nw, n, n, generator=g) < 0.3, -100.0, 0.0)
+        mask.diagonal(dim1=1, dim2=2).zero_()
+    return qkv, bias, mask, scale
+
+
+# (windows, heads, tokens, head width, mask windows): Swin's 7x7 windows at three head counts, two images
+# sharing a mask, V2's 12x12 and 16x16 windows, odd token counts, and head widths of 16 to 64.
+SHAPES = [(83, 3, 49, 32, 83), (12, 6, 49, 32, None), (24, 12, 49, 32, 12), (4, 2, 144, 32, 2),
+          (2, 2, 256, 32, None), (3, 1, 5, 16, None), (2, 2, 64, 64, 1), (4, 3, 17, 48, 2), (2, 1, 1, 16, None)]
+
+
+@needs_kernels
+@pytest.mark.parametrize('cosine', [False, True])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_equals_the_fp32_attention_to_bf16_rounding(shape, cosine):
+    """Each output within the rounding of bf16 weights and output of the fp32 attention of the same
+    inputs, and closer to it overall than PyTorch's bf16 path (which also rounds the logits)."""
+    bw, heads, n, d, nw = shape
+    qkv, bias, mask, scale = inputs(bw, heads, n, d, nw, cosine)
+    out = fused_attention.window_attention(qkv, heads, bias, mask, scale, cosine)
+    assert out.shape == (bw, n, heads * d) and out.dtype == torch.bfloat16
+    ref = fp32_attention(qkv, heads, bias, mask, scale, cosine)
+    # a bf16 output rounds by 2^-9 of itself; the bf16 weights move it by at most 2^-9 of max |v|
+    v_max = qkv.float().view(bw, n, 3, -1)[:, :, 2].abs().max()
+    assert ((out.float() - ref).abs() <= 2 ** -9 * ref.abs() + 2 ** -9 * v_max + 1e-6).all()
+    plain = pytorch_bf16_attention(qkv, heads, bias, mask, scale, cosine)
+    assert (out.float() - ref).norm() <= (plain.float() - ref).norm()
+
+
+@needs_kernels
+def test_cosine_attention_of_zero_keys_is_f_normalize():
+    """V2's padding tokens project to zero keys (k has no bias): F.normalize leaves them zero, so are
+    their logits (not 0/0)."""
+    qkv, bias, mask, scale = inputs(3, 2, 49, 32, None, cosine=True)
+    qkv.view(3, 49, 3, 64)[:, 40:, 1] = 0
+    qkv.view(3, 49, 3, 64)[0, 5, 0] = 0  # and a zero query
+    out = fused_attention.window_attention(qkv, 2, bias, mask, scale, True)
+    ref = fp32_attention(qkv, 2, bias, mask, scale, True)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.float(), ref, rtol=2 ** -8, atol=2 ** -8 * qkv.float().abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_backbones_take_the_kernel_in_bf16_inference(cls, batch, monkeypatch):
+    """Every block's attention takes the kernel in bf16 inference (padded, shifted windows, one and two
+    images), and the outputs are as close to fp32's as those of PyTorch's bf16 operators."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4).eval()
+    with torch.no_grad():  # off V2's zero-initialised post-norms, so every block matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(batch, 3, 70, 90)
+    calls = []
+    kernel = fused_attention.window_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fused_attention, 'window_attention', counted)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', torch.bfloat16):
+            fused = model(x)
+            assert len(calls) >= sum(TINY['depths'])
+            calls.clear()
+            monkeypatch.setattr(fused_attention, 'kernels_available', lambda: False)
+            plain = model(x)
+            assert not calls
+    for f, p, r in zip(fused, plain, ref):
+        assert f.dtype == torch.bfloat16 and f.shape == r.shape
+        cos_fused = F.cosine_similarity(f.float().flatten(), r.flatten(), dim=0)
+        cos_plain = F.cosine_similarity(p.float().flatten(), r.flatten(), dim=0)
+        assert cos_fused > 0.9999 and cos_fused >= cos_plain - 1e-5
+
+
+@needs_kernels
+def test_where_the_kernel_applies(monkeypatch):
+    params = [torch.zeros(3)]
+    x = torch.randn(4, 49, 96)
+    with torch.no_grad():
+        assert not fused_attention.applies(x, 3, 0.0, params)  # fp32
+        with torch.autocast('cpu', torch.bfloat16):
+            assert fused_attention.applies(x, 3, 0.0, params)
+            assert fused_attention.applies(x.bfloat16(), 3, 0.0, params)
+            assert not fused_attention.applies(x, 4, 0.0, params)  # head width 24
+            assert not fused_attention.applies(x, 3, 0.1, params)  # dropout
+            assert not fused_attention.applies(torch.randn(1, 1025, 96), 3, 0.0, params)
+            for setting in ('native', 'fp32'):
+                monkeypatch.setenv('MMSWIN_BF16_MATMUL', setting)
+                assert not fused_attention.applies(x, 3, 0.0, params)
+            monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'auto')
+    with torch.autocast('cpu', torch.bfloat16):  # gradients wanted
+        assert not fused_attention.applies(x.requires_grad_(), 3, 0.0, params)
+        assert not fused_attention.applies(x.detach(), 3, 0.0, [torch.zeros(3, requires_grad=True)])
+        assert fused_attention.applies(x.detach(), 3, 0.0, params)
+    assert not fused_attention.applies(x.to('meta'), 3, 0.0, params)
+
+
+@needs_kernels
+@pytest.mark.parametrize('change,message', [
+    (dict(qkv=torch.zeros(2, 49, 96)), 'qkv must be a contiguous'),
+    (dict(qkv=torch.zeros(2, 49, 96, dtype=torch.bfloat16)[:, :, ::2]), 'qkv must be a contiguous'),
+    (dict(heads=4), 'head width must be a multiple of 16'),
+    (dict(heads=5), "qkv's last axis"),
+    (dict(bias=torch.zeros(2, 49, 49)), 'bias must be'),
+    (dict(bias=torch.zeros(1, 49, 49, dtype=torch.bfloat16)), 'bias must be'),
+    (dict(mask=torch.zeros(2, 48, 48)), 'mask must be'),
+    (dict(mask=torch.zeros(3, 49, 49)), 'not whole images'),
+    (dict(scale=torch.ones(2)), 'scale must hold one'),
+])
+def test_bad_input_is_named(change, message):
+    args = dict(qkv=torch.zeros(2, 49, 96, dtype=torch.bfloat16), heads=1, bias=torch.zeros(1, 49, 49),
+                mask=None, scale=torch.ones(1))
+    args.update(change)
+    kernels = fused_attention._kernels()
+    with pytest.raises(RuntimeError, match=message):
+        kernels.window_attention(args['qkv'], args['heads'], args['bias'], args['mask'], args['scale'], False)
