@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
-from mmswin.models import fused_attention, layers
+from mmswin.models import cpu_kernels, layers
 from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
 from mmswin.models.blocks import PatchEmbed
 from mmswin.models.layers import DropPath, add_residual
@@ -181,7 +181,7 @@ def test_inference_reuses_position_bias_until_parameters_change(cls, monkeypatch
         with torch.autocast('cpu', dtype=torch.bfloat16):
             model(x)  # the fused bf16 kernel takes the fp32 bias: reused
             assert len(calls) == 2 * blocks
-            monkeypatch.setattr(fused_attention, 'kernels_available', lambda: False)
+            monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
             model(x)  # PyTorch's bf16 path: another dtype, another bias, the fp32 one is not reused for it
         assert len(calls) == 3 * blocks
         assert model.layers[0].blocks[0].attn._bias_cache[2].dtype == torch.bfloat16

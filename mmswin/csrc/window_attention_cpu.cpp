@@ -8,7 +8,7 @@
 //   V1: scale[h] * q.k + bias[h] + mask[b % nW],
 //   V2 (cosine): scale[h] * q.k / (max(|q|, eps) max(|k|, eps)) + bias[h] + mask[b % nW],
 // with bias (nH, N, N) fp32, mask (nW, N, N) fp32 or none, scale (nH,) fp32. d must be a multiple of 16.
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 
@@ -18,8 +18,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MMSWIN_X86 1
+#ifdef MMSWIN_X86
 #include <immintrin.h>
 #endif
 
@@ -29,15 +28,6 @@ constexpr int64_t kMaxTokens = 1024;
 constexpr float kNormEps = 1e-12f;  // F.normalize's, as in the official V2
 
 #ifdef MMSWIN_X86
-
-#define MMSWIN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
-bool cpu_has_avx512_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16");
-}
 
 // 2^t in fp32: t = n + f with |f| <= 1/2, 2^f = exp(f ln2) by its Taylor polynomial to degree 6 (relative
 // error below 2e-7), times 2^n by scalef. t is clamped at -200, where 2^t is 0 in fp32 (also for -inf).
@@ -152,37 +142,6 @@ MMSWIN_AVX512_BF16 void block_outputs(const uint32_t* weights, int64_t w_stride,
   if (c0 < vecs) row_outputs<R, 1>(weights, w_stride, inv_sums, values, d, pairs, c0, out, out_stride);
 }
 
-// One row of the softmax: logits * row_scale (* key_scales) + bias (+ mask), exponentiated relative to
-// the row's maximum into bf16 weights (0 from lane n on); returns the reciprocal of their fp32 sum.
-MMSWIN_AVX512_BF16 float softmax_row(const float* logits, float row_scale, const float* key_scales,
-                                     const float* bias, const float* mask, int64_t n, int64_t npad,
-                                     uint16_t* weights) {
-  const int64_t vecs = npad / 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - (vecs - 1) * 16)) - 1u);
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 scale = _mm512_set1_ps(row_scale);
-  __m512 x[kMaxTokens / 16];
-  __m512 top = neg_inf;
-  for (int64_t t = 0; t < vecs; ++t) {
-    const __mmask16 m = t + 1 < vecs ? static_cast<__mmask16>(0xFFFF) : tail;
-    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(logits + t * 16), scale);
-    if (key_scales != nullptr) s = _mm512_mul_ps(s, _mm512_loadu_ps(key_scales + t * 16));
-    s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, bias + t * 16));
-    if (mask != nullptr) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, mask + t * 16));
-    x[t] = _mm512_mask_mov_ps(neg_inf, m, s);
-    top = _mm512_max_ps(top, x[t]);
-  }
-  const __m512 log2e = _mm512_set1_ps(1.4426950408889634f);
-  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * 1.4426950408889634f);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < vecs; ++t) {
-    const __m512 e = exp2_ps(_mm512_fmsub_ps(x[t], log2e, shift));
-    sum = _mm512_add_ps(sum, e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + t * 16), (__m256i)_mm512_cvtneps_pbh(e));
-  }
-  return 1.0f / _mm512_reduce_add_ps(sum);
-}
-
 // Keys (N rows of d, row stride `stride`) into (d/2, Npad) pairs, zero beyond N, and for cosine attention
 // their scales 1 / max(|k|, eps); values into (ceil(N/2), d) pairs of rows.
 MMSWIN_AVX512_BF16 void pack(const uint16_t* k, const uint16_t* v, int64_t stride, int64_t n, int64_t npad,
@@ -220,6 +179,7 @@ MMSWIN_AVX512_BF16 void pack(const uint16_t* k, const uint16_t* v, int64_t strid
   }
 }
 
+
 struct Head {
   const uint16_t* q;  // row i at q + i * stride
   int64_t stride;     // elements between tokens in qkv and out (3C and C)
@@ -232,19 +192,59 @@ struct Head {
   int64_t out_stride;
 };
 
+// The softmax of R rows of logits: logits * row scale (* key scales) + bias (+ mask), exponentiated
+// relative to each row's maximum into bf16 weights (0 from lane N on), and the reciprocals of their fp32
+// sums. The rows are interleaved: each one's reductions are a chain of dependent steps that the CPU
+// overlaps with the others'.
+template <int R>
+MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
+  const int64_t vecs = h.npad / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (h.n - (vecs - 1) * 16)) - 1u);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 scale[R], top[R], sum[R];
+  for (int r = 0; r < R; ++r) {
+    float row_scale = h.scale;
+    if (h.cosine)
+      row_scale /= std::max(std::sqrt(squared_length(h.q + (i0 + r) * h.stride, h.d)), kNormEps);
+    scale[r] = _mm512_set1_ps(row_scale);
+    top[r] = neg_inf;
+    sum[r] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < vecs; ++t) {
+    const __mmask16 m = t + 1 < vecs ? static_cast<__mmask16>(0xFFFF) : tail;
+    const __m512 key_scale = h.cosine ? _mm512_loadu_ps(s.key_scales.data() + t * 16) : _mm512_set1_ps(1.0f);
+    for (int r = 0; r < R; ++r) {
+      float* logits = s.logits.data() + r * h.npad + t * 16;
+      const int64_t at = (i0 + r) * h.n + t * 16;
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(logits), scale[r]);
+      if (h.cosine) x = _mm512_mul_ps(x, key_scale);
+      x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, h.bias + at));
+      if (h.mask != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, h.mask + at));
+      x = _mm512_mask_mov_ps(neg_inf, m, x);
+      _mm512_storeu_ps(logits, x);
+      top[r] = _mm512_max_ps(top[r], x);
+    }
+  }
+  const __m512 log2e = _mm512_set1_ps(1.4426950408889634f);
+  __m512 shift[R];
+  for (int r = 0; r < R; ++r) shift[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]) * 1.4426950408889634f);
+  for (int64_t t = 0; t < vecs; ++t) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s.logits.data() + r * h.npad + t * 16), log2e,
+                                               shift[r]));
+      sum[r] = _mm512_add_ps(sum[r], e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.weights.data() + r * h.npad + t * 16),
+                          (__m256i)_mm512_cvtneps_pbh(e));
+    }
+  }
+  for (int r = 0; r < R; ++r) s.inv_sums[r] = 1.0f / _mm512_reduce_add_ps(sum[r]);
+}
+
 template <int R>
 MMSWIN_AVX512_BF16 void attend_rows(const Head& h, int64_t i0, Scratch& s) {
   block_logits<R>(reinterpret_cast<const uint32_t*>(h.q + i0 * h.stride), h.stride / 2, s.keys.data(),
                   h.npad, h.d / 2, s.logits.data());
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = i0 + r;
-    float row_scale = h.scale;
-    if (h.cosine)
-      row_scale /= std::max(std::sqrt(squared_length(h.q + i * h.stride, h.d)), kNormEps);
-    s.inv_sums[r] = softmax_row(s.logits.data() + r * h.npad, row_scale, h.cosine ? s.key_scales.data() : nullptr,
-                                h.bias + i * h.n, h.mask ? h.mask + i * h.n : nullptr, h.n, h.npad,
-                                s.weights.data() + r * h.npad);
-  }
+  softmax_rows<R>(h, i0, s);
   block_outputs<R>(reinterpret_cast<const uint32_t*>(s.weights.data()), h.npad / 2, s.inv_sums.data(),
                    s.values.data(), h.d, (h.n + 1) / 2, h.out + i0 * h.out_stride, h.out_stride);
 }
@@ -263,18 +263,13 @@ MMSWIN_AVX512_BF16 void attend_head(const Head& h, const uint16_t* k, const uint
 
 #endif  // MMSWIN_X86
 
-bool available() {
-#ifdef MMSWIN_X86
-  static const bool ok = cpu_has_avx512_bf16();
-  return ok;
-#else
-  return false;
-#endif
-}
+}  // namespace
+
+namespace mmswin {
 
 at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine) {
-  TORCH_CHECK(available(), "window_attention needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(kernels_available(), "window_attention needs an x86 CPU with AVX512-BF16");
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kBFloat16 && qkv.dim() == 3 &&
                   qkv.is_contiguous(),
               "window_attention: qkv must be a contiguous (B*nW, N, 3C) bf16 CPU tensor, got ", qkv.sizes(),
@@ -327,12 +322,4 @@ at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tens
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mmswin's fused CPU kernels";
-  m.def("available", &available, "Whether this CPU runs the fused kernels (x86 with AVX512-BF16)");
-  m.def("window_attention", &window_attention,
-        "Fused bf16 window attention from the qkv projection (CPU inference)", py::arg("qkv"),
-        py::arg("heads"), py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));
-}
+}  // namespace mmswin

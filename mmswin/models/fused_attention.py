@@ -9,33 +9,17 @@ separate bias, mask and softmax passes and no transpose copy of the output.
 
 The logits stay in fp32 up to the softmax, with the scale (and V2's lengths) applied to them in fp32
 where PyTorch's path rounds ``q * scale``, the logits and the bias to bf16: the values agree with that
-path to bf16's rounding and are closer to the fp32 attention. The kernels need AVX512-BF16 and the
-extension built at install (``setup.py``); elsewhere, and with ``MMSWIN_BF16_MATMUL=native`` or
-``=fp32``, the attention takes PyTorch's operators.
+path to bf16's rounding and are closer to the fp32 attention. Where the kernels are not used
+(:mod:`.cpu_kernels`), the attention takes PyTorch's operators.
 """
-from functools import lru_cache
 from typing import Iterable, Optional
 
 import torch
 
-from .matmul import autocast_dtype, bf16_matmul_setting
+from . import cpu_kernels
+from .matmul import autocast_dtype
 
 MAX_TOKENS = 1024  # tokens per window the kernel takes
-
-
-@lru_cache(maxsize=1)
-def _kernels():
-    """``mmswin._C`` where it was built and this CPU runs it, else ``None``."""
-    try:
-        from mmswin import _C
-    except ImportError:
-        return None
-    return _C if _C.available() else None
-
-
-def kernels_available() -> bool:
-    """Whether the compiled kernels are installed and this CPU has what they need (AVX512-BF16)."""
-    return _kernels() is not None
 
 
 def applies(x: torch.Tensor, heads: int, dropout_p: float, params: Iterable[torch.Tensor]) -> bool:
@@ -49,7 +33,7 @@ def applies(x: torch.Tensor, heads: int, dropout_p: float, params: Iterable[torc
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
-    return bf16_matmul_setting() not in ('native', 'fp32') and kernels_available()
+    return cpu_kernels.use_kernels()
 
 
 def window_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask: Optional[torch.Tensor],
@@ -71,6 +55,6 @@ def window_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask: Op
     """
     if mask is not None:
         mask = mask.to(torch.float32).contiguous()
-    return _kernels().window_attention(qkv.to(torch.bfloat16).contiguous(), heads,
+    return cpu_kernels.kernels().window_attention(qkv.to(torch.bfloat16).contiguous(), heads,
                                        bias.to(torch.float32).contiguous(), mask,
                                        scale.to(torch.float32).contiguous(), cosine)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .gelu_mlp import gelu_mlp
+from .layer_norm import LayerNorm
 from .matmul import Linear, linear
 
 # Tokens per chunk of inference: intermediates of about a MiB stay in the CPU's caches, and none is large
@@ -28,8 +29,8 @@ def mlp_chunk_elements(x: torch.Tensor) -> int:
     return MLP_CHUNK_ELEMENTS if x.device.type == 'cpu' else sys.maxsize
 
 _NORMS: Dict[str, Callable[..., nn.Module]] = {
-    'LN': nn.LayerNorm,
-    'LayerNorm': nn.LayerNorm,
+    'LN': LayerNorm,
+    'LayerNorm': LayerNorm,
 }
 _ACTS: Dict[str, Callable[..., nn.Module]] = {
     'GELU': nn.GELU,

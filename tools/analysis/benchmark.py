@@ -622,7 +622,7 @@ def main(argv=None) -> dict:
         from mmswin.models.matmul import cpu_has_bf16_arithmetic
         # Without bf16 instructions mmswin multiplies bf16 values with the fp32 kernels (mmswin.models.matmul)
         report['cpu_bf16_arithmetic'] = cpu_has_bf16_arithmetic()
-        from mmswin.models.fused_attention import kernels_available
+        from mmswin.models.cpu_kernels import kernels_available
         # mmswin's compiled kernels (bf16 inference attention), where built and the CPU runs them
         report['fused_cpu_kernels'] = kernels_available()
         report['cpu'] = torch._C._cpu._get_cpu_capability().get('cpu_name')

@@ -1,6 +1,6 @@
-"""The fused CPU bf16 window attention (``mmswin/csrc``): against the fp32 attention written out here
-from the official formulas, against PyTorch's bf16 path, inside the backbones, where it applies, and its
-errors."""
+"""mmswin's compiled CPU kernels for bf16 inference (``mmswin/csrc``): the window attention against the
+fp32 attention written out here from the official formulas and against PyTorch's bf16 path, the layer
+norm against PyTorch's, both inside the backbones, where they apply, and their errors."""
 import os
 import sys
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmswin.models import SwinTransformer, SwinTransformerV2, fused_attention
+from mmswin.models import SwinTransformer, SwinTransformerV2, cpu_kernels, fused_attention
+from mmswin.models.layer_norm import LayerNorm
+from mmswin.models.layers import build_norm
 from mmswin.models.matmul import attention
 
-needs_kernels = pytest.mark.skipif(not fused_attention.kernels_available(),
+needs_kernels = pytest.mark.skipif(not cpu_kernels.kernels_available(),
                                    reason='the compiled kernels need Linux on x86 with AVX512-BF16')
 TINY = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8), drop_path_rate=0.0)
 
@@ -23,7 +25,7 @@ def test_kernels_are_built_where_the_cpu_runs_them():
         pytest.skip('the kernels are built on Linux unless MMSWIN_WITH_OPS=0')
     if not torch._C._cpu._get_cpu_capability().get('avx512_bf16'):
         pytest.skip('this CPU has no AVX512-BF16')
-    assert fused_attention.kernels_available()
+    assert cpu_kernels.kernels_available()
 
 
 def fp32_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask, scale: torch.Tensor,
@@ -133,7 +135,7 @@ def test_backbones_take_the_kernel_in_bf16_inference(cls, batch, monkeypatch):
             fused = model(x)
             assert len(calls) >= sum(TINY['depths'])
             calls.clear()
-            monkeypatch.setattr(fused_attention, 'kernels_available', lambda: False)
+            monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
             plain = model(x)
             assert not calls
     for f, p, r in zip(fused, plain, ref):
@@ -182,6 +184,82 @@ def test_bad_input_is_named(change, message):
     args = dict(qkv=torch.zeros(2, 49, 96, dtype=torch.bfloat16), heads=1, bias=torch.zeros(1, 49, 49),
                 mask=None, scale=torch.ones(1))
     args.update(change)
-    kernels = fused_attention._kernels()
+    kernels = cpu_kernels.kernels()
     with pytest.raises(RuntimeError, match=message):
         kernels.window_attention(args['qkv'], args['heads'], args['bias'], args['mask'], args['scale'], False)
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of bf16 at ``x`` (fp32)."""
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 8)
+
+
+@needs_kernels
+@pytest.mark.parametrize('rows,channels', [(4096, 96), (4067, 384), (7, 3072), (5, 16), (3, 17), (1, 40)])
+@pytest.mark.parametrize('affine', [True, False])
+def test_layer_norm_equals_pytorchs(rows, channels, affine):
+    """Rounded once from the fp32 normalisation, as PyTorch's bf16 layer norm: at most one bf16 ulp from
+    it, in a few values per ten thousand, and within bf16's rounding of the fp32 layer norm."""
+    torch.manual_seed(0)
+    norm = LayerNorm(channels, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = (torch.randn(rows, channels) * 3 + 2).bfloat16()
+    with torch.no_grad():
+        out = norm(x)
+        torchs = F.layer_norm(x, (channels,), norm.weight, norm.bias, norm.eps)
+        ref = F.layer_norm(x.float(), (channels,), norm.weight, norm.bias, norm.eps)
+        # fp32's rounding of the terms x * rstd, mean * rstd (and bias), where they cancel
+        var, mean = torch.var_mean(x.float(), -1, keepdim=True, correction=0)
+        terms = (x.float().abs() + mean.abs()) * (var + norm.eps).rsqrt()
+        if affine:
+            terms = terms * norm.weight.abs() + norm.bias.abs()
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    apart = (out.float() - torchs.float()).abs()
+    assert (apart <= bf16_ulp(torchs.float().abs()) + 2 ** -19 * terms).all()  # both sides round
+    assert (apart > 0).float().mean() < 1e-3
+    assert ((out.float() - ref).abs() <= bf16_ulp(ref.abs()) / 2 + 2 ** -20 * terms).all()
+
+
+@needs_kernels
+def test_layer_norm_takes_the_kernel_in_bf16_inference_only(monkeypatch):
+    norm = build_norm(dict(type='LN', eps=1e-6), 32)
+    assert isinstance(norm, LayerNorm) and isinstance(norm, torch.nn.LayerNorm)
+    assert set(norm.state_dict()) == {'weight', 'bias'}
+    calls = []
+    kernels = cpu_kernels.kernels()
+
+    class Counting:
+        def layer_norm(self, *args):
+            calls.append(args[0].shape)
+            return kernels.layer_norm(*args)
+
+    monkeypatch.setattr(cpu_kernels, 'kernels', lambda: Counting())
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        norm(x)  # fp32
+        norm(x.bfloat16().transpose(0, 1))  # not contiguous: made so
+        assert calls == [(5, 2, 32)]
+    out = norm(x.bfloat16().requires_grad_())  # gradients wanted: PyTorch's, differentiable
+    out.float().sum().backward()
+    assert norm.weight.grad is not None and len(calls) == 1
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'native')
+    with torch.no_grad():
+        norm(x.bfloat16())
+    assert len(calls) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize('change,message', [
+    (dict(x=torch.zeros(4, 8)), 'x must be a contiguous'),
+    (dict(weight=torch.ones(7)), 'weight must be'),
+    (dict(bias=torch.zeros(8, dtype=torch.bfloat16)), 'bias must be'),
+    (dict(eps=-1.0), 'eps must not be negative'),
+])
+def test_layer_norm_bad_input_is_named(change, message):
+    args = dict(x=torch.zeros(4, 8, dtype=torch.bfloat16), weight=torch.ones(8), bias=torch.zeros(8), eps=1e-5)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels.kernels().layer_norm(args['x'], args['weight'], args['bias'], args['eps'])

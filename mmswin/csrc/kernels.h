@@ -1,0 +1,23 @@
+// mmswin's CPU kernels: what the Python module (module.cpp) exposes.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MMSWIN_X86 1
+#define MMSWIN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
+namespace mmswin {
+
+// Whether this CPU runs the kernels (x86 with AVX512-BF16).
+bool kernels_available();
+
+at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
+                            const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine);
+
+at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, double eps);
+
+}  // namespace mmswin

@@ -1,0 +1,32 @@
+// The Python module mmswin._C: mmswin's CPU kernels.
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+namespace mmswin {
+
+bool kernels_available() {
+#ifdef MMSWIN_X86
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace mmswin
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mmswin's fused CPU kernels for bf16 inference";
+  m.def("available", &mmswin::kernels_available, "Whether this CPU runs the kernels (x86 with AVX512-BF16)");
+  m.def("window_attention", &mmswin::window_attention,
+        "Window attention from the qkv projection (bf16, CPU inference)", py::arg("qkv"), py::arg("heads"),
+        py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));
+  m.def("layer_norm", &mmswin::layer_norm, "Layer norm over the last axis (bf16, CPU inference)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"));
+}
