@@ -74,21 +74,30 @@ struct Scratch {
 
 constexpr int kRows = 4;  // query rows per register block
 
+// The register block of both products: acc[r][v] = sum over pairs p of a[r, p] . b[p, v0 + v] for R rows of
+// a (bf16 pairs, row stride a_stride) and V vectors of 16 columns of b (bf16 pairs, row stride b_stride),
+// in fp32. q k^T takes the query rows and the packed keys, weights @ v the weight rows and packed values.
+template <int R, int V>
+MMSWIN_AVX512_BF16 inline void dot_block(const uint32_t* a, int64_t a_stride, const uint32_t* b,
+                                         int64_t b_stride, int64_t pairs, int64_t v0, __m512 (&acc)[R][V]) {
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_loadu_si512(b + p * b_stride + (v0 + v) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i ar = _mm512_set1_epi32(static_cast<int>(a[r * a_stride + p]));
+      for (int v = 0; v < V; ++v) acc[r][v] = dot_pairs(acc[r][v], ar, bv[v]);
+    }
+  }
+}
+
 // logits[r, g0*16 : (g0+G)*16] = q[row r] . k for R rows and G vectors of 16 keys.
 template <int R, int G>
 MMSWIN_AVX512_BF16 inline void row_logits(const uint32_t* q, int64_t q_stride, const uint32_t* keys,
                                           int64_t npad, int64_t pairs, int64_t g0, float* logits) {
   __m512 acc[R][G];
-  for (int r = 0; r < R; ++r)
-    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512i kv[G];
-    for (int g = 0; g < G; ++g) kv[g] = _mm512_loadu_si512(keys + p * npad + (g0 + g) * 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512i a = _mm512_set1_epi32(static_cast<int>(q[r * q_stride + p]));
-      for (int g = 0; g < G; ++g) acc[r][g] = dot_pairs(acc[r][g], a, kv[g]);
-    }
-  }
+  dot_block<R, G>(q, q_stride, keys, npad, pairs, g0, acc);
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < G; ++g) _mm512_storeu_ps(logits + r * npad + (g0 + g) * 16, acc[r][g]);
 }
@@ -113,16 +122,7 @@ MMSWIN_AVX512_BF16 inline void row_outputs(const uint32_t* weights, int64_t w_st
                                            const uint32_t* values, int64_t d, int64_t pairs, int64_t c0,
                                            uint16_t* out, int64_t out_stride) {
   __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512i vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_si512(values + p * d + (c0 + c) * 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512i a = _mm512_set1_epi32(static_cast<int>(weights[r * w_stride + p]));
-      for (int c = 0; c < C; ++c) acc[r][c] = dot_pairs(acc[r][c], a, vv[c]);
-    }
-  }
+  dot_block<R, C>(weights, w_stride, values, d, pairs, c0, acc);
   for (int r = 0; r < R; ++r) {
     const __m512 inv = _mm512_set1_ps(inv_sums[r]);
     for (int c = 0; c < C; ++c)
