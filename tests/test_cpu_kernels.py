@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmswin.models import SwinTransformer, SwinTransformerV2, cpu_kernels, fused_attention
+from mmswin.models import SwinTransformer, SwinTransformerV2, blocks, cpu_kernels, fused_attention
 from mmswin.models.layer_norm import LayerNorm
 from mmswin.models.layers import build_norm
 from mmswin.models.matmul import attention
@@ -263,3 +263,98 @@ def test_layer_norm_bad_input_is_named(change, message):
     args.update(change)
     with pytest.raises(RuntimeError, match=message):
         cpu_kernels.kernels().layer_norm(args['x'], args['weight'], args['bias'], args['eps'])
+
+
+def rows_inputs(batch: int, length: int, channels: int, seed: int = 0) -> tuple:
+    """Tokens ``(B, L, C)``, a permutation of a chunk of their rows with padding positions (-1), and affine
+    parameters."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, length, channels, generator=g) * 2 + 1).bfloat16()
+    index = torch.randperm(length, generator=g)[:length // 2 + 1]
+    index[torch.rand(index.shape, generator=g) < 0.2] = -1
+    weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+    return x, index, weight, bias
+
+
+@needs_kernels
+@pytest.mark.parametrize('batch,length,channels', [(1, 300, 96), (2, 257, 384), (3, 40, 17), (1, 9, 3072)])
+def test_gather_rows_is_select_norm_and_zero_fill(batch, length, channels):
+    x, index, weight, bias = rows_inputs(batch, length, channels)
+    kernels = cpu_kernels.kernels()
+    padding = (index < 0).nonzero().view(-1)
+    selected = x.index_select(1, index.clamp(min=0)).index_fill_(1, padding, 0)
+    assert torch.equal(kernels.gather_rows(x, index, None, None, 0.0, False), selected)
+    normed = kernels.layer_norm(x.index_select(1, index.clamp(min=0)).contiguous(), weight, bias, 1e-5)
+    out = kernels.gather_rows(x, index, weight, bias, 1e-5, True)
+    assert torch.equal(out, normed.index_fill_(1, padding, 0))
+
+
+@needs_kernels
+@pytest.mark.parametrize('batch,length,channels', [(1, 300, 96), (2, 257, 384), (3, 40, 17), (1, 9, 3072)])
+def test_add_rows_is_index_add_of_the_real_rows(batch, length, channels):
+    x, index, weight, bias = rows_inputs(batch, length, channels)
+    src = torch.randn(batch, index.numel(), channels).bfloat16()
+    kernels = cpu_kernels.kernels()
+    real = (index >= 0).nonzero().view(-1)
+    expected = x.clone().index_add_(1, index[real], src[:, real])
+    out = x.clone()
+    assert kernels.add_rows_(out, index, src, None, None, 0.0, False) is not None
+    assert torch.equal(out, expected)
+    normed = kernels.layer_norm(src, weight, bias, 1e-5)  # the branch rounded to bf16, then added
+    expected = x.clone().index_add_(1, index[real], normed[:, real])
+    out = x.clone()
+    kernels.add_rows_(out, index, src, weight, bias, 1e-5, True)
+    assert torch.equal(out, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_window_chunks_in_kernels_equal_the_operators(cls, batch, monkeypatch):
+    """The blocks' bf16 inference through the row kernels gives the same numbers, bit for bit, as with
+    PyTorch's gather, fill and index_add (padded and shifted windows, one and two images)."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(batch, 3, 70, 90)
+    calls = []
+    block = blocks.SwinBlock if cls is SwinTransformer else blocks.SwinBlockV2
+    step = block.window_chunk_in_kernels_
+
+    def counted(self, *args):
+        calls.append(args[1].shape)
+        return step(self, *args)
+
+    monkeypatch.setattr(block, 'window_chunk_in_kernels_', counted)
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        fused = model(x)
+        assert len(calls) >= sum(TINY['depths'])
+        calls.clear()
+        monkeypatch.setattr(blocks.SwinBlock, 'chunks_in_kernels', lambda self, tokens: False)
+        plain = model(x)
+        assert not calls
+    for f, p in zip(fused, plain):
+        assert f.dtype == torch.bfloat16 and torch.equal(f, p)
+
+
+@needs_kernels
+@pytest.mark.parametrize('fn,change,message', [
+    ('gather_rows', dict(x=torch.zeros(4, 8, dtype=torch.bfloat16)), 'x must be a contiguous'),
+    ('gather_rows', dict(index=torch.zeros(3, dtype=torch.int32)), 'index must be a contiguous'),
+    ('gather_rows', dict(index=torch.tensor([0, 4])), r'index\[1\] = 4 is not a row'),
+    ('gather_rows', dict(weight=torch.ones(7)), 'weight must be'),
+    ('add_rows_', dict(src=torch.zeros(1, 3, 8, dtype=torch.bfloat16)), 'src must be a contiguous'),
+    ('add_rows_', dict(eps=-1.0), 'eps must not be negative'),
+])
+def test_row_kernels_bad_input_is_named(fn, change, message):
+    args = dict(x=torch.zeros(1, 4, 8, dtype=torch.bfloat16), index=torch.tensor([1, -1]), weight=torch.ones(8),
+                bias=torch.zeros(8), eps=1e-5, src=torch.zeros(1, 2, 8, dtype=torch.bfloat16))
+    args.update(change)
+    kernels = cpu_kernels.kernels()
+    with pytest.raises(RuntimeError, match=message):
+        if fn == 'gather_rows':
+            kernels.gather_rows(args['x'], args['index'], args['weight'], args['bias'], args['eps'], True)
+        else:
+            kernels.add_rows_(args['x'], args['index'], args['src'], args['weight'], args['bias'], args['eps'], True)

@@ -20,4 +20,11 @@ at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tens
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps);
 
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& weight,
+                       const c10::optional<at::Tensor>& bias, double eps, bool normalise);
+
+at::Tensor& add_rows_(at::Tensor& x, const at::Tensor& index, const at::Tensor& src,
+                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+                      bool normalise);
+
 }  // namespace mmswin

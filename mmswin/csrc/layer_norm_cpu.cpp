@@ -2,6 +2,12 @@
 // fp32 or none. Per row, the mean and then the mean squared deviation in fp32 (two passes over a row that
 // stays in L1), and y = (x * rstd - mean * rstd) * weight + bias rounded to bf16 once, as PyTorch's
 // mixed-precision layer norm computes it.
+//
+// The same rows serve the window chunks of a Swin block's inference, where tokens (B, L, C) are read and
+// updated through an index of M rows (-1: a position that pads the map):
+//   gather_rows:  out[b, m] = norm(x[b, index[m]]) (or the row as it is), zero where index[m] < 0;
+//   add_rows_:    x[b, index[m]] += norm(src[b, m]) (or src[b, m]) where index[m] >= 0, the summand rounded
+//                 to bf16 first, as adding a bf16 branch would.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -28,15 +34,15 @@ MMSWIN_AVX512_BF16 inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
 }
 
 // R rows at a time: their reductions are independent chains that the CPU overlaps (one row alone waits on
-// the latency of its sums).
-template <int R>
-MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* x, const float* weight, const float* bias, int64_t c,
-                                       float eps, uint16_t* y) {
+// the latency of its sums). Row r is read from x[r] and written to (or, with kAdd, added to) y[r].
+template <int R, bool kAdd>
+MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* const* x, const float* weight, const float* bias,
+                                       int64_t c, float eps, uint16_t* const* y) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < c; i += 16) {
     const __mmask16 m = lanes(c - i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], load_bf16(x + r * c + i, m));
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], load_bf16(x[r] + i, m));
   }
   __m512 centre[R];
   for (int r = 0; r < R; ++r) {
@@ -46,7 +52,7 @@ MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* x, const float* weight, c
   for (int64_t i = 0; i < c; i += 16) {
     const __mmask16 m = lanes(c - i);
     for (int r = 0; r < R; ++r) {
-      const __m512 dev = _mm512_maskz_sub_ps(m, load_bf16(x + r * c + i, m), centre[r]);
+      const __m512 dev = _mm512_maskz_sub_ps(m, load_bf16(x[r] + i, m), centre[r]);
       acc[r] = _mm512_fmadd_ps(dev, dev, acc[r]);
     }
   }
@@ -61,19 +67,66 @@ MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* x, const float* weight, c
     const __m512 w = weight != nullptr ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
     const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + i) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(load_bf16(x + r * c + i, m), scale[r], shift[r]), w, b);
-      _mm256_mask_storeu_epi16(y + r * c + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+      __m256i v = (__m256i)_mm512_cvtneps_pbh(
+          _mm512_fmadd_ps(_mm512_fmadd_ps(load_bf16(x[r] + i, m), scale[r], shift[r]), w, b));
+      if (kAdd) {
+        const __m512 sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)),
+                                         load_bf16(y[r] + i, m));
+        v = (__m256i)_mm512_cvtneps_pbh(sum);
+      }
+      _mm256_mask_storeu_epi16(y[r] + i, m, v);
     }
+  }
+}
+
+// y[r] += x[r] for one row of c bf16 values, summed in fp32 and rounded once.
+MMSWIN_AVX512_BF16 void add_row(const uint16_t* x, int64_t c, uint16_t* y) {
+  for (int64_t i = 0; i < c; i += 16) {
+    const __mmask16 m = lanes(c - i);
+    const __m512 sum = _mm512_add_ps(load_bf16(x + i, m), load_bf16(y + i, m));
+    _mm256_mask_storeu_epi16(y + i, m, (__m256i)_mm512_cvtneps_pbh(sum));
   }
 }
 
 constexpr int kRows = 4;
 
+// Normalises the rows pushed (a source and a destination each) kRows at a time; flush() the rest.
+template <bool kAdd>
+class RowBlocks {
+ public:
+  RowBlocks(const float* weight, const float* bias, int64_t c, float eps)
+      : weight_(weight), bias_(bias), c_(c), eps_(eps) {}
+
+  MMSWIN_AVX512_BF16 void push(const uint16_t* x, uint16_t* y) {
+    x_[count_] = x;
+    y_[count_] = y;
+    if (++count_ == kRows) flush();
+  }
+
+  MMSWIN_AVX512_BF16 void flush() {
+    if (count_ == kRows) {
+      normalise_rows<kRows, kAdd>(x_, weight_, bias_, c_, eps_, y_);
+    } else {
+      for (int r = 0; r < count_; ++r) normalise_rows<1, kAdd>(x_ + r, weight_, bias_, c_, eps_, y_ + r);
+    }
+    count_ = 0;
+  }
+
+ private:
+  const float* weight_;
+  const float* bias_;
+  int64_t c_;
+  float eps_;
+  const uint16_t* x_[kRows];
+  uint16_t* y_[kRows];
+  int count_ = 0;
+};
+
 MMSWIN_AVX512_BF16 void normalise(const uint16_t* x, const float* weight, const float* bias, int64_t c,
                                   float eps, uint16_t* y, int64_t rows) {
-  int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows) normalise_rows<kRows>(x + r * c, weight, bias, c, eps, y + r * c);
-  for (; r < rows; ++r) normalise_rows<1>(x + r * c, weight, bias, c, eps, y + r * c);
+  RowBlocks<false> blocks(weight, bias, c, eps);
+  for (int64_t r = 0; r < rows; ++r) blocks.push(x + r * c, y + r * c);
+  blocks.flush();
 }
 
 #endif  // MMSWIN_X86
@@ -85,6 +138,35 @@ const float* affine_data(const c10::optional<at::Tensor>& t, int64_t c, const ch
               "layer_norm: ", name, " must be a contiguous (C,) = (", c, ",) fp32 CPU tensor, got ", t->sizes(),
               " ", t->scalar_type());
   return t->data_ptr<float>();
+}
+
+// The arguments of gather_rows and add_rows_, checked: tokens (B, L, C) bf16, index (M,) int64 of rows
+// below L, and the norm's (when normalise).
+struct RowArgs {
+  int64_t b, l, c, m;
+  const float* weight;
+  const float* bias;
+  float eps;
+};
+
+RowArgs row_args(const char* fn, const at::Tensor& x, const at::Tensor& index,
+                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+                 bool normalise) {
+  TORCH_CHECK(mmswin::kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.is_contiguous() &&
+                  x.size(2) >= 1,
+              fn, ": x must be a contiguous (B, L, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 &&
+                  index.is_contiguous(),
+              fn, ": index must be a contiguous (M,) int64 CPU tensor, got ", index.sizes(), " ",
+              index.scalar_type());
+  TORCH_CHECK(eps >= 0, fn, ": eps must not be negative, got ", eps);
+  const int64_t l = x.size(1), c = x.size(2);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t m = 0; m < index.numel(); ++m)
+    TORCH_CHECK(idx[m] < l, fn, ": index[", m, "] = ", idx[m], " is not a row of x's ", l);
+  return {x.size(0), l, c, index.numel(), normalise ? affine_data(weight, c, "weight") : nullptr,
+          normalise ? affine_data(bias, c, "bias") : nullptr, static_cast<float>(eps)};
 }
 
 }  // namespace
@@ -113,6 +195,66 @@ at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weig
   });
 #endif
   return out;
+}
+
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& weight,
+                       const c10::optional<at::Tensor>& bias, double eps, bool normalise) {
+  const RowArgs a = row_args("gather_rows", x, index, weight, bias, eps, normalise);
+  const int64_t l = a.l, c = a.c, m = a.m;
+  at::Tensor out = at::empty({a.b, m, c}, x.options());
+#ifdef MMSWIN_X86
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t* idx = index.data_ptr<int64_t>();
+  at::parallel_for(0, a.b * m, std::max<int64_t>(1, 16384 / c), [&](int64_t begin, int64_t end) {
+    RowBlocks<false> blocks(a.weight, a.bias, c, a.eps);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = idx[r % m];
+      uint16_t* y = dst + r * c;
+      if (row < 0) {
+        std::fill(y, y + c, uint16_t{0});
+      } else if (normalise) {
+        blocks.push(src + ((r / m) * l + row) * c, y);
+      } else {
+        std::copy(src + ((r / m) * l + row) * c, src + ((r / m) * l + row + 1) * c, y);
+      }
+    }
+    blocks.flush();
+  });
+#endif
+  return out;
+}
+
+at::Tensor& add_rows_(at::Tensor& x, const at::Tensor& index, const at::Tensor& src,
+                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+                      bool normalise) {
+  const RowArgs a = row_args("add_rows_", x, index, weight, bias, eps, normalise);
+  const int64_t l = a.l, c = a.c, m = a.m;
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kBFloat16 && src.is_contiguous() &&
+                  src.sizes() == at::IntArrayRef({a.b, m, c}),
+              "add_rows_: src must be a contiguous (B, M, C) = (", a.b, ", ", m, ", ", c,
+              ") bf16 CPU tensor, got ", src.sizes(), " ", src.scalar_type());
+#ifdef MMSWIN_X86
+  auto* dst = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* from = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+  const int64_t* idx = index.data_ptr<int64_t>();
+  // Rows that index names twice would race; Swin's window chunks name each token once.
+  at::parallel_for(0, a.b * m, std::max<int64_t>(1, 16384 / c), [&](int64_t begin, int64_t end) {
+    RowBlocks<true> blocks(a.weight, a.bias, c, a.eps);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = idx[r % m];
+      if (row < 0) continue;
+      uint16_t* y = dst + ((r / m) * l + row) * c;
+      if (normalise) {
+        blocks.push(from + r * c, y);
+      } else {
+        add_row(from + r * c, c, y);
+      }
+    }
+    blocks.flush();
+  });
+#endif
+  return x;
 }
 
 }  // namespace mmswin

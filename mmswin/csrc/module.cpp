@@ -29,4 +29,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));
   m.def("layer_norm", &mmswin::layer_norm, "Layer norm over the last axis (bf16, CPU inference)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("gather_rows", &mmswin::gather_rows,
+        "Rows index of tokens (B, L, C), layer-normalised if normalise, zero where index < 0 (bf16, CPU "
+        "inference)",
+        py::arg("x"), py::arg("index"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("normalise"));
+  m.def("add_rows_", &mmswin::add_rows_,
+        "Adds src (B, M, C), layer-normalised if normalise, to rows index of tokens (B, L, C) where index >= 0, "
+        "in place (bf16, CPU inference)",
+        py::arg("x"), py::arg("index"), py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("normalise"));
 }

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from . import layers
+from . import cpu_kernels, layers
 from .attention import CosineWindowAttention, WindowAttention
+from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear, autocast_dtype
 from .windows import (Size2, add_tokens_, gather_windows, pad_to_windows, scatter_windows, select_tokens,
@@ -103,14 +104,21 @@ class SwinBlock(nn.Module):
         chunks of tokens. No ``(B, H, W, C)`` tensor is allocated (at detection sizes the C allocator maps
         those afresh, page fault by page fault), and each chunk stays in the CPU's caches from the norm to
         the residual sum. Windows share no token, so updating one chunk leaves the inputs of the others
-        as they were: the values are those of :meth:`forward`.
+        as they were: the values are those of :meth:`forward`. In bf16 with the compiled kernels, a chunk's
+        gather is fused with its norm and its residual sum is one more kernel
+        (:meth:`window_chunk_in_kernels_`), with the same values.
         """
         b, h, w, c = x.shape
         n = window[0] * window[1]
         tokens = x.view(b, h * w, c)
+        fused = self.chunks_in_kernels(tokens)
         per_chunk = max(1, layers.CHUNK_TOKENS // (b * n))  # windows of each image per chunk
-        for i, (index, padding) in enumerate(window_chunks((h, w), window, shift, per_chunk, x.device)):
+        chunks = window_chunks((h, w), window, shift, per_chunk, x.device)
+        for i, (index, padding, rows) in enumerate(chunks):
             chunk_mask = None if mask is None else mask[i * per_chunk:(i + 1) * per_chunk]
+            if fused:
+                self.window_chunk_in_kernels_(tokens, rows, window, chunk_mask)
+                continue
             branch = self.window_branch(select_tokens(tokens, index), padding, window, chunk_mask)
             branch = branch.view(b, -1, c)
             if padding is not None:
@@ -122,6 +130,22 @@ class SwinBlock(nn.Module):
             part = rows[start:start + layers.CHUNK_TOKENS]
             part.add_(self.mlp_branch(part))
         return x
+
+    def chunks_in_kernels(self, tokens: torch.Tensor) -> bool:
+        """Whether :meth:`forward_in_place` runs its window chunks through
+        :meth:`window_chunk_in_kernels_`: where the norm takes the kernels (bf16 on the CPU)."""
+        return isinstance(self.norm1, LayerNorm) and self.norm1.takes_kernel(tokens)
+
+    def window_chunk_in_kernels_(self, tokens: torch.Tensor, rows: torch.Tensor, window: Size2,
+                                 mask: Optional[torch.Tensor]) -> None:
+        """The attention half of :meth:`forward_in_place` for one chunk of windows, adding to bf16
+        ``tokens: (B, L, C)`` at their ``rows`` (-1: padding) through the compiled kernels: the gather and
+        the norm in one pass, the residual sum in another (no gathered copy, no fills, no index_add)."""
+        ops = cpu_kernels.kernels()
+        b, _, c = tokens.shape
+        normed = ops.gather_rows(tokens, rows, *self.norm1.kernel_args(), True)
+        branch = self.attn.attend(normed.view(-1, window[0] * window[1], c), window, mask)
+        ops.add_rows_(tokens, rows, branch.reshape(b, -1, c).to(tokens.dtype), None, None, 0.0, False)
 
 
 class SwinBlockV2(SwinBlock):
@@ -142,6 +166,14 @@ class SwinBlockV2(SwinBlock):
 
     def mlp_branch(self, rows: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.mlp.layers(rows))
+
+    def window_chunk_in_kernels_(self, tokens: torch.Tensor, rows: torch.Tensor, window: Size2,
+                                 mask: Optional[torch.Tensor]) -> None:
+        ops = cpu_kernels.kernels()
+        b, _, c = tokens.shape
+        gathered = ops.gather_rows(tokens, rows, None, None, 0.0, False)
+        branch = self.attn.attend(gathered.view(-1, window[0] * window[1], c), window, mask)
+        ops.add_rows_(tokens, rows, branch.reshape(b, -1, c).to(tokens.dtype), *self.norm1.kernel_args(), True)
 
 
 class PatchEmbed(nn.Module):

@@ -6,6 +6,8 @@ the mean squared deviation of each row in fp32 with AVX-512 while the row stays 
 ``(x * rstd - mean * rstd) * weight + bias`` as PyTorch does, rounding once. Same parameters, same
 checkpoints; elsewhere (fp32, autograd, torch.compile, other devices, no kernels) ``nn.LayerNorm``.
 """
+from typing import Optional, Tuple
+
 import torch
 from torch import nn
 
@@ -17,13 +19,19 @@ class LayerNorm(nn.LayerNorm):
     recorded for autograd."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._takes_kernel(x):
-            weight = None if self.weight is None else self.weight.float()
-            bias = None if self.bias is None else self.bias.float()
-            return cpu_kernels.kernels().layer_norm(x.contiguous(), weight, bias, self.eps)
+        if self.takes_kernel(x):
+            return cpu_kernels.kernels().layer_norm(x.contiguous(), *self.kernel_args())
         return super().forward(x)
 
-    def _takes_kernel(self, x: torch.Tensor) -> bool:
+    def kernel_args(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
+        """``(weight, bias, eps)`` as the kernels take them (fp32 affine parameters or ``None``)."""
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return weight, bias, self.eps
+
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        """Whether this norm of ``x`` runs in the kernel: bf16 on the CPU, nothing recorded for autograd, not
+        under torch.compile, the kernels in use."""
         if x.dtype != torch.bfloat16 or x.device.type != 'cpu' or len(self.normalized_shape) != 1:
             return False
         if torch.compiler.is_compiling() or x.shape[-1:] != self.normalized_shape:

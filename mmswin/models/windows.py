@@ -87,17 +87,18 @@ def window_indices(hw: Size2, window: Size2, shift: Size2,
 
 
 def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int,
-                  device: torch.device) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor]], ...]:
+                  device: torch.device) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor], ...]:
     """The gather of :func:`window_indices` in chunks of ``windows_per_chunk`` windows, for maps read and
-    updated in place: per chunk, ``(index, padding)`` where ``index`` holds a token row of
-    ``x.view(B, H * W, C)`` for every window position (padding positions point at any real row) and
-    ``padding`` the positions that pad the map (``None`` where none does). Cached per size."""
+    updated in place: per chunk, ``(index, padding, rows)`` where ``index`` holds a token row of
+    ``x.view(B, H * W, C)`` for every window position (padding positions point at any real row),
+    ``padding`` the positions that pad the map (``None`` where none does) and ``rows`` is ``index`` with
+    -1 at those positions (the compiled kernels' form). Cached per size."""
     return _window_chunks(*hw, *window, *shift, windows_per_chunk, str(device))
 
 
 @lru_cache(maxsize=64)
 def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int,
-                   device: str) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor]], ...]:
+                   device: str) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor], ...]:
     gather, _, padding = _window_gather_cpu((h, w), (wh, ww), (sh, sw))
     is_padding = torch.zeros(gather.shape, dtype=torch.bool)
     if padding is not None:
@@ -105,7 +106,8 @@ def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk
     chunks = []
     for index, pads in zip(gather.split(per_chunk * wh * ww), is_padding.split(per_chunk * wh * ww)):
         positions = pads.nonzero().view(-1)
-        chunks.append((index.to(device), positions.to(device) if positions.numel() else None))
+        rows = index.masked_fill(pads, -1)
+        chunks.append((index.to(device), positions.to(device) if positions.numel() else None, rows.to(device)))
     return tuple(chunks)
 
 
