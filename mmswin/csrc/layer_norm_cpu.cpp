@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #ifdef MMSWIN_X86
 #include <immintrin.h>
@@ -34,10 +35,11 @@ MMSWIN_AVX512_BF16 inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
 }
 
 // R rows at a time: their reductions are independent chains that the CPU overlaps (one row alone waits on
-// the latency of its sums). Row r is read from x[r] and written to (or, with kAdd, added to) y[r].
+// the latency of its sums). Row r is read from x[r] and written to (or, with kAdd, added to) y[r]; with
+// stats, its mean and 1 / std go to stats[2r], stats[2r + 1] (for the backward pass).
 template <int R, bool kAdd>
 MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* const* x, const float* weight, const float* bias,
-                                       int64_t c, float eps, uint16_t* const* y) {
+                                       int64_t c, float eps, uint16_t* const* y, float* stats = nullptr) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < c; i += 16) {
@@ -61,6 +63,10 @@ MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* const* x, const float* we
     const float rstd = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc[r]) / static_cast<float>(c) + eps);
     scale[r] = _mm512_set1_ps(rstd);
     shift[r] = _mm512_mul_ps(centre[r], _mm512_set1_ps(-rstd));
+    if (stats != nullptr) {
+      stats[2 * r] = _mm512_cvtss_f32(centre[r]);
+      stats[2 * r + 1] = rstd;
+    }
   }
   for (int64_t i = 0; i < c; i += 16) {
     const __mmask16 m = lanes(c - i);
@@ -122,11 +128,77 @@ class RowBlocks {
   int count_ = 0;
 };
 
+// Contiguous rows, kRows at a time; with stats, (rows, 2) means and 1 / stds.
 MMSWIN_AVX512_BF16 void normalise(const uint16_t* x, const float* weight, const float* bias, int64_t c,
-                                  float eps, uint16_t* y, int64_t rows) {
-  RowBlocks<false> blocks(weight, bias, c, eps);
-  for (int64_t r = 0; r < rows; ++r) blocks.push(x + r * c, y + r * c);
-  blocks.flush();
+                                  float eps, uint16_t* y, int64_t rows, float* stats) {
+  const uint16_t* xs[kRows];
+  uint16_t* ys[kRows];
+  int64_t r = 0;
+  for (; r < rows; r += kRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kRows, rows - r));
+    for (int i = 0; i < count; ++i) {
+      xs[i] = x + (r + i) * c;
+      ys[i] = y + (r + i) * c;
+    }
+    float* st = stats != nullptr ? stats + 2 * r : nullptr;
+    if (count == kRows) {
+      normalise_rows<kRows, false>(xs, weight, bias, c, eps, ys, st);
+    } else {
+      for (int i = 0; i < count; ++i)
+        normalise_rows<1, false>(xs + i, weight, bias, c, eps, ys + i, st != nullptr ? st + 2 * i : nullptr);
+    }
+  }
+}
+
+// The gradient of R rows: with xhat = (x - mean) * rstd and g = dy * weight,
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+// and dy * xhat, dy added to the weight and bias gradients' sums (fp32, C each) where those are wanted.
+template <int R>
+MMSWIN_AVX512_BF16 void backward_rows(const uint16_t* dy, const uint16_t* x, const float* stats,
+                                      const float* weight, int64_t c, uint16_t* dx, float* dw, float* db) {
+  __m512 mean[R], rstd[R], sum_g[R], sum_gx[R];
+  for (int r = 0; r < R; ++r) {
+    mean[r] = _mm512_set1_ps(stats[2 * r]);
+    rstd[r] = _mm512_set1_ps(stats[2 * r + 1]);
+    sum_g[r] = _mm512_setzero_ps();
+    sum_gx[r] = _mm512_setzero_ps();
+  }
+  if (dx != nullptr) {
+    for (int64_t i = 0; i < c; i += 16) {
+      const __mmask16 m = lanes(c - i);
+      const __m512 w = weight != nullptr ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
+      for (int r = 0; r < R; ++r) {
+        const __m512 g = _mm512_mul_ps(load_bf16(dy + r * c + i, m), w);
+        const __m512 xhat = _mm512_mul_ps(_mm512_maskz_sub_ps(m, load_bf16(x + r * c + i, m), mean[r]), rstd[r]);
+        sum_g[r] = _mm512_add_ps(sum_g[r], g);
+        sum_gx[r] = _mm512_fmadd_ps(g, xhat, sum_gx[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sum_g[r] = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g[r]) / static_cast<float>(c));
+      sum_gx[r] = _mm512_set1_ps(_mm512_reduce_add_ps(sum_gx[r]) / static_cast<float>(c));
+    }
+  }
+  for (int64_t i = 0; i < c; i += 16) {
+    const __mmask16 m = lanes(c - i);
+    const __m512 w = weight != nullptr ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
+    __m512 grad_w = dw != nullptr ? _mm512_maskz_loadu_ps(m, dw + i) : _mm512_setzero_ps();
+    __m512 grad_b = db != nullptr ? _mm512_maskz_loadu_ps(m, db + i) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const __m512 d = load_bf16(dy + r * c + i, m);
+      const __m512 xhat = _mm512_mul_ps(_mm512_maskz_sub_ps(m, load_bf16(x + r * c + i, m), mean[r]), rstd[r]);
+      grad_w = _mm512_fmadd_ps(d, xhat, grad_w);
+      grad_b = _mm512_add_ps(grad_b, d);
+      if (dx != nullptr) {
+        const __m512 g = _mm512_mul_ps(d, w);
+        const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(g, sum_g[r]), _mm512_mul_ps(xhat, sum_gx[r])),
+                                       rstd[r]);
+        _mm256_mask_storeu_epi16(dx + r * c + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+    if (dw != nullptr) _mm512_mask_storeu_ps(dw + i, m, grad_w);
+    if (db != nullptr) _mm512_mask_storeu_ps(db + i, m, grad_b);
+  }
 }
 
 #endif  // MMSWIN_X86
@@ -191,10 +263,87 @@ at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weig
   const float e = static_cast<float>(eps);
   const int64_t rows = x.numel() / c;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / c), [&](int64_t begin, int64_t end) {
-    normalise(src + begin * c, w, b, c, e, dst + begin * c, end - begin);
+    normalise(src + begin * c, w, b, c, e, dst + begin * c, end - begin, nullptr);
   });
 #endif
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_with_stats(const at::Tensor& x,
+                                                         const c10::optional<at::Tensor>& weight,
+                                                         const c10::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(kernels_available(), "layer_norm_with_stats needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.is_contiguous() &&
+                  x.size(-1) >= 1,
+              "layer_norm_with_stats: x must be a contiguous (..., C) bf16 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(eps >= 0, "layer_norm_with_stats: eps must not be negative, got ", eps);
+  const int64_t c = x.size(-1), rows = x.numel() / c;
+  const float* w = affine_data(weight, c, "weight");
+  const float* b = affine_data(bias, c, "bias");
+  at::Tensor out = at::empty_like(x);
+  at::Tensor stats = at::empty({rows, 2}, x.options().dtype(at::kFloat));
+#ifdef MMSWIN_X86
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* st = stats.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / c), [&](int64_t begin, int64_t end) {
+    normalise(src + begin * c, w, b, c, e, dst + begin * c, end - begin, st + 2 * begin);
+  });
+#endif
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& stats,
+                                                                   const c10::optional<at::Tensor>& weight,
+                                                                   bool need_x, bool need_weight, bool need_bias) {
+  TORCH_CHECK(kernels_available(), "layer_norm_backward needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.is_contiguous() &&
+                  x.size(-1) >= 1,
+              "layer_norm_backward: x must be a contiguous (..., C) bf16 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kBFloat16 && grad.is_contiguous() &&
+                  grad.sizes() == x.sizes(),
+              "layer_norm_backward: grad must be a contiguous bf16 CPU tensor of x's shape ", x.sizes(), ", got ",
+              grad.sizes(), " ", grad.scalar_type());
+  const int64_t c = x.size(-1), rows = x.numel() / c;
+  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+                  stats.sizes() == at::IntArrayRef({rows, 2}),
+              "layer_norm_backward: stats must be the contiguous (", rows, ", 2) fp32 means and 1 / stds, got ",
+              stats.sizes(), " ", stats.scalar_type());
+  const float* w = affine_data(weight, c, "weight");
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  // Weight and bias gradients: fp32 sums over fixed blocks of rows, then over the blocks in order (the
+  // same numbers on any number of threads).
+  const int64_t blocks = std::min<int64_t>(rows, 64);
+  const int64_t per_block = (rows + blocks - 1) / std::max<int64_t>(blocks, 1);
+  const bool sums = need_weight || need_bias;
+  at::Tensor partial = at::zeros({sums ? blocks : 0, 2, c}, x.options().dtype(at::kFloat));
+#ifdef MMSWIN_X86
+  const auto* dy = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* dx = need_x ? reinterpret_cast<uint16_t*>(grad_x.data_ptr<at::BFloat16>()) : nullptr;
+  const float* st = stats.data_ptr<float>();
+  float* part = sums ? partial.data_ptr<float>() : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t begin = blk * per_block, end = std::min(rows, begin + per_block);
+      float* dw = sums ? part + blk * 2 * c : nullptr;
+      float* db = sums ? dw + c : nullptr;
+      int64_t r = begin;
+      for (; r + kRows <= end; r += kRows)
+        backward_rows<kRows>(dy + r * c, src + r * c, st + 2 * r, w, c, dx ? dx + r * c : nullptr, dw, db);
+      for (; r < end; ++r)
+        backward_rows<1>(dy + r * c, src + r * c, st + 2 * r, w, c, dx ? dx + r * c : nullptr, dw, db);
+    }
+  });
+#endif
+  at::Tensor total = sums ? partial.sum(0) : at::Tensor();
+  at::Tensor grad_w = need_weight ? total[0] : at::Tensor();
+  at::Tensor grad_b = need_bias ? total[1] : at::Tensor();
+  return {grad_x, grad_w, grad_b};
 }
 
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& weight,

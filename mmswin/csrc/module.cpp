@@ -22,13 +22,20 @@ bool kernels_available() {
 }  // namespace mmswin
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mmswin's fused CPU kernels for bf16 inference";
+  m.doc() = "mmswin's fused CPU kernels for bf16";
   m.def("available", &mmswin::kernels_available, "Whether this CPU runs the kernels (x86 with AVX512-BF16)");
   m.def("window_attention", &mmswin::window_attention,
         "Window attention from the qkv projection (bf16, CPU inference)", py::arg("qkv"), py::arg("heads"),
         py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));
   m.def("layer_norm", &mmswin::layer_norm, "Layer norm over the last axis (bf16, CPU inference)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_with_stats", &mmswin::layer_norm_with_stats,
+        "Layer norm over the last axis and the rows' (mean, 1 / std) in fp32 (bf16, CPU training)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_backward", &mmswin::layer_norm_backward,
+        "Gradients of x, weight and bias (fp32) of layer_norm_with_stats (bf16, CPU training)", py::arg("grad"),
+        py::arg("x"), py::arg("stats"), py::arg("weight"), py::arg("need_x"), py::arg("need_weight"),
+        py::arg("need_bias"));
   m.def("gather_rows", &mmswin::gather_rows,
         "Rows index of tokens (B, L, C), layer-normalised if normalise, zero where index < 0 (bf16, CPU "
         "inference)",

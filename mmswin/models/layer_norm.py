@@ -1,27 +1,58 @@
-"""``nn.LayerNorm`` with mmswin's compiled kernel in CPU bf16 inference.
+"""``nn.LayerNorm`` with mmswin's compiled kernels for bf16 on the CPU.
 
 PyTorch's bf16 layer norm on the CPU converts and reduces with its AVX2 code and takes about 150 us for
 4096 tokens of 96 channels on 2 cores; the kernel (``mmswin/csrc/layer_norm_cpu.cpp``) takes the mean and
 the mean squared deviation of each row in fp32 with AVX-512 while the row stays in L1, and computes
-``(x * rstd - mean * rstd) * weight + bias`` as PyTorch does, rounding once. Same parameters, same
-checkpoints; elsewhere (fp32, autograd, torch.compile, other devices, no kernels) ``nn.LayerNorm``.
+``(x * rstd - mean * rstd) * weight + bias`` as PyTorch does, rounding once. Where autograd records, the
+forward also keeps each row's mean and ``1 / std`` (fp32), and the backward computes the input's gradient
+row by row and the weight's and bias's as fp32 sums (PyTorch's bf16 backward runs about three times
+slower). Same parameters, same checkpoints; elsewhere (fp32, torch.compile, other devices, no kernels)
+``nn.LayerNorm``.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
 
 
+class _LayerNormInKernels(torch.autograd.Function):
+    """The kernels' layer norm of bf16 ``x: (..., C)`` with its backward. ``weight`` and ``bias`` come in
+    their own dtype; their gradients (fp32 sums) are returned in it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float) -> torch.Tensor:
+        w32 = None if weight is None else weight.float()
+        b32 = None if bias is None else bias.float()
+        out, stats = cpu_kernels.kernels().layer_norm_with_stats(x, w32, b32, eps)
+        ctx.save_for_backward(x, stats, w32)
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        x, stats, w32 = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = cpu_kernels.kernels().layer_norm_backward(
+            grad.to(torch.bfloat16).contiguous(), x, stats, w32, need_x, need_w, need_b)
+        grad_w = grad_w.to(ctx.dtypes[0]) if need_w else None
+        grad_b = grad_b.to(ctx.dtypes[1]) if need_b else None
+        return (grad_x if need_x else None), grad_w, grad_b, None
+
+
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` over the last axis, through the kernel for bf16 CPU inputs when nothing is
-    recorded for autograd."""
+    """``nn.LayerNorm`` over the last axis, through the kernels for bf16 CPU inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.takes_kernel(x):
-            return cpu_kernels.kernels().layer_norm(x.contiguous(), *self.kernel_args())
-        return super().forward(x)
+        if not self.takes_kernel(x):
+            return super().forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return _LayerNormInKernels.apply(x.contiguous(), self.weight, self.bias, self.eps)
+        return cpu_kernels.kernels().layer_norm(x.contiguous(), *self.kernel_args())
 
     def kernel_args(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
         """``(weight, bias, eps)`` as the kernels take them (fp32 affine parameters or ``None``)."""
@@ -30,12 +61,10 @@ class LayerNorm(nn.LayerNorm):
         return weight, bias, self.eps
 
     def takes_kernel(self, x: torch.Tensor) -> bool:
-        """Whether this norm of ``x`` runs in the kernel: bf16 on the CPU, nothing recorded for autograd, not
-        under torch.compile, the kernels in use."""
+        """Whether this norm of ``x`` runs in the kernels: bf16 on the CPU, not under torch.compile, the
+        kernels in use."""
         if x.dtype != torch.bfloat16 or x.device.type != 'cpu' or len(self.normalized_shape) != 1:
             return False
         if torch.compiler.is_compiling() or x.shape[-1:] != self.normalized_shape:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         return cpu_kernels.use_kernels()
