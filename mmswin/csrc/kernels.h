@@ -16,8 +16,27 @@ namespace mmswin {
 // Whether this CPU runs the kernels (x86 with AVX512-BF16).
 bool kernels_available();
 
+// The sizes of window attention's inputs: B*nW windows of N tokens, C = nH * d channels, nW mask windows
+// (0: no mask).
+struct WindowShapes {
+  int64_t bw, n, c, d, nw;
+};
+
+// Checks the inputs of the window attention kernels, naming `fn` and the argument in its errors.
+WindowShapes check_window_attention(const char* fn, const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
+                                    const c10::optional<at::Tensor>& mask, const at::Tensor& scale);
+
 at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine);
+
+std::tuple<at::Tensor, at::Tensor> window_attention_with_lse(const at::Tensor& qkv, int64_t heads,
+                                                             const at::Tensor& bias,
+                                                             const c10::optional<at::Tensor>& mask,
+                                                             const at::Tensor& scale, bool cosine);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
+    const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& lse, int64_t heads, const at::Tensor& bias,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine, bool need_bias, bool need_scale);
 
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps);

@@ -27,6 +27,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_attention", &mmswin::window_attention,
         "Window attention from the qkv projection (bf16, CPU inference)", py::arg("qkv"), py::arg("heads"),
         py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));
+  m.def("window_attention_with_lse", &mmswin::window_attention_with_lse,
+        "Window attention from the qkv projection and each row's log2-sum-exp2 of logits * log2(e) (bf16, CPU "
+        "training)",
+        py::arg("qkv"), py::arg("heads"), py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));
+  m.def("window_attention_backward", &mmswin::window_attention_backward,
+        "Gradients of qkv (bf16), bias and scale (fp32) of window_attention_with_lse (bf16, CPU training)",
+        py::arg("grad"), py::arg("qkv"), py::arg("lse"), py::arg("heads"), py::arg("bias"), py::arg("mask"),
+        py::arg("scale"), py::arg("cosine"), py::arg("need_bias"), py::arg("need_scale"));
   m.def("layer_norm", &mmswin::layer_norm, "Layer norm over the last axis (bf16, CPU inference)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("layer_norm_with_stats", &mmswin::layer_norm_with_stats,

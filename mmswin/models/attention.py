@@ -3,8 +3,8 @@
 Both run through ``F.scaled_dot_product_attention`` with the position bias and the shift mask as its
 additive ``attn_mask`` where its kernels are the fastest (see ``matmul.attention``), else through the
 plain matmul/softmax path, which ``use_sdpa=False`` selects everywhere (the reference). CPU bf16
-inference takes the fused kernel of :mod:`.fused_attention` instead where it is built (not with
-``use_sdpa=False``).
+inference and training take the fused kernels of :mod:`.fused_attention` instead where they are built (not
+with ``use_sdpa=False``).
 
 CPU inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` tokens, from the qkv projection to
 the output projection, so that the intermediates stay in the CPU's caches and below the size that the C
@@ -21,7 +21,7 @@ from . import fused_attention, layers
 from .layers import needs_grad
 from .matmul import Linear, attention, autocast_off, linear
 from .qkv_projection import qkv_heads
-from .windows import Size2, log_spaced_coords_on, relative_position_index, relative_position_index_on
+from .windows import Size2, image_chunks, log_spaced_coords_on, relative_position_index, relative_position_index_on
 
 LOGIT_SCALE_MAX = math.log(100.0)
 FP16_NORM_EPS = 1e-3
@@ -147,27 +147,23 @@ class WindowAttention(nn.Module):
         per_chunk = max(1, layers.chunk_tokens(x) // n)
         if bw <= per_chunk or torch.compiler.is_compiling() or needs_grad(x, *self.parameters()):
             return self.attend(x, window, mask)
-        nw = bw if mask is None else mask.shape[0]
         out = None
-        for first in range(0, bw, nw):  # chunks stay inside one image, whose windows the mask covers
-            for start in range(0, nw, per_chunk):
-                stop = min(start + per_chunk, nw)
-                part = self.attend(x[first + start:first + stop], window,
-                                   None if mask is None else mask[start:stop])
-                if out is None:
-                    out = part.new_empty(bw, n, part.shape[-1])
-                out[first + start:first + stop] = part
+        for rows, mask_rows in image_chunks(bw, bw if mask is None else mask.shape[0], per_chunk):
+            part = self.attend(x[rows], window, None if mask is None else mask[mask_rows])
+            if out is None:
+                out = part.new_empty(bw, n, part.shape[-1])
+            out[rows] = part
         return out
 
     def attend(self, x: torch.Tensor, window: Size2, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`forward` in one piece: ``x: (B * nW, N, C)``, ``mask: (nW, N, N)`` or ``None``."""
         bw, n, c = x.shape
         drop = self.attn_drop if self.training else 0.0
-        if self.use_sdpa and fused_attention.applies(x, self.num_heads, drop, self.parameters()):
-            qkv = linear(x, self.qkv.weight, self.qkv_bias())  # (B_, N, 3C), read by the kernel as it is
+        if self.use_sdpa and fused_attention.applies(x, self.num_heads, drop):
             bias = self.attention_bias(window, torch.float32)[0]  # (nH, N, N)
-            out = fused_attention.window_attention(qkv, self.num_heads, bias, mask, self.head_logit_scales(),
-                                                   cosine=self.cosine)
+            out = fused_attention.projected_window_attention(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
+                                                             bias, mask, self.head_logit_scales(), self.cosine,
+                                                             layers.chunk_tokens(x))
             return self.proj_drop(self.proj(out))
         q, k, v, scale = self.queries_keys_values(x)
         bias = self.attention_bias(window, q.dtype)  # (1, nH, N, N)
@@ -242,7 +238,7 @@ class CosineWindowAttention(WindowAttention):
     cosine = True
 
     def head_logit_scales(self) -> torch.Tensor:
-        return torch.clamp(self.logit_scale.detach().float(), max=LOGIT_SCALE_MAX).exp().view(-1)
+        return torch.clamp(self.logit_scale.float(), max=LOGIT_SCALE_MAX).exp().view(-1)
 
     def logit_scales(self) -> torch.Tensor:
         """``(2, 1, nH, 1, 1)``: the clamped learned logit scale of the queries and 1 for the keys (the

@@ -1,4 +1,4 @@
-"""mmswin's compiled CPU kernels for bf16 inference (``mmswin/csrc``, the extension ``mmswin._C``).
+"""mmswin's compiled CPU kernels for bf16 (``mmswin/csrc``, the extension ``mmswin._C``).
 
 ``setup.py`` builds them on Linux; they run on x86 CPUs with AVX512-BF16. Where they are missing, and
 with ``MMSWIN_BF16_MATMUL=native`` or ``=fp32``, the models take PyTorch's operators for the same values.

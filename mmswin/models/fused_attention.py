@@ -1,4 +1,4 @@
-"""Fused window attention for CPU bf16 inference, from mmswin's compiled kernels (``mmswin/csrc``).
+"""Fused window attention for CPU bf16, from mmswin's compiled kernels (``mmswin/csrc``).
 
 One pass per window and head reads its queries, keys and values straight from the qkv projection, computes
 ``softmax(logits + bias + mask) v`` with the logits, their softmax and the weights kept in the CPU's
@@ -9,31 +9,134 @@ separate bias, mask and softmax passes and no transpose copy of the output.
 
 The logits stay in fp32 up to the softmax, with the scale (and V2's lengths) applied to them in fp32
 where PyTorch's path rounds ``q * scale``, the logits and the bias to bf16: the values agree with that
-path to bf16's rounding and are closer to the fp32 attention. Where the kernels are not used
-(:mod:`.cpu_kernels`), the attention takes PyTorch's operators.
+path to bf16's rounding and are closer to the fp32 attention. Where autograd records, the forward also
+keeps each row's log-sum-exp (``N`` fp32 numbers per window and head instead of the ``(N, N)`` weights), and
+the backward recomputes the weights from it, window by window, to write the gradients of q, k and v in the
+projection's layout and sum those of the position bias and (V2) the logit scales in fp32. Where the
+kernels are not used (:mod:`.cpu_kernels`), the attention takes PyTorch's operators.
 """
-from typing import Iterable, Optional
+from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
-from .matmul import autocast_dtype
+from .matmul import autocast_dtype, autocast_off, chunk_linear, linear
+from .qkv_projection import ProjectionGrads
+from .windows import image_chunks
 
 MAX_TOKENS = 1024  # tokens per window the kernel takes
 
 
-def applies(x: torch.Tensor, heads: int, dropout_p: float, params: Iterable[torch.Tensor]) -> bool:
+def applies(x: torch.Tensor, heads: int, dropout_p: float) -> bool:
     """Whether :func:`window_attention` takes the attention of windows ``x: (B * nW, N, C)`` with ``heads``
-    heads and parameters ``params``: products in bf16 on the CPU (autocast, or bf16 tensors), no
-    dropout, nothing recorded for autograd, not under torch.compile, a head width that is a multiple of
-    16, ``N <= MAX_TOKENS``, and the kernels available and not turned off by ``MMSWIN_BF16_MATMUL``."""
+    heads: products in bf16 on the CPU (autocast, or bf16 tensors), no dropout, not under torch.compile,
+    a head width that is a multiple of 16, ``N <= MAX_TOKENS``, and the kernels available and not turned
+    off by ``MMSWIN_BF16_MATMUL``; in inference and where autograd records alike."""
     if x.device.type != 'cpu' or dropout_p > 0 or torch.compiler.is_compiling():
         return False
     if autocast_dtype(x) != torch.bfloat16 or (x.shape[-1] // heads) % 16 or x.shape[-2] > MAX_TOKENS:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return False
     return cpu_kernels.use_kernels()
+
+
+class _WindowAttention(torch.autograd.Function):
+    """:func:`window_attention` where autograd records: the forward keeps ``qkv`` and each row's lse,
+    the backward recomputes the weights in the kernels."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, mask: Optional[torch.Tensor],
+                heads: int, cosine: bool) -> torch.Tensor:
+        out, lse = cpu_kernels.kernels().window_attention_with_lse(qkv, heads, bias, mask, scale, cosine)
+        ctx.save_for_backward(qkv, lse, bias, scale, mask)
+        ctx.heads, ctx.cosine = heads, cosine
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        qkv, lse, bias, scale, mask = ctx.saved_tensors
+        need_qkv, need_bias, need_scale = ctx.needs_input_grad[:3]
+        grad_qkv, grad_bias, grad_scale = cpu_kernels.kernels().window_attention_backward(
+            grad.to(torch.bfloat16).contiguous(), qkv, lse, ctx.heads, bias, mask, scale, ctx.cosine, need_bias,
+            need_scale)
+        return (grad_qkv if need_qkv else None, grad_bias if need_bias else None,
+                grad_scale if need_scale and ctx.cosine else None, None, None, None)
+
+
+class _ProjectedWindowAttention(torch.autograd.Function):
+    """:func:`projected_window_attention` where autograd records: per chunk of windows, the qkv projection
+    and the kernels' forward, keeping the chunk's projection and lse; the backward takes the chunks in
+    the same order, each one's kernel backward followed by its share of the projection's gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], bias: torch.Tensor,
+                scale: torch.Tensor, mask: Optional[torch.Tensor], heads: int, cosine: bool,
+                per_chunk: int) -> torch.Tensor:
+        ctx.param_dtypes = (weight.dtype, None if qkv_bias is None else qkv_bias.dtype)
+        w = weight.to(torch.bfloat16)
+        b = None if qkv_bias is None else qkv_bias.to(torch.bfloat16)
+        bw, n, c = x.shape
+        kernels = cpu_kernels.kernels()
+        chunks = list(image_chunks(bw, bw if mask is None else mask.shape[0], per_chunk))
+        out = x.new_empty(bw, n, c)
+        saved = []
+        for rows, mask_rows in chunks:
+            qkv = chunk_linear(x[rows], w, b, False)
+            part_mask = None if mask is None else mask[mask_rows]
+            out[rows], lse = kernels.window_attention_with_lse(qkv, heads, bias, part_mask, scale, cosine)
+            saved += [qkv, lse]
+        ctx.save_for_backward(x, w, bias, scale, mask, *saved)
+        ctx.chunks, ctx.heads, ctx.cosine = chunks, heads, cosine
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, w, bias, scale, mask, *saved = ctx.saved_tensors
+        need_bias, need_scale = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and ctx.cosine
+        grad = grad.to(torch.bfloat16).contiguous()
+        kernels = cpu_kernels.kernels()
+        sums = ProjectionGrads(x, w, ctx.needs_input_grad[:3], ctx.param_dtypes, False)
+        grad_bias = grad_scale = None
+        for (rows, mask_rows), qkv, lse in zip(ctx.chunks, saved[0::2], saved[1::2]):
+            grad_qkv, part_bias, part_scale = kernels.window_attention_backward(
+                grad[rows], qkv, lse, ctx.heads, bias, None if mask is None else mask[mask_rows], scale, ctx.cosine,
+                need_bias, need_scale)
+            sums.add(rows, grad_qkv.view(-1, grad_qkv.shape[-1]))
+            if need_bias:
+                grad_bias = part_bias if grad_bias is None else grad_bias.add_(part_bias)
+            if need_scale:
+                grad_scale = part_scale if grad_scale is None else grad_scale.add_(part_scale)
+        return (*sums.result(), grad_bias, grad_scale, None, None, None, None)
+
+
+def projected_window_attention(x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], heads: int,
+                               bias: torch.Tensor, mask: Optional[torch.Tensor], scale: torch.Tensor, cosine: bool,
+                               chunk_tokens: int) -> torch.Tensor:
+    """:func:`window_attention` of windows ``x: (B * nW, N, C)`` projected by ``weight: (3C, C)`` and
+    ``qkv_bias: (3C,)`` (or ``None``).
+
+    Where autograd records, the projection and the attention run over chunks of about ``chunk_tokens``
+    tokens (whole windows of one image), each chunk's projection kept for the backward: at the first stage
+    of a detection input the whole ``(B * nW, N, 3C)`` projection and its gradient would be the largest
+    tensors of the block (36 MiB in bf16 for Swin-T at 800x1216), which the C allocator maps afresh, page
+    fault by page fault, on every step. The gradients of the bias and (V2) the scales are summed over the
+    chunks in order, those of the projection's weight and bias in fp32.
+
+    Returns:
+        ``(B * nW, N, C)`` bf16.
+    """
+    tensors = [t for t in (x, weight, qkv_bias, bias, scale) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return window_attention(linear(x, weight, qkv_bias), heads, bias, mask, scale, cosine)
+    if mask is not None:
+        mask = mask.to(torch.float32).contiguous()
+    per_chunk = max(1, chunk_tokens // x.shape[1])
+    with autocast_off('cpu'):
+        return _ProjectedWindowAttention.apply(x.to(torch.bfloat16).contiguous(), weight, qkv_bias,
+                                               bias.to(torch.float32).contiguous(),
+                                               scale.to(torch.float32).contiguous(), mask, heads, cosine, per_chunk)
 
 
 def window_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask: Optional[torch.Tensor],
@@ -46,7 +149,8 @@ def window_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask: Op
         heads: ``nH``.
         bias: ``(nH, N, N)`` position bias.
         mask: ``(nW, N, N)`` additive shift mask (window ``b`` takes ``mask[b % nW]``), or ``None``.
-        scale: ``(nH,)`` factor of each head's logits.
+        scale: ``(nH,)`` factor of each head's logits (V2: the clamped exponential of ``logit_scale``, whose
+            gradient the backward returns).
         cosine: Logits of the unit vectors of q and k (``max(|x|, 1e-12)`` as in ``F.normalize``) as in
             V2; else of q and k as they are (V1).
 
@@ -55,6 +159,9 @@ def window_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask: Op
     """
     if mask is not None:
         mask = mask.to(torch.float32).contiguous()
-    return cpu_kernels.kernels().window_attention(qkv.to(torch.bfloat16).contiguous(), heads,
-                                       bias.to(torch.float32).contiguous(), mask,
-                                       scale.to(torch.float32).contiguous(), cosine)
+    qkv = qkv.to(torch.bfloat16).contiguous()
+    bias = bias.to(torch.float32).contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, bias, scale)):
+        return _WindowAttention.apply(qkv, bias, scale, mask, heads, cosine)
+    return cpu_kernels.kernels().window_attention(qkv, heads, bias, mask, scale, cosine)

@@ -7,7 +7,7 @@ input they are the largest tensors of a block (36 MiB in bf16 for Swin-T at 800x
 allocator maps afresh, page fault by page fault, on every step. Values are those of one projection;
 the weight and bias gradients are summed over the chunks in fp32 and returned in the parameters' dtype.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -70,14 +70,10 @@ class _QkvHeads(torch.autograd.Function):
         if ctx.stack_qk:
             grads = (None, None, grads[1]) if grads[0] is None else (*grads[0].unbind(0), grads[1])
         x, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         bw, n, c = x.shape
         like = next(g for g in grads if g is not None)
         heads, head_dim = like.shape[1], like.shape[3]
-        grad_x = x.new_empty(x.shape) if need_x else None
-        sums = torch.promote_types(w.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
-        need_b = need_b and ctx.param_dtypes[1] is not None
-        grad_w = grad_b = None
+        sums = ProjectionGrads(x, w, ctx.needs_input_grad[:3], ctx.param_dtypes, ctx.fp32_products)
         for start in range(0, bw, ctx.chunk):
             rows = slice(start, min(start + ctx.chunk, bw))
             g = like.new_empty(rows.stop - start, n, 3, heads, head_dim)
@@ -89,16 +85,48 @@ class _QkvHeads(torch.autograd.Function):
                     torch.mul(grad[rows], ctx.scale, out=parts[0])
                 else:
                     parts[i].copy_(grad[rows])
-            g = g.view(-1, 3 * c)
-            if grad_x is not None:
-                grad_x[rows] = chunk_mm(g, w, ctx.fp32_products).view(-1, n, c)
-            if need_w:
-                grad_w = add_chunk(grad_w, chunk_mm(g.t(), x[rows].reshape(-1, c), ctx.fp32_products), sums)
-            if need_b:
-                grad_b = add_chunk(grad_b, g.sum(0), sums)  # the kernel sums in fp32, rounded once per chunk
-        grad_w = None if grad_w is None else grad_w.to(ctx.param_dtypes[0])
-        grad_b = None if grad_b is None else grad_b.to(ctx.param_dtypes[1])
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+            sums.add(rows, g.view(-1, 3 * c))
+        return (*sums.result(), None, None, None, None, None)
+
+
+class ProjectionGrads:
+    """The gradients of ``x @ w^T + b`` for ``x: (B_, N, C)`` from the output's gradient, one chunk of rows
+    of ``x`` at a time: ``x``'s rows are written, ``w``'s and ``b``'s summed over the chunks in fp32 (fp64
+    stays fp64) and returned in the parameters' dtypes.
+
+    Args:
+        x: The projection's input ``(B_, N, C)``.
+        w: Its weight ``(C_out, C)`` in ``x``'s dtype.
+        needs: Whether the gradients of ``x``, ``w`` and ``b`` are wanted.
+        param_dtypes: The dtypes of the parameters ``w`` and ``b`` (``None``: no bias).
+        fp32_products: Products as :func:`~.matmul.chunk_mm` takes them.
+    """
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, needs: Sequence[bool],
+                 param_dtypes: Tuple[torch.dtype, Optional[torch.dtype]], fp32_products: bool) -> None:
+        self.x, self.w, self.param_dtypes, self.fp32_products = x, w, param_dtypes, fp32_products
+        self.need_w = needs[1]
+        self.need_b = needs[2] and param_dtypes[1] is not None
+        self.grad_x = x.new_empty(x.shape) if needs[0] else None
+        self.sums = torch.promote_types(w.dtype, torch.float32)
+        self.grad_w = self.grad_b = None
+
+    def add(self, rows: slice, grad: torch.Tensor) -> None:
+        """The share of windows ``rows`` of ``x``, whose outputs' gradient is ``grad: (tokens, C_out)``."""
+        c = self.x.shape[-1]
+        if self.grad_x is not None:
+            self.grad_x[rows] = chunk_mm(grad, self.w, self.fp32_products).view(-1, self.x.shape[1], c)
+        if self.need_w:
+            self.grad_w = add_chunk(self.grad_w, chunk_mm(grad.t(), self.x[rows].reshape(-1, c), self.fp32_products),
+                                    self.sums)
+        if self.need_b:
+            self.grad_b = add_chunk(self.grad_b, grad.sum(0), self.sums)  # the kernel sums in fp32, rounded per chunk
+
+    def result(self) -> Tuple[Optional[torch.Tensor], ...]:
+        """``(grad_x, grad_w, grad_b)``, ``None`` where not wanted."""
+        grad_w = None if self.grad_w is None else self.grad_w.to(self.param_dtypes[0])
+        grad_b = None if self.grad_b is None else self.grad_b.to(self.param_dtypes[1])
+        return self.grad_x, grad_w, grad_b
 
 
 def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads: int,

@@ -5,7 +5,7 @@ it to a feature map smaller than the configured window, as the official V2 code 
 """
 import math
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,16 @@ def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int
     ``padding`` the positions that pad the map (``None`` where none does) and ``rows`` is ``index`` with
     -1 at those positions (the compiled kernels' form). Cached per size."""
     return _window_chunks(*hw, *window, *shift, windows_per_chunk, str(device))
+
+
+def image_chunks(num_windows: int, mask_windows: int, per_chunk: int) -> Iterator[Tuple[slice, slice]]:
+    """Chunks of at most ``per_chunk`` of ``num_windows`` windows (the windows of each image contiguous,
+    ``mask_windows`` per image) that stay inside one image: per chunk, its windows and the rows of the
+    ``(mask_windows, N, N)`` shift mask they take."""
+    for first in range(0, num_windows, mask_windows):
+        for start in range(0, mask_windows, per_chunk):
+            stop = min(start + per_chunk, mask_windows)
+            yield slice(first + start, first + stop), slice(start, stop)
 
 
 @lru_cache(maxsize=64)
