@@ -604,3 +604,55 @@ def test_row_kernels_bad_input_is_named(fn, change, message):
             kernels.gather_rows(args['x'], args['index'], args['weight'], args['bias'], args['eps'], True)
         else:
             kernels.add_rows_(args['x'], args['index'], args['src'], args['weight'], args['bias'], args['eps'], True)
+
+
+@needs_kernels
+@pytest.mark.parametrize('rows,width', [(4096, 384), (300, 1536), (7, 3072), (5, 40), (1, 16)])
+def test_gelu_backward_equals_the_exact_gelu_to_bf16_rounding(rows, width):
+    """The training MLP's activation and its gradient in one pass: both within half a bf16 ulp (and the
+    erf approximation's 1.5e-7, as PyTorch's) of the fp64 values, at most one ulp from PyTorch's bf16
+    operators; the fp32 column sums of the bf16 gradient to fp32's rounding."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(rows, width, generator=g) * 3).bfloat16()
+    grad = torch.randn(rows, width, generator=g).bfloat16()
+    act, grad_h, sums = cpu_kernels.kernels().gelu_backward(grad, h, True)
+    assert act.dtype == grad_h.dtype == torch.bfloat16 and act.shape == grad_h.shape == h.shape
+    x = h.double().requires_grad_()
+    ref_act = F.gelu(x)
+    ref_act.backward(grad.double())
+    for value, ref, theirs in ((act, ref_act.detach(), F.gelu(h)),
+                               (grad_h, x.grad, torch.ops.aten.gelu_backward(grad, h))):
+        apart = (value.double() - ref).abs()
+        assert (apart <= bf16_ulp(ref.abs().float()).double() / 2 + 1e-6 * (1 + h.double().abs())).all()
+        assert ((value.float() - theirs.float()).abs() <= bf16_ulp(theirs.float().abs()) + 1e-6).all()
+    assert sums.dtype == torch.float32 and sums.shape == (width,)
+    assert relative_error(sums, grad_h.double().sum(0)) < 1e-6
+    _, _, no_sums = cpu_kernels.kernels().gelu_backward(grad, h, False)
+    assert no_sums is None
+
+
+@needs_kernels
+def test_gelu_backward_sums_do_not_depend_on_the_threads():
+    g = torch.Generator().manual_seed(0)
+    h, grad = (torch.randn(5000, 96, generator=g).bfloat16() for _ in range(2))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(cpu_kernels.kernels().gelu_backward(grad, h, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+
+
+@needs_kernels
+@pytest.mark.parametrize('h,grad,message', [
+    (torch.zeros(4, 16), torch.zeros(4, 16, dtype=torch.bfloat16), 'h must be a contiguous'),
+    (torch.zeros(2, 4, 16, dtype=torch.bfloat16), torch.zeros(2, 4, 16, dtype=torch.bfloat16), 'h must be'),
+    (torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16), 'grad must be'),
+    (torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 16), 'grad must be'),
+])
+def test_bad_gelu_backward_input_is_named(h, grad, message):
+    with pytest.raises(RuntimeError, match=f'gelu_backward: {message}'):
+        cpu_kernels.kernels().gelu_backward(grad, h, True)

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from mmswin.models import cpu_kernels
 from mmswin.models import gelu_mlp as gelu_mlp_module
 from mmswin.models import layers
 from mmswin.models.layers import Mlp
@@ -68,19 +69,35 @@ def test_training_saves_the_input_and_one_hidden_tensor():
     assert saved_activation_elements(Mlp(16, 64, drop=0.1).train(), x) > 4 * 10 * (16 + 2 * 64)
 
 
-@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
-def test_chunked_values_and_gradients(dtype, monkeypatch):
+@pytest.mark.parametrize('dtype,gelu_kernel', [(None, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_chunked_values_and_gradients(dtype, gelu_kernel, monkeypatch):
     """Token chunks that do not divide the tokens: the values and gradients of layer-by-layer autograd
-    (the weight gradients summed over chunks in fp32)."""
+    (the weight gradients summed over chunks in fp32). In bf16 the backward's GELU is PyTorch's, or the
+    compiled kernels' where they are used (one call per chunk)."""
+    if gelu_kernel and not cpu_kernels.kernels_available():
+        pytest.skip('the compiled kernels need Linux on x86 with AVX512-BF16')
+    if not gelu_kernel:
+        monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
     monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64 + 63)  # 32 tokens of the 64-wide hidden
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
     x, grad = torch.randn(3, 50, 16), torch.randn(3, 50, 16)
-    calls = []
+    calls, kernel_calls = [], []
     gelu = torch.nn.functional.gelu
     monkeypatch.setattr(gelu_mlp_module.F, 'gelu', lambda t, **k: calls.append(t.shape[0]) or gelu(t, **k))
+    kernels = cpu_kernels.kernels()
+
+    class Recording:
+        def gelu_backward(self, grad_act, h, column_sums):
+            kernel_calls.append(h.shape[0])
+            return kernels.gelu_backward(grad_act, h, column_sums)
+
+    monkeypatch.setattr(cpu_kernels, 'kernels', Recording)
     chunked = run(mlp, x, grad, layer_by_layer=False, dtype=dtype)
-    assert calls == [32, 32, 32, 32, 22] * 2  # forward, then the recomputation in backward
+    chunks = [32, 32, 32, 32, 22]
+    # forward, then the recomputation in the backward (in one pass with the gradient in the kernels)
+    assert calls == chunks * (1 if gelu_kernel else 2)
+    assert kernel_calls == (chunks if gelu_kernel else [])
     # fc1's output is kept as its chunks, never whole
     hidden = [t for t in saved_activations(mlp, x.clone().requires_grad_()) if t.shape[-1] == 64]
     assert [t.shape for t in hidden] == [(32, 64)] * 4 + [(22, 64)]

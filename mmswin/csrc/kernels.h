@@ -16,6 +16,10 @@ namespace mmswin {
 // Whether this CPU runs the kernels (x86 with AVX512-BF16).
 bool kernels_available();
 
+// partial (blocks, ...) fp32 summed over its first axis in order, from the first block on: the kernels' sums
+// over fixed blocks, the same on any number of threads.
+at::Tensor sum_blocks(const at::Tensor& partial);
+
 // The sizes of window attention's inputs: B*nW windows of N tokens, C = nH * d channels, nW mask windows
 // (0: no mask).
 struct WindowShapes {
@@ -37,6 +41,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_with_lse(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
     const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& lse, int64_t heads, const at::Tensor& bias,
     const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine, bool need_bias, bool need_scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                             bool column_sums);
 
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps);

@@ -340,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
     }
   });
 #endif
-  at::Tensor total = sums ? partial.sum(0) : at::Tensor();
+  at::Tensor total = sums ? sum_blocks(partial) : at::Tensor();
   at::Tensor grad_w = need_weight ? total[0] : at::Tensor();
   at::Tensor grad_b = need_bias ? total[1] : at::Tensor();
   return {grad_x, grad_w, grad_b};

@@ -19,6 +19,16 @@ bool kernels_available() {
 #endif
 }
 
+at::Tensor sum_blocks(const at::Tensor& partial) {
+  at::Tensor total = partial[0].clone();
+  float* out = total.data_ptr<float>();
+  const float* part = partial.data_ptr<float>();
+  const int64_t size = total.numel();
+  for (int64_t block = 1; block < partial.size(0); ++block)
+    for (int64_t i = 0; i < size; ++i) out[i] += part[block * size + i];
+  return total;
+}
+
 }  // namespace mmswin
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -35,6 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of qkv (bf16), bias and scale (fp32) of window_attention_with_lse (bf16, CPU training)",
         py::arg("grad"), py::arg("qkv"), py::arg("lse"), py::arg("heads"), py::arg("bias"), py::arg("mask"),
         py::arg("scale"), py::arg("cosine"), py::arg("need_bias"), py::arg("need_scale"));
+  m.def("gelu_backward", &mmswin::gelu_backward,
+        "GELU of h and the gradient of h from the GELU's gradient grad, and the fp32 column sums of the latter if "
+        "column_sums (bf16, CPU training)",
+        py::arg("grad"), py::arg("h"), py::arg("column_sums"));
   m.def("layer_norm", &mmswin::layer_norm, "Layer norm over the last axis (bf16, CPU inference)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("layer_norm_with_stats", &mmswin::layer_norm_with_stats,

@@ -14,7 +14,7 @@
 // into a fixed number of blocks, each summed by one task in fp32, and the blocks' sums are added in order, so
 // that they are the same on any number of threads. The q, k, v gradients are written into the layout of the
 // qkv projection, (B*nW, N, 3C) bf16.
-#include "attention_blocks.h"
+#include "simd.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -32,7 +32,7 @@ constexpr int64_t kBlocks = 64;  // blocks of windows whose bias and scale gradi
 
 #ifdef MMSWIN_X86
 
-using namespace mmswin::attention_blocks;
+using namespace mmswin::simd;
 
 constexpr int kRows = 4;  // rows per register block (even: two rows make the words of a transposed pair)
 
@@ -294,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
   const bool scale_grad = cosine && need_scale;
   at::Tensor grad_qkv = at::empty_like(qkv);
   const int64_t blocks = std::max<int64_t>(1, std::min(kBlocks, w.bw));
-  at::Tensor bias_sums = need_bias ? at::zeros({blocks, heads, n, n}, bias.options()) : at::Tensor();
-  at::Tensor scale_sums = at::zeros({blocks, heads}, scale.options());
+  at::Tensor bias_sums = at::empty({need_bias ? blocks : 0, heads, n, n}, bias.options());
+  at::Tensor scale_sums = at::empty({blocks, heads}, scale.options());
 #ifdef MMSWIN_X86
   const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
   const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
@@ -312,6 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / heads, hd = task % heads;
       float a_sum = 0.0f;
+      if (bias_out != nullptr) std::fill(bias_out + task * n * n, bias_out + (task + 1) * n * n, 0.0f);
       for (int64_t b = block * w.bw / blocks; b < (block + 1) * w.bw / blocks; ++b) {
         const Task t{src + b * n * 3 * c + hd * d,
                      g + b * n * c + hd * d,
@@ -327,21 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
     }
   });
 #endif
-  at::Tensor grad_bias, grad_scale;
-  if (need_bias) {
-    grad_bias = at::zeros({heads, n, n}, bias.options());
-    float* out = grad_bias.data_ptr<float>();
-    const float* sums = bias_sums.data_ptr<float>();
-    for (int64_t block = 0; block < blocks; ++block)
-      for (int64_t e = 0; e < heads * n * n; ++e) out[e] += sums[block * heads * n * n + e];
-  }
-  if (scale_grad) {
-    grad_scale = at::zeros({heads}, scale.options());
-    float* out = grad_scale.data_ptr<float>();
-    const float* sums = scale_sums.data_ptr<float>();
-    for (int64_t block = 0; block < blocks; ++block)
-      for (int64_t hd = 0; hd < heads; ++hd) out[hd] += sums[block * heads + hd];
-  }
+  at::Tensor grad_bias = need_bias ? sum_blocks(bias_sums) : at::Tensor();
+  at::Tensor grad_scale = scale_grad ? sum_blocks(scale_sums) : at::Tensor();
   return {grad_qkv, grad_bias, grad_scale};
 }
 

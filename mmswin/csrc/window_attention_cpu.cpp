@@ -10,7 +10,7 @@
 // with bias (nH, N, N) fp32, mask (nW, N, N) fp32 or none, scale (nH,) fp32. d must be a multiple of 16.
 // For training, window_attention_with_lse also returns each row's lse = log2(sum_j 2^(logit_j * log2(e)))
 // in fp32, from which the backward (window_attention_backward_cpu.cpp) recomputes the weights.
-#include "attention_blocks.h"
+#include "simd.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -28,7 +28,7 @@ constexpr int64_t kMaxTokens = 1024;
 
 #ifdef MMSWIN_X86
 
-using namespace mmswin::attention_blocks;
+using namespace mmswin::simd;
 
 // Per-task scratch: the keys as (d/2, Npad) bf16 pairs (column j of pair p holds k[j, 2p], k[j, 2p+1]),
 // the values as (ceil(N/2), d) pairs of rows, the keys' scales (cosine attention), and R rows of logits

@@ -8,13 +8,17 @@ fifth of Swin-T's training activations). Both passes run over chunks of tokens, 
 and the hidden gradient stay in the CPU's caches and are never allocated whole, and fc1's output is kept
 as its chunks. Forward values are those of the layer-by-layer computation; gradients are the same
 products, the weight and bias gradients summed over the chunks in fp32 and returned in the parameters'
-own dtype (under autocast, fp32 parameters get the fp32 sums, not their bf16 rounding).
+own dtype (under autocast, fp32 parameters get the fp32 sums, not their bf16 rounding). In CPU bf16, the
+backward's GELU, its gradient and the gradient's sum for fc1's bias are one pass of the compiled kernels
+(:mod:`.cpu_kernels`) where they are used, instead of three of PyTorch's, to bf16's rounding of the same
+values.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .matmul import add_chunk, autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm
 
 
@@ -55,20 +59,26 @@ class _GeluMlp(torch.autograd.Function):
         need_b1 = need_b1 and ctx.has_bias[0]
         grad_w1 = grad_w2 = grad_b1 = None
         grad_x = x2.new_empty(x2.shape) if need_x else None
+        in_kernels = approximate == 'none' and _gelu_in_kernels(hidden[0])
         start = 0
         for h in hidden:
             rows = slice(start, start + h.shape[0])
             start += h.shape[0]
             g_out = grad_out[rows]
+            grad_act = chunk_mm(g_out, w2, fp32)
+            if in_kernels:  # the activation, its gradient and their bias sum in one pass
+                act, grad_h, grad_h_sum = cpu_kernels.kernels().gelu_backward(grad_act, h, need_b1)
+            else:
+                act = F.gelu(h, approximate=approximate) if need_w2 else None
+                grad_h = torch.ops.aten.gelu_backward(grad_act, h, approximate=approximate)
+                # The kernel sums bf16/fp16 in fp32 already; dtype=float32 would first copy grad_h whole.
+                grad_h_sum = grad_h.sum(0) if need_b1 else None
             if need_w2:
-                act = F.gelu(h, approximate=approximate)
                 grad_w2 = add_chunk(grad_w2, chunk_mm(g_out.t(), act, fp32), sums)
-            grad_h = torch.ops.aten.gelu_backward(chunk_mm(g_out, w2, fp32), h, approximate=approximate)
             if need_w1:
                 grad_w1 = add_chunk(grad_w1, chunk_mm(grad_h.t(), x2[rows], fp32), sums)
             if need_b1:
-                # The kernel sums bf16/fp16 in fp32 already; dtype=float32 would first copy grad_h whole.
-                grad_b1 = add_chunk(grad_b1, grad_h.sum(0), sums)
+                grad_b1 = add_chunk(grad_b1, grad_h_sum, sums)
             if grad_x is not None:
                 grad_x[rows] = chunk_mm(grad_h, w1, fp32)
         grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None
@@ -76,6 +86,13 @@ class _GeluMlp(torch.autograd.Function):
                  for g, dtype in zip((grad_w1, grad_b1, grad_w2, grad_b2), ctx.param_dtypes)]
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, *grads, None, None, None
+
+
+def _gelu_in_kernels(h: torch.Tensor) -> bool:
+    """Whether the backward takes the compiled kernels' GELU for fc1's output ``h``: bf16 on the CPU, not
+    under torch.compile (which traces the backward too), and the kernels in use."""
+    return (h.device.type == 'cpu' and h.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+            and cpu_kernels.use_kernels())
 
 
 def gelu_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approximate: str = 'none',

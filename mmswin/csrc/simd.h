@@ -1,6 +1,7 @@
-// Building blocks of the window attention kernels (forward: window_attention_cpu.cpp, backward:
-// window_attention_backward_cpu.cpp): the fp32 exponential, products of bf16 pairs with fp32 accumulation by
-// the AVX512-BF16 dot-product instruction, and the packing of rows of bf16 into the products' layouts.
+// AVX-512 building blocks of the kernels: bf16 loads and stores, the fp32 exponential, and for the window
+// attention (forward: window_attention_cpu.cpp, backward: window_attention_backward_cpu.cpp) products of bf16
+// pairs with fp32 accumulation by the AVX512-BF16 dot-product instruction and the packing of rows of bf16
+// into the products' layouts.
 //
 // A product takes R rows of its left operand as bf16 pairs along the reduction axis (uint32 words, row stride
 // in words) and its right operand packed with each word holding a pair along the reduction axis for one
@@ -18,7 +19,7 @@
 #include <cstdint>
 
 namespace mmswin {
-namespace attention_blocks {
+namespace simd {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNormEps = 1e-12f;  // F.normalize's, as in the official V2
@@ -140,7 +141,7 @@ MMSWIN_AVX512_BF16 inline void pack_row_pairs(const uint16_t* x, int64_t stride,
   }
 }
 
-}  // namespace attention_blocks
+}  // namespace simd
 }  // namespace mmswin
 
 #endif  // MMSWIN_X86

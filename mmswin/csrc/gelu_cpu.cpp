@@ -1,0 +1,105 @@
+// The exact (erf) GELU in the backward of CPU bf16 training's MLP, which keeps fc1's output h and recomputes
+// the activation there: one pass over h (rows, H) and the activation's gradient g (rows, H), both bf16, gives
+//   act    = h Phi(h)                     (for fc2's weight gradient),
+//   grad_h = g (Phi(h) + h phi(h))        (fc1's output gradient),
+// rounded to bf16 once from fp32, and optionally the fp32 column sums of grad_h (fc1's bias gradient) over a
+// fixed number of blocks of rows, added in order: the same on any number of threads. Phi is the standard
+// normal distribution, Phi(x) = erfc(-x / sqrt(2)) / 2 with erfc by Abramowitz and Stegun's 7.1.26 (the
+// approximation PyTorch's vectorised erf takes, absolute error below 1.5e-7), phi its density.
+#include "simd.h"
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kBlocks = 64;
+
+#ifdef MMSWIN_X86
+
+using namespace mmswin::simd;
+
+// act and grad_h of 16 values (see the top of the file).
+MMSWIN_AVX512_BF16 inline void gelu_and_grad(__m512 h, __m512 g, __m512& act, __m512& grad) {
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(h), _mm512_set1_ps(0.70710678118654752f));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f),
+                                                                         _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 gauss = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-kLog2e)));  // exp(-h^2 / 2)
+  const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(p, gauss), _mm512_set1_ps(0.5f));  // Phi(-|h|)
+  const __mmask16 negative = _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 cdf = _mm512_mask_mov_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), tail), negative, tail);
+  act = _mm512_mul_ps(h, cdf);
+  const __m512 density = _mm512_mul_ps(gauss, _mm512_set1_ps(0.3989422804014327f));  // 1 / sqrt(2 pi)
+  grad = _mm512_mul_ps(g, _mm512_fmadd_ps(h, density, cdf));
+}
+
+// Rows begin .. end-1 of act and grad_h, and their column sums of grad_h added to col (unless null).
+MMSWIN_AVX512_BF16 void gelu_rows(const uint16_t* h, const uint16_t* grad, int64_t begin, int64_t end,
+                                  int64_t width, uint16_t* act, uint16_t* grad_h, float* col) {
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t i = 0; i < width; i += 16) {
+      const __mmask16 m = first_lanes(width - i);
+      const int64_t at = r * width + i;
+      __m512 a, g;
+      gelu_and_grad(load_bf16(h + at, m), load_bf16(grad + at, m), a, g);
+      const __m256i a_bits = (__m256i)_mm512_cvtneps_pbh(a);
+      const __m256i g_bits = (__m256i)_mm512_cvtneps_pbh(g);
+      _mm256_mask_storeu_epi16(act + at, m, a_bits);
+      _mm256_mask_storeu_epi16(grad_h + at, m, g_bits);
+      if (col != nullptr) {  // the sum of the bf16 gradient, as a sum of grad_h would take it
+        const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(g_bits), 16));
+        _mm512_mask_storeu_ps(col + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, col + i), rounded));
+      }
+    }
+  }
+}
+
+#endif  // MMSWIN_X86
+
+}  // namespace
+
+namespace mmswin {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                             bool column_sums) {
+  TORCH_CHECK(kernels_available(), "gelu_backward needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kBFloat16 && h.dim() == 2 && h.is_contiguous(),
+              "gelu_backward: h must be a contiguous (rows, H) bf16 CPU tensor, got ", h.sizes(), " ",
+              h.scalar_type());
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kBFloat16 && grad.is_contiguous() &&
+                  grad.sizes() == h.sizes(),
+              "gelu_backward: grad must be a contiguous bf16 CPU tensor of h's shape ", h.sizes(), ", got ",
+              grad.sizes(), " ", grad.scalar_type());
+  const int64_t rows = h.size(0), width = h.size(1);
+  at::Tensor act = at::empty_like(h), grad_h = at::empty_like(h);
+  const int64_t blocks = std::max<int64_t>(1, std::min(rows, kBlocks));
+  const int64_t per_block = (rows + blocks - 1) / blocks;
+  at::Tensor partial = at::empty({column_sums ? blocks : 0, width}, h.options().dtype(at::kFloat));
+#ifdef MMSWIN_X86
+  const auto* src = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
+  const auto* dy = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+  auto* a_out = reinterpret_cast<uint16_t*>(act.data_ptr<at::BFloat16>());
+  auto* g_out = reinterpret_cast<uint16_t*>(grad_h.data_ptr<at::BFloat16>());
+  float* sums = column_sums ? partial.data_ptr<float>() : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t blk = first; blk < last; ++blk) {
+      float* col = sums ? sums + blk * width : nullptr;
+      if (col != nullptr) std::fill(col, col + width, 0.0f);
+      gelu_rows(src, dy, blk * per_block, std::min(rows, (blk + 1) * per_block), width, a_out, g_out, col);
+    }
+  });
+#endif
+  return {act, grad_h, column_sums ? mmswin::sum_blocks(partial) : at::Tensor()};
+}
+
+}  // namespace mmswin
