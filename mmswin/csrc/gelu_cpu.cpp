@@ -73,13 +73,10 @@ namespace mmswin {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& h,
                                                              bool column_sums) {
   TORCH_CHECK(kernels_available(), "gelu_backward needs an x86 CPU with AVX512-BF16");
-  TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kBFloat16 && h.dim() == 2 && h.is_contiguous(),
+  TORCH_CHECK(is_cpu_contiguous(h, at::kBFloat16) && h.dim() == 2,
               "gelu_backward: h must be a contiguous (rows, H) bf16 CPU tensor, got ", h.sizes(), " ",
               h.scalar_type());
-  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kBFloat16 && grad.is_contiguous() &&
-                  grad.sizes() == h.sizes(),
-              "gelu_backward: grad must be a contiguous bf16 CPU tensor of h's shape ", h.sizes(), ", got ",
-              grad.sizes(), " ", grad.scalar_type());
+  check_gradient_of("gelu_backward", grad, h, "h");
   const int64_t rows = h.size(0), width = h.size(1);
   at::Tensor act = at::empty_like(h), grad_h = at::empty_like(h);
   const int64_t blocks = std::max<int64_t>(1, std::min(rows, kBlocks));

@@ -16,6 +16,12 @@ namespace mmswin {
 // Whether this CPU runs the kernels (x86 with AVX512-BF16).
 bool kernels_available();
 
+// Whether t is a contiguous CPU tensor of dtype: what every kernel reads and writes.
+bool is_cpu_contiguous(const at::Tensor& t, at::ScalarType dtype);
+
+// Checks that grad, the gradient of fn's input `name` (x), is a contiguous bf16 CPU tensor of x's shape.
+void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor& x, const char* name);
+
 // partial (blocks, ...) fp32 summed over its first axis in order, from the first block on: the kernels' sums
 // over fixed blocks, the same on any number of threads.
 at::Tensor sum_blocks(const at::Tensor& partial);

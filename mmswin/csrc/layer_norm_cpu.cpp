@@ -205,8 +205,7 @@ MMSWIN_AVX512_BF16 void backward_rows(const uint16_t* dy, const uint16_t* x, con
 
 const float* affine_data(const c10::optional<at::Tensor>& t, int64_t c, const char* name) {
   if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 1 &&
-                  t->size(0) == c,
+  TORCH_CHECK(mmswin::is_cpu_contiguous(*t, at::kFloat) && t->dim() == 1 && t->size(0) == c,
               "layer_norm: ", name, " must be a contiguous (C,) = (", c, ",) fp32 CPU tensor, got ", t->sizes(),
               " ", t->scalar_type());
   return t->data_ptr<float>();
@@ -225,8 +224,7 @@ RowArgs row_args(const char* fn, const at::Tensor& x, const at::Tensor& index,
                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
                  bool normalise) {
   TORCH_CHECK(mmswin::kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.is_contiguous() &&
-                  x.size(2) >= 1,
+  TORCH_CHECK(mmswin::is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 3 && x.size(2) >= 1,
               fn, ": x must be a contiguous (B, L, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 &&
                   index.is_contiguous(),
@@ -248,7 +246,7 @@ namespace mmswin {
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps) {
   TORCH_CHECK(kernels_available(), "layer_norm needs an x86 CPU with AVX512-BF16");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.is_contiguous(),
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() >= 1,
               "layer_norm: x must be a contiguous (..., C) bf16 CPU tensor, got ", x.sizes(), " ",
               x.scalar_type());
   const int64_t c = x.size(-1);
@@ -273,8 +271,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_with_stats(const at::Tensor& x,
                                                          const c10::optional<at::Tensor>& weight,
                                                          const c10::optional<at::Tensor>& bias, double eps) {
   TORCH_CHECK(kernels_available(), "layer_norm_with_stats needs an x86 CPU with AVX512-BF16");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.is_contiguous() &&
-                  x.size(-1) >= 1,
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() >= 1 && x.size(-1) >= 1,
               "layer_norm_with_stats: x must be a contiguous (..., C) bf16 CPU tensor, got ", x.sizes(), " ",
               x.scalar_type());
   TORCH_CHECK(eps >= 0, "layer_norm_with_stats: eps must not be negative, got ", eps);
@@ -300,17 +297,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
                                                                    const c10::optional<at::Tensor>& weight,
                                                                    bool need_x, bool need_weight, bool need_bias) {
   TORCH_CHECK(kernels_available(), "layer_norm_backward needs an x86 CPU with AVX512-BF16");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.is_contiguous() &&
-                  x.size(-1) >= 1,
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() >= 1 && x.size(-1) >= 1,
               "layer_norm_backward: x must be a contiguous (..., C) bf16 CPU tensor, got ", x.sizes(), " ",
               x.scalar_type());
-  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kBFloat16 && grad.is_contiguous() &&
-                  grad.sizes() == x.sizes(),
-              "layer_norm_backward: grad must be a contiguous bf16 CPU tensor of x's shape ", x.sizes(), ", got ",
-              grad.sizes(), " ", grad.scalar_type());
+  check_gradient_of("layer_norm_backward", grad, x, "x");
   const int64_t c = x.size(-1), rows = x.numel() / c;
-  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
-                  stats.sizes() == at::IntArrayRef({rows, 2}),
+  TORCH_CHECK(is_cpu_contiguous(stats, at::kFloat) && stats.sizes() == at::IntArrayRef({rows, 2}),
               "layer_norm_backward: stats must be the contiguous (", rows, ", 2) fp32 means and 1 / stds, got ",
               stats.sizes(), " ", stats.scalar_type());
   const float* w = affine_data(weight, c, "weight");
@@ -379,8 +371,7 @@ at::Tensor& add_rows_(at::Tensor& x, const at::Tensor& index, const at::Tensor& 
                       bool normalise) {
   const RowArgs a = row_args("add_rows_", x, index, weight, bias, eps, normalise);
   const int64_t l = a.l, c = a.c, m = a.m;
-  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kBFloat16 && src.is_contiguous() &&
-                  src.sizes() == at::IntArrayRef({a.b, m, c}),
+  TORCH_CHECK(is_cpu_contiguous(src, at::kBFloat16) && src.sizes() == at::IntArrayRef({a.b, m, c}),
               "add_rows_: src must be a contiguous (B, M, C) = (", a.b, ", ", m, ", ", c,
               ") bf16 CPU tensor, got ", src.sizes(), " ", src.scalar_type());
 #ifdef MMSWIN_X86

@@ -19,6 +19,16 @@ bool kernels_available() {
 #endif
 }
 
+bool is_cpu_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  return t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous();
+}
+
+void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(is_cpu_contiguous(grad, at::kBFloat16) && grad.sizes() == x.sizes(), fn,
+              ": grad must be a contiguous bf16 CPU tensor of ", name, "'s shape ", x.sizes(), ", got ", grad.sizes(),
+              " ", grad.scalar_type());
+}
+
 at::Tensor sum_blocks(const at::Tensor& partial) {
   at::Tensor total = partial[0].clone();
   float* out = total.data_ptr<float>();

@@ -283,12 +283,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
   const char* fn = "window_attention_backward";
   const WindowShapes w = check_window_attention(fn, qkv, heads, bias, mask, scale);
   const int64_t n = w.n, c = w.c, d = w.d;
-  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kBFloat16 && grad.is_contiguous() &&
-                  grad.sizes() == at::IntArrayRef({w.bw, n, c}),
+  TORCH_CHECK(is_cpu_contiguous(grad, at::kBFloat16) && grad.sizes() == at::IntArrayRef({w.bw, n, c}),
               fn, ": grad must be a contiguous (B*nW, N, C) = (", w.bw, ", ", n, ", ", c,
               ") bf16 CPU tensor, got ", grad.sizes(), " ", grad.scalar_type());
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
-                  lse.sizes() == at::IntArrayRef({w.bw, heads, n}),
+  TORCH_CHECK(is_cpu_contiguous(lse, at::kFloat) && lse.sizes() == at::IntArrayRef({w.bw, heads, n}),
               fn, ": lse must be the forward's contiguous (B*nW, nH, N) = (", w.bw, ", ", heads, ", ", n,
               ") fp32 CPU tensor, got ", lse.sizes(), " ", lse.scalar_type());
   const bool scale_grad = cosine && need_scale;

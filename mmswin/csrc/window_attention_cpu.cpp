@@ -207,8 +207,7 @@ namespace mmswin {
 WindowShapes check_window_attention(const char* fn, const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
                                     const c10::optional<at::Tensor>& mask, const at::Tensor& scale) {
   TORCH_CHECK(kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kBFloat16 && qkv.dim() == 3 &&
-                  qkv.is_contiguous(),
+  TORCH_CHECK(is_cpu_contiguous(qkv, at::kBFloat16) && qkv.dim() == 3,
               fn, ": qkv must be a contiguous (B*nW, N, 3C) bf16 CPU tensor, got ", qkv.sizes(), " ",
               qkv.scalar_type());
   WindowShapes w;
@@ -221,19 +220,16 @@ WindowShapes check_window_attention(const char* fn, const at::Tensor& qkv, int64
   const int64_t n = w.n;
   TORCH_CHECK(w.d % 16 == 0, fn, ": the head width must be a multiple of 16, got ", w.d);
   TORCH_CHECK(n >= 1 && n <= kMaxTokens, fn, ": windows of 1 to ", kMaxTokens, " tokens, got ", n);
-  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
-                  bias.sizes() == at::IntArrayRef({heads, n, n}),
+  TORCH_CHECK(is_cpu_contiguous(bias, at::kFloat) && bias.sizes() == at::IntArrayRef({heads, n, n}),
               fn, ": bias must be a contiguous (nH, N, N) = (", heads, ", ", n, ", ", n,
               ") fp32 CPU tensor, got ", bias.sizes(), " ", bias.scalar_type());
-  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.numel() == heads,
+  TORCH_CHECK(is_cpu_contiguous(scale, at::kFloat) && scale.numel() == heads,
               fn, ": scale must hold one fp32 number per head (", heads, "), got ", scale.sizes(), " ",
               scale.scalar_type());
   w.nw = 0;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
-    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 3 &&
-                    m.size(0) >= 1 && m.size(1) == n && m.size(2) == n,
+    TORCH_CHECK(is_cpu_contiguous(m, at::kFloat) && m.dim() == 3 && m.size(0) >= 1 && m.size(1) == n && m.size(2) == n,
                 fn, ": mask must be a contiguous (nW, N, N) fp32 CPU tensor with N=", n, ", got ", m.sizes(), " ",
                 m.scalar_type());
     TORCH_CHECK(w.bw % m.size(0) == 0, fn, ": ", w.bw, " windows are not whole images of ", m.size(0),
