@@ -52,13 +52,13 @@ MMSWIN_AVX512_BF16 void gelu_rows(const uint16_t* h, const uint16_t* grad, int64
       const int64_t at = r * width + i;
       __m512 a, g;
       gelu_and_grad(load_bf16(h + at, m), load_bf16(grad + at, m), a, g);
-      const __m256i a_bits = (__m256i)_mm512_cvtneps_pbh(a);
-      const __m256i g_bits = (__m256i)_mm512_cvtneps_pbh(g);
-      _mm256_mask_storeu_epi16(act + at, m, a_bits);
-      _mm256_mask_storeu_epi16(grad_h + at, m, g_bits);
+      const __m256i a_bits = round_bf16(a);
+      const __m256i g_bits = round_bf16(g);
+      store_bf16_bits(act + at, m, a_bits);
+      store_bf16_bits(grad_h + at, m, g_bits);
       if (col != nullptr) {  // the sum of the bf16 gradient, as a sum of grad_h would take it
-        const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(g_bits), 16));
-        _mm512_mask_storeu_ps(col + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, col + i), rounded));
+        const __m512 rounded = widen_bf16(g_bits);
+        store_ps(col + i, m, _mm512_add_ps(load_ps(col + i, m), rounded));
       }
     }
   }

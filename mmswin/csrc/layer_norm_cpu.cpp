@@ -8,6 +8,7 @@
 //   gather_rows:  out[b, m] = norm(x[b, index[m]]) (or the row as it is), zero where index[m] < 0;
 //   add_rows_:    x[b, index[m]] += norm(src[b, m]) (or src[b, m]) where index[m] >= 0, the summand rounded
 //                 to bf16 first, as adding a bf16 branch would.
+#include "simd.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -17,22 +18,11 @@
 #include <cstdint>
 #include <tuple>
 
-#ifdef MMSWIN_X86
-#include <immintrin.h>
-#endif
-
 namespace {
 
 #ifdef MMSWIN_X86
 
-MMSWIN_AVX512_BF16 inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-MMSWIN_AVX512_BF16 inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
+using namespace mmswin::simd;
 
 // R rows at a time: their reductions are independent chains that the CPU overlaps (one row alone waits on
 // the latency of its sums). Row r is read from x[r] and written to (or, with kAdd, added to) y[r]; with
@@ -43,7 +33,7 @@ MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* const* x, const float* we
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < c; i += 16) {
-    const __mmask16 m = lanes(c - i);
+    const __mmask16 m = first_lanes(c - i);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], load_bf16(x[r] + i, m));
   }
   __m512 centre[R];
@@ -52,7 +42,7 @@ MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* const* x, const float* we
     acc[r] = _mm512_setzero_ps();
   }
   for (int64_t i = 0; i < c; i += 16) {
-    const __mmask16 m = lanes(c - i);
+    const __mmask16 m = first_lanes(c - i);
     for (int r = 0; r < R; ++r) {
       const __m512 dev = _mm512_maskz_sub_ps(m, load_bf16(x[r] + i, m), centre[r]);
       acc[r] = _mm512_fmadd_ps(dev, dev, acc[r]);
@@ -69,18 +59,18 @@ MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* const* x, const float* we
     }
   }
   for (int64_t i = 0; i < c; i += 16) {
-    const __mmask16 m = lanes(c - i);
-    const __m512 w = weight != nullptr ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
-    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + i) : _mm512_setzero_ps();
+    const __mmask16 m = first_lanes(c - i);
+    const __m512 w = weight != nullptr ? load_ps(weight + i, m) : _mm512_set1_ps(1.0f);
+    const __m512 b = bias != nullptr ? load_ps(bias + i, m) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      __m256i v = (__m256i)_mm512_cvtneps_pbh(
+      __m256i v = round_bf16(
           _mm512_fmadd_ps(_mm512_fmadd_ps(load_bf16(x[r] + i, m), scale[r], shift[r]), w, b));
       if (kAdd) {
-        const __m512 sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)),
+        const __m512 sum = _mm512_add_ps(widen_bf16(v),
                                          load_bf16(y[r] + i, m));
-        v = (__m256i)_mm512_cvtneps_pbh(sum);
+        v = round_bf16(sum);
       }
-      _mm256_mask_storeu_epi16(y[r] + i, m, v);
+      store_bf16_bits(y[r] + i, m, v);
     }
   }
 }
@@ -88,9 +78,9 @@ MMSWIN_AVX512_BF16 void normalise_rows(const uint16_t* const* x, const float* we
 // y[r] += x[r] for one row of c bf16 values, summed in fp32 and rounded once.
 MMSWIN_AVX512_BF16 void add_row(const uint16_t* x, int64_t c, uint16_t* y) {
   for (int64_t i = 0; i < c; i += 16) {
-    const __mmask16 m = lanes(c - i);
+    const __mmask16 m = first_lanes(c - i);
     const __m512 sum = _mm512_add_ps(load_bf16(x + i, m), load_bf16(y + i, m));
-    _mm256_mask_storeu_epi16(y + i, m, (__m256i)_mm512_cvtneps_pbh(sum));
+    store_bf16_bits(y + i, m, round_bf16(sum));
   }
 }
 
@@ -165,8 +155,8 @@ MMSWIN_AVX512_BF16 void backward_rows(const uint16_t* dy, const uint16_t* x, con
   }
   if (dx != nullptr) {
     for (int64_t i = 0; i < c; i += 16) {
-      const __mmask16 m = lanes(c - i);
-      const __m512 w = weight != nullptr ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
+      const __mmask16 m = first_lanes(c - i);
+      const __m512 w = weight != nullptr ? load_ps(weight + i, m) : _mm512_set1_ps(1.0f);
       for (int r = 0; r < R; ++r) {
         const __m512 g = _mm512_mul_ps(load_bf16(dy + r * c + i, m), w);
         const __m512 xhat = _mm512_mul_ps(_mm512_maskz_sub_ps(m, load_bf16(x + r * c + i, m), mean[r]), rstd[r]);
@@ -180,10 +170,10 @@ MMSWIN_AVX512_BF16 void backward_rows(const uint16_t* dy, const uint16_t* x, con
     }
   }
   for (int64_t i = 0; i < c; i += 16) {
-    const __mmask16 m = lanes(c - i);
-    const __m512 w = weight != nullptr ? _mm512_maskz_loadu_ps(m, weight + i) : _mm512_set1_ps(1.0f);
-    __m512 grad_w = dw != nullptr ? _mm512_maskz_loadu_ps(m, dw + i) : _mm512_setzero_ps();
-    __m512 grad_b = db != nullptr ? _mm512_maskz_loadu_ps(m, db + i) : _mm512_setzero_ps();
+    const __mmask16 m = first_lanes(c - i);
+    const __m512 w = weight != nullptr ? load_ps(weight + i, m) : _mm512_set1_ps(1.0f);
+    __m512 grad_w = dw != nullptr ? load_ps(dw + i, m) : _mm512_setzero_ps();
+    __m512 grad_b = db != nullptr ? load_ps(db + i, m) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
       const __m512 d = load_bf16(dy + r * c + i, m);
       const __m512 xhat = _mm512_mul_ps(_mm512_maskz_sub_ps(m, load_bf16(x + r * c + i, m), mean[r]), rstd[r]);
@@ -193,11 +183,11 @@ MMSWIN_AVX512_BF16 void backward_rows(const uint16_t* dy, const uint16_t* x, con
         const __m512 g = _mm512_mul_ps(d, w);
         const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(g, sum_g[r]), _mm512_mul_ps(xhat, sum_gx[r])),
                                        rstd[r]);
-        _mm256_mask_storeu_epi16(dx + r * c + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+        store_bf16_bits(dx + r * c + i, m, round_bf16(v));
       }
     }
-    if (dw != nullptr) _mm512_mask_storeu_ps(dw + i, m, grad_w);
-    if (db != nullptr) _mm512_mask_storeu_ps(db + i, m, grad_b);
+    if (dw != nullptr) store_ps(dw + i, m, grad_w);
+    if (db != nullptr) store_ps(db + i, m, grad_b);
   }
 }
 

@@ -36,17 +36,22 @@ using namespace mmswin::simd;
 
 constexpr int kRows = 4;  // rows per register block (even: two rows make the words of a transposed pair)
 
-// Per-task scratch; npad = N rounded up to 16, pairs = ceil(N / 2).
+// The row stride of the transposed pairs of rows: ceil(N / 2) rounded up to whole vectors.
+inline int64_t padded_pairs(int64_t n) { return ((n + 1) / 2 + 15) / 16 * 16; }
+
+// Per-task scratch; npad = N rounded up to 16, pairs = ceil(N / 2), ppad = pairs rounded up to 16.
 struct Scratch {
   std::vector<uint32_t> keys, values;              // k and v as columns, (d/2, npad)
   std::vector<uint32_t> q_pairs, k_pairs, g_pairs;  // q, k and dO as pairs of rows, (pairs, d)
-  std::vector<uint32_t> probs_t, grads_t;          // P^T and (dS rq)^T, (npad, pairs) words of pairs of rows
+  std::vector<uint32_t> probs_w, grads_w;          // P and dS rq as words of pairs of rows, (pairs, npad)
+  std::vector<uint32_t> probs_t, grads_t;          // their transposes, (npad, ppad)
   std::vector<uint16_t> grads;                     // dS rk, (N, npad) bf16
   std::vector<float> logits, dp, probs;            // kRows rows of npad, fp32
   std::vector<float> q_scale, k_scale, q_corr, k_corr, row_a, col_b;  // cosine attention, per row and column
   Scratch(int64_t n, int64_t npad, int64_t d)
       : keys(d / 2 * npad), values(d / 2 * npad), q_pairs((n + 1) / 2 * d), k_pairs((n + 1) / 2 * d),
-        g_pairs((n + 1) / 2 * d), probs_t(npad * ((n + 1) / 2)), grads_t(npad * ((n + 1) / 2)),
+        g_pairs((n + 1) / 2 * d), probs_w((n + 1) / 2 * npad), grads_w((n + 1) / 2 * npad),
+        probs_t(npad * padded_pairs(n)), grads_t(npad * padded_pairs(n)),
         grads(n * npad), logits(kRows * npad), dp(kRows * npad), probs(kRows * npad), q_scale(n),
         k_scale(npad), q_corr(n), k_corr(n), row_a(n), col_b(npad) {}
 };
@@ -66,16 +71,16 @@ struct Task {
 
 // 16 bf16 pairs of rows lo and hi as words (lo in the low half).
 MMSWIN_AVX512_BF16 inline __m512i pair_words(__m512 lo, __m512 hi) {
-  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  const __m512i l = _mm512_cvtepu16_epi32(round_bf16(lo));
+  const __m512i h = _mm512_cvtepu16_epi32(round_bf16(hi));
   return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
 }
 
-// Rows i0 .. i0+R-1 (i0 even) of the logits' gradient: P into probs_t and dS (times rq) into grads_t,
-// transposed, dS (times rk) into grads, and the bias gradient, the a_i and the b_j summed.
+// Rows i0 .. i0+R-1 (i0 even) of the logits' gradient: P into probs_w and dS (times rq) into grads_w as
+// words of pairs of rows, dS (times rk) into grads, and the bias gradient, the a_i and the b_j summed.
 template <int R>
 MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
-  const int64_t npad = t.npad, stride = 3 * t.c, pairs = (t.n + 1) / 2;
+  const int64_t npad = t.npad, stride = 3 * t.c;
   dot_all_columns<R>(reinterpret_cast<const uint32_t*>(t.q + i0 * stride), stride / 2, s.keys.data(), npad,
                      t.d / 2, s.logits.data());
   dot_all_columns<R>(reinterpret_cast<const uint32_t*>(t.g + i0 * t.c), t.c / 2, s.values.data(), npad, t.d / 2,
@@ -102,8 +107,8 @@ MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
       __m512 x = _mm512_mul_ps(_mm512_loadu_ps(x_at), row_scale[r]);
       if (t.cosine) x = _mm512_mul_ps(x, key_scale);
       _mm512_storeu_ps(x_at, x);
-      __m512 z = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, t.bias + at));
-      if (t.mask != nullptr) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(m, t.mask + at));
+      __m512 z = _mm512_add_ps(x, load_ps(t.bias + at, m));
+      if (t.mask != nullptr) z = _mm512_add_ps(z, load_ps(t.mask + at, m));
       z = _mm512_mask_mov_ps(neg_inf, m, z);
       const __m512 p = exp2_ps(_mm512_fmsub_ps(z, log2e, shift[r]));
       _mm512_storeu_ps(s.probs.data() + r * npad + v * 16, p);
@@ -111,8 +116,6 @@ MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
     }
   }
   for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_ps(_mm512_reduce_add_ps(dot[r]));
-  const __m512i lane_rows = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(pairs));
   for (int64_t v = 0; v < vecs; ++v) {
     const __mmask16 m = first_lanes(t.n - v * 16);
     const __m512 key_scale = t.cosine ? _mm512_loadu_ps(s.k_scale.data() + v * 16) : _mm512_set1_ps(1.0f);
@@ -123,7 +126,7 @@ MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
       g[r] = _mm512_mul_ps(p[r], _mm512_sub_ps(_mm512_loadu_ps(s.dp.data() + r * npad + v * 16), dot[r]));
       if (t.dbias != nullptr) {
         float* at = t.dbias + (i0 + r) * t.n + v * 16;
-        _mm512_mask_storeu_ps(at, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, at), g[r]));
+        store_ps(at, m, _mm512_add_ps(load_ps(at, m), g[r]));
       }
       if (t.cosine) {
         const __m512 gx = _mm512_mul_ps(g[r], _mm512_loadu_ps(s.logits.data() + r * npad + v * 16));
@@ -138,8 +141,7 @@ MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
       float* col = s.col_b.data() + v * 16;
       _mm512_storeu_ps(col, _mm512_add_ps(_mm512_loadu_ps(col), b));
     }
-    // Rows 2k and 2k+1 as the words of pair (i0 / 2 + k) in rows j = 16 v + lane of the transposed matrices.
-    const __m512i rows = _mm512_add_epi32(lane_rows, _mm512_set1_epi32(static_cast<int>(v * 16 * pairs + i0 / 2)));
+    // Rows 2k and 2k+1 as the words of pair i0 / 2 + k.
     for (int k = 0; 2 * k < R; ++k) {
       const __m512 zero = _mm512_setzero_ps();
       const __m512 p_hi = 2 * k + 1 < R ? p[2 * k + 1] : zero;
@@ -148,9 +150,9 @@ MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
         g_lo = _mm512_mul_ps(g_lo, rq[2 * k]);
         if (2 * k + 1 < R) g_hi = _mm512_mul_ps(g_hi, rq[2 * k + 1]);
       }
-      const __m512i at = _mm512_add_epi32(rows, _mm512_set1_epi32(k));
-      _mm512_i32scatter_epi32(s.probs_t.data(), at, pair_words(p[2 * k], p_hi), 4);
-      _mm512_i32scatter_epi32(s.grads_t.data(), at, pair_words(g_lo, g_hi), 4);
+      const int64_t at = (i0 / 2 + k) * npad + v * 16;
+      _mm512_storeu_si512(s.probs_w.data() + at, pair_words(p[2 * k], p_hi));
+      _mm512_storeu_si512(s.grads_w.data() + at, pair_words(g_lo, g_hi));
     }
   }
   if (t.cosine)
@@ -241,6 +243,9 @@ MMSWIN_AVX512_BF16 float head_grads(const Task& t, Scratch& s) {
     case 1: logit_grads<1>(t, i, s); break;
     default: break;
   }
+  const int64_t ppad = padded_pairs(n);
+  transpose_words(s.probs_w.data(), npad, pairs, npad, ppad, s.probs_t.data(), ppad);
+  transpose_words(s.grads_w.data(), npad, pairs, npad, ppad, s.grads_t.data(), ppad);
   // Per-row factors and correction terms of the products, in the fp32 rows that are free now.
   float* q_factor = s.logits.data();  // kRows * npad >= n floats each
   float* k_factor = s.dp.data();
@@ -263,9 +268,9 @@ MMSWIN_AVX512_BF16 float head_grads(const Task& t, Scratch& s) {
     k_corr = s.k_corr.data();
   }
   // dv = P^T dO, dk = scale (dS rq)^T q (- b rk^2 k), dq = scale (dS rk) k (- a rq^2 q)
-  all_grads(n, s.probs_t.data(), pairs, s.g_pairs.data(), d, pairs, unit, nullptr, nullptr, 0, t.dq + 2 * c,
+  all_grads(n, s.probs_t.data(), ppad, s.g_pairs.data(), d, pairs, unit, nullptr, nullptr, 0, t.dq + 2 * c,
             stride);
-  all_grads(n, s.grads_t.data(), pairs, s.q_pairs.data(), d, pairs, k_factor, k_corr, k, stride, t.dq + c, stride);
+  all_grads(n, s.grads_t.data(), ppad, s.q_pairs.data(), d, pairs, k_factor, k_corr, k, stride, t.dq + c, stride);
   all_grads(n, reinterpret_cast<const uint32_t*>(s.grads.data()), npad / 2, s.k_pairs.data(), d, pairs, q_factor,
             q_corr, t.q, stride, t.dq, stride);
   return a_sum;

@@ -119,8 +119,8 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
       const int64_t at = (i0 + r) * h.n + t * 16;
       __m512 x = _mm512_mul_ps(_mm512_loadu_ps(logits), scale[r]);
       if (h.cosine) x = _mm512_mul_ps(x, key_scale);
-      x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, h.bias + at));
-      if (h.mask != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, h.mask + at));
+      x = _mm512_add_ps(x, load_ps(h.bias + at, m));
+      if (h.mask != nullptr) x = _mm512_add_ps(x, load_ps(h.mask + at, m));
       x = _mm512_mask_mov_ps(neg_inf, m, x);
       _mm512_storeu_ps(logits, x);
       top[r] = _mm512_max_ps(top[r], x);
