@@ -43,24 +43,50 @@ MMSWIN_AVX512_BF16 inline void gelu_and_grad(__m512 h, __m512 g, __m512& act, __
   grad = _mm512_mul_ps(g, _mm512_fmadd_ps(h, density, cdf));
 }
 
-// Rows begin .. end-1 of act and grad_h, and their column sums of grad_h added to col (unless null).
-MMSWIN_AVX512_BF16 void gelu_rows(const uint16_t* h, const uint16_t* grad, int64_t begin, int64_t end,
-                                  int64_t width, uint16_t* act, uint16_t* grad_h, float* col) {
+// V vectors of 16 columns from column i0 (lanes `last` of the last one) of rows begin .. end-1: act and grad_h,
+// and the columns' sums of grad_h added to col (unless null). The sums stay in registers over the rows (summed
+// in row order, as a sum over the rows of grad_h would take them), not loaded and stored back row by row.
+template <int V>
+MMSWIN_AVX512_BF16 void gelu_columns(const uint16_t* h, const uint16_t* grad, int64_t begin, int64_t end,
+                                     int64_t width, int64_t i0, __mmask16 last, uint16_t* act, uint16_t* grad_h,
+                                     float* col) {
+  __m512 sums[V];
+  for (int v = 0; v < V; ++v) sums[v] = _mm512_setzero_ps();
   for (int64_t r = begin; r < end; ++r) {
-    for (int64_t i = 0; i < width; i += 16) {
-      const __mmask16 m = first_lanes(width - i);
-      const int64_t at = r * width + i;
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      const int64_t at = r * width + i0 + 16 * v;
       __m512 a, g;
       gelu_and_grad(load_bf16(h + at, m), load_bf16(grad + at, m), a, g);
-      const __m256i a_bits = round_bf16(a);
       const __m256i g_bits = round_bf16(g);
-      store_bf16_bits(act + at, m, a_bits);
+      store_bf16_bits(act + at, m, round_bf16(a));
       store_bf16_bits(grad_h + at, m, g_bits);
-      if (col != nullptr) {  // the sum of the bf16 gradient, as a sum of grad_h would take it
-        const __m512 rounded = widen_bf16(g_bits);
-        store_ps(col + i, m, _mm512_add_ps(load_ps(col + i, m), rounded));
-      }
+      sums[v] = _mm512_add_ps(sums[v], widen_bf16(g_bits));  // the bf16 gradient's sum
     }
+  }
+  if (col == nullptr) return;
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 m = v == V - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    float* at = col + i0 + 16 * v;
+    store_ps(at, m, _mm512_add_ps(load_ps(at, m), sums[v]));
+  }
+}
+
+// Rows begin .. end-1 of act and grad_h, and their column sums of grad_h added to col (unless null), 64
+// columns at a time.
+MMSWIN_AVX512_BF16 void gelu_rows(const uint16_t* h, const uint16_t* grad, int64_t begin, int64_t end,
+                                  int64_t width, uint16_t* act, uint16_t* grad_h, float* col) {
+  constexpr int kVecs = 4;
+  int64_t i0 = 0;
+  for (; i0 + 16 * kVecs <= width; i0 += 16 * kVecs)
+    gelu_columns<kVecs>(h, grad, begin, end, width, i0, 0xFFFF, act, grad_h, col);
+  const int64_t left = (width - i0 + 15) / 16;
+  const __mmask16 last = first_lanes(width - i0 - 16 * (left - 1));
+  switch (left) {
+    case 3: gelu_columns<3>(h, grad, begin, end, width, i0, last, act, grad_h, col); break;
+    case 2: gelu_columns<2>(h, grad, begin, end, width, i0, last, act, grad_h, col); break;
+    case 1: gelu_columns<1>(h, grad, begin, end, width, i0, last, act, grad_h, col); break;
+    default: break;
   }
 }
 
