@@ -30,16 +30,17 @@ constexpr int64_t kMaxTokens = 1024;
 
 using namespace mmswin::simd;
 
-// Per-task scratch: the keys as (d/2, Npad) bf16 pairs (column j of pair p holds k[j, 2p], k[j, 2p+1]),
+// Per-task scratch: the queries as (N, d) rows, the keys as (d/2, Npad) bf16 pairs (column j of pair p holds
+// k[j, 2p], k[j, 2p+1]),
 // the values as (ceil(N/2), d) pairs of rows, the keys' scales (cosine attention), and R rows of logits
 // (fp32), weights (bf16, unnormalised) and their sums' reciprocals.
 struct Scratch {
   std::vector<uint32_t> keys, values;
   std::vector<float> key_scales, logits, inv_sums;
-  std::vector<uint16_t> weights;
+  std::vector<uint16_t> queries, weights;
   Scratch(int64_t n, int64_t npad, int64_t d, int64_t rows)
       : keys(d / 2 * npad), values((n + 1) / 2 * d), key_scales(npad), logits(rows * npad),
-        inv_sums(rows), weights(rows * npad) {}
+        inv_sums(rows), queries(n * d), weights(rows * npad) {}
 };
 
 constexpr int kRows = 4;  // query rows per register block
@@ -83,7 +84,7 @@ MMSWIN_AVX512_BF16 void key_scales(const uint32_t* keys, int64_t npad, int64_t d
 
 struct Head {
   const uint16_t* q;  // row i at q + i * stride
-  int64_t stride;     // elements between tokens in qkv and out (3C and C)
+  int64_t stride;     // elements between the rows of q (3C in qkv, d in the scratch copy)
   const float* bias;  // (N, N)
   const float* mask;  // (N, N) or null
   float scale;
@@ -153,10 +154,23 @@ MMSWIN_AVX512_BF16 void attend_rows(const Head& h, int64_t i0, Scratch& s) {
                    s.values.data(), h.d, (h.n + 1) / 2, h.out + i0 * h.out_stride, h.out_stride);
 }
 
-MMSWIN_AVX512_BF16 void attend_head(const Head& h, const uint16_t* k, const uint16_t* v, Scratch& s) {
-  pack_columns(k, h.stride, h.n, h.npad, h.d, s.keys.data());
-  if (h.cosine) key_scales(s.keys.data(), h.npad, h.d, s.key_scales.data());
-  pack_row_pairs(v, h.stride, h.n, h.d, s.values.data());
+// The head's n query rows of d values (row stride `stride`) into (n, d) rows: all of their cache lines are
+// requested at once here, where the products that read them row by row would each wait on a miss.
+MMSWIN_AVX512_BF16 void copy_queries(const uint16_t* q, int64_t stride, int64_t n, int64_t d, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < d; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * d + c),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * stride + c)));
+}
+
+MMSWIN_AVX512_BF16 void attend_head(const Head& head, const uint16_t* k, const uint16_t* v, Scratch& s) {
+  pack_columns(k, head.stride, head.n, head.npad, head.d, s.keys.data());
+  if (head.cosine) key_scales(s.keys.data(), head.npad, head.d, s.key_scales.data());
+  pack_row_pairs(v, head.stride, head.n, head.d, s.values.data());
+  copy_queries(head.q, head.stride, head.n, head.d, s.queries.data());
+  Head h = head;
+  h.q = s.queries.data();
+  h.stride = h.d;
   int64_t i = 0;
   for (; i + kRows <= h.n; i += kRows) attend_rows<kRows>(h, i, s);
   switch (h.n - i) {
