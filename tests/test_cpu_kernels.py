@@ -511,6 +511,42 @@ def test_layer_norm_bad_input_is_named(change, message):
         cpu_kernels.kernels().layer_norm(args['x'], args['weight'], args['bias'], args['eps'])
 
 
+@needs_kernels
+@pytest.mark.parametrize('batch,length,channels', [
+    (1, 64, 96),  # whole tiles of 32 tokens on cache lines (non-temporal stores)
+    (2, 96, 48),  # two images, each a whole number of tiles
+    (1, 1634, 16),  # a last tile of 2 tokens, rows not on cache lines
+    (3, 40, 17),  # a channel tail
+    (1, 7, 40),  # less than one tile
+    (2, 32, 1),
+])
+@pytest.mark.parametrize('affine', [True, False])
+def test_layer_norm_channels_first_is_the_transposed_norm(batch, length, channels, affine):
+    """The norm of tokens ``(B, L, C)`` written as ``(B, C, L)``: the kernels' layer norm, transposed, bit for
+    bit."""
+    x, _, weight, bias = rows_inputs(batch, length, channels)
+    kernels = cpu_kernels.kernels()
+    args = (weight, bias) if affine else (None, None)
+    out = kernels.layer_norm_channels_first(x, *args, 1e-5)
+    expected = kernels.layer_norm(x, *args, 1e-5).transpose(1, 2)
+    assert out.shape == (batch, channels, length) and out.is_contiguous() and torch.equal(out, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize('change,message', [
+    (dict(x=torch.zeros(4, 8, dtype=torch.bfloat16)), 'x must be a contiguous'),
+    (dict(x=torch.zeros(1, 8, 4, dtype=torch.bfloat16).transpose(1, 2)), 'x must be a contiguous'),
+    (dict(weight=torch.ones(7)), 'weight must be'),
+    (dict(bias=torch.zeros(8, dtype=torch.bfloat16)), 'bias must be'),
+    (dict(eps=-1.0), 'eps must not be negative'),
+])
+def test_layer_norm_channels_first_bad_input_is_named(change, message):
+    args = dict(x=torch.zeros(1, 4, 8, dtype=torch.bfloat16), weight=torch.ones(8), bias=torch.zeros(8), eps=1e-5)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels.kernels().layer_norm_channels_first(args['x'], args['weight'], args['bias'], args['eps'])
+
+
 def rows_inputs(batch: int, length: int, channels: int, seed: int = 0) -> tuple:
     """Tokens ``(B, L, C)``, a permutation of a chunk of their rows with padding positions (-1), and affine
     parameters."""

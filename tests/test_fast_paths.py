@@ -11,6 +11,7 @@ from mmswin.models import SwinTransformer, SwinTransformerV2
 from mmswin.models import cpu_kernels, layers
 from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
 from mmswin.models.blocks import PatchEmbed
+from mmswin.models.layer_norm import LayerNorm
 from mmswin.models.layers import DropPath, add_residual
 from mmswin.models.windows import (add_tokens_, gather_windows, log_spaced_coords_on, relative_position_index,
                                    scatter_windows, select_tokens, window_indices)
@@ -539,24 +540,34 @@ def test_inference_allocates_the_first_stage_map_twice(cls, dtype, monkeypatch):
     # activations (weights cast to bf16 can be larger here); the image, padded and laid out channels-last
     # in the autocast dtype, is larger than the map at this size
     shapes = [s for s in big.shapes if len(s[1]) >= 3 and s[1] != (2, 3, 152, 172)]
-    assert shapes == [('convolution.default', (2, 16, 38, 43)), ('new_empty.default', (2, 16, 38, 43))], shapes
+    if dtype is not None and cpu_kernels.use_kernels():  # the kernels write the output as (B, C, H * W)
+        output = ('empty.memory_format', (2, 16, 38 * 43))
+    else:
+        output = ('new_empty.default', (2, 16, 38, 43))
+    assert shapes == [('convolution.default', (2, 16, 38, 43)), output], shapes
     assert outs[0].shape == (2, 16, 38, 43) and outs[0].is_contiguous()
     assert outs[0].dtype == (dtype or torch.float32)
 
 
+@pytest.mark.parametrize('norm_cls', [torch.nn.LayerNorm, LayerNorm])
 @pytest.mark.parametrize('dtype', [None, torch.bfloat16])
-def test_chunked_norms_equal_whole(dtype, monkeypatch):
+def test_chunked_norms_equal_whole(dtype, norm_cls, monkeypatch):
     """The patch norm written into the convolution's output and the output norms written band by band
-    into the ``(B, C, H, W)`` output give the norm's values bit for bit (two images, bands across rows,
-    a last band of one row); with autograd, the plain layers."""
+    into the ``(B, C, H, W)`` output (mmswin's norm in bf16: by the kernels in one pass) give the norm's
+    values bit for bit (two images, bands across rows, a last band of one row); with autograd, the plain
+    layers."""
     torch.manual_seed(0)
     embed = PatchEmbed(3, 16, 4)
-    norm = torch.nn.LayerNorm(16)
+    norm = norm_cls(16)
     with torch.no_grad():
         for p in (*embed.norm.parameters(), *norm.parameters()):
             p.normal_(1.0, 0.5)
     x = torch.randn(2, 3, 52, 36)
     monkeypatch.setattr(layers, 'CHUNK_TOKENS', 2 * 9 * 3 + 5)  # bands of 3 of the 13 rows; rows of 41 tokens
+    in_one_pass = []
+    channels_first = LayerNorm.channels_first
+    monkeypatch.setattr(LayerNorm, 'channels_first',
+                        lambda self, t: in_one_pass.append(t.shape) or channels_first(self, t))
 
     def autocast():
         return torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -564,6 +575,9 @@ def test_chunked_norms_equal_whole(dtype, monkeypatch):
     with torch.no_grad(), autocast():
         tokens = embed(x)
         out = layers.norm_channels_first(norm, tokens)
+    kernels = norm_cls is LayerNorm and dtype is not None and cpu_kernels.use_kernels()
+    assert in_one_pass == ([tokens.shape] if kernels else [])
+    with torch.no_grad(), autocast():
         conv = embed.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
         expected_tokens = embed.norm(conv)
         expected_out = norm(tokens).permute(0, 3, 1, 2).contiguous()

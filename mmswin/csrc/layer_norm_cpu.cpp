@@ -8,6 +8,9 @@
 //   gather_rows:  out[b, m] = norm(x[b, index[m]]) (or the row as it is), zero where index[m] < 0;
 //   add_rows_:    x[b, index[m]] += norm(src[b, m]) (or src[b, m]) where index[m] >= 0, the summand rounded
 //                 to bf16 first, as adding a bf16 branch would.
+// A backbone output (B, H, W, C) becomes its normalised (B, C, H, W) map in one pass:
+//   layer_norm_channels_first: out[b, c, l] = norm(x[b, l])[c], tiles of 32 tokens normalised into a
+//                 scratch and transposed from there by 16 x 16 blocks in registers.
 #include "simd.h"
 #include "kernels.h"
 
@@ -17,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -137,6 +141,34 @@ MMSWIN_AVX512_BF16 void normalise(const uint16_t* x, const float* weight, const 
       for (int i = 0; i < count; ++i)
         normalise_rows<1, false>(xs + i, weight, bias, c, eps, ys + i, st != nullptr ? st + 2 * i : nullptr);
     }
+  }
+}
+
+constexpr int64_t kTileTokens = 32;  // tokens per tile of layer_norm_channels_first: 64 bytes of each channel
+
+// rows (<= kTileTokens) of c bf16 values (row stride c) transposed into (c, rows) at dst (row stride
+// dst_stride). A whole tile whose output rows start on cache lines writes each one's line with a
+// non-temporal store: the outputs are the backbone's, which nothing reads before it returns, and plain
+// stores would first read each line from memory (96 and more output rows at once defeat the prefetchers).
+MMSWIN_AVX512_BF16 void transpose_tile(const uint16_t* src, int64_t rows, int64_t c, uint16_t* dst,
+                                       int64_t dst_stride) {
+  const bool lines = rows == 32 && reinterpret_cast<uintptr_t>(dst) % 64 == 0 && dst_stride % 32 == 0;
+  for (int64_t c0 = 0; c0 < c; c0 += 16) {
+    const int64_t cols = std::min<int64_t>(16, c - c0);
+    if (lines) {
+      __m512i lo[16], hi[16];
+      load_transposed_u16(src + c0, c, 16, cols, lo);
+      load_transposed_u16(src + 16 * c + c0, c, 16, cols, hi);
+      for (int j = 0; j < cols; ++j) {
+        const __m512i line = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo[j])),
+                                                _mm512_cvtepi32_epi16(hi[j]), 1);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + (c0 + j) * dst_stride), line);
+      }
+      continue;
+    }
+    for (int64_t t0 = 0; t0 < rows; t0 += 16)
+      transpose_block_u16(src + t0 * c + c0, c, std::min<int64_t>(16, rows - t0), cols,
+                          dst + c0 * dst_stride + t0, dst_stride);
   }
 }
 
@@ -326,6 +358,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   at::Tensor grad_w = need_weight ? total[0] : at::Tensor();
   at::Tensor grad_b = need_bias ? total[1] : at::Tensor();
   return {grad_x, grad_w, grad_b};
+}
+
+at::Tensor layer_norm_channels_first(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(kernels_available(), "layer_norm_channels_first needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 3 && x.size(2) >= 1,
+              "layer_norm_channels_first: x must be a contiguous (B, L, C) bf16 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(eps >= 0, "layer_norm_channels_first: eps must not be negative, got ", eps);
+  const int64_t l = x.size(1), c = x.size(2);
+  const float* w = affine_data(weight, c, "weight");
+  const float* b = affine_data(bias, c, "bias");
+  at::Tensor out = at::empty({x.size(0), c, l}, x.options());
+#ifdef MMSWIN_X86
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const float e = static_cast<float>(eps);
+  const int64_t tiles = (l + kTileTokens - 1) / kTileTokens;
+  at::parallel_for(0, x.size(0) * tiles, std::max<int64_t>(1, 16384 / (c * kTileTokens)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> tile(kTileTokens * c);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t image = t / tiles, first = (t % tiles) * kTileTokens;
+      const int64_t rows = std::min(kTileTokens, l - first);
+      normalise(src + (image * l + first) * c, w, b, c, e, tile.data(), rows, nullptr);
+      transpose_tile(tile.data(), rows, c, dst + image * c * l + first, l);
+    }
+    _mm_sfence();  // the non-temporal stores are seen before the tensor is returned
+  });
+#endif
+  return out;
 }
 
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& weight,

@@ -68,6 +68,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of x, weight and bias (fp32) of layer_norm_with_stats (bf16, CPU training)", py::arg("grad"),
         py::arg("x"), py::arg("stats"), py::arg("weight"), py::arg("need_x"), py::arg("need_weight"),
         py::arg("need_bias"));
+  m.def("layer_norm_channels_first", &mmswin::layer_norm_channels_first,
+        "Layer norm of tokens (B, L, C) over C, written as (B, C, L) (bf16, CPU inference)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("gather_rows", &mmswin::gather_rows,
         "Rows index of tokens (B, L, C), layer-normalised if normalise, zero where index < 0 (bf16, CPU "
         "inference)",

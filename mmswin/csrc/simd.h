@@ -155,23 +155,11 @@ MMSWIN_AVX512_BF16 void dot_all_columns(const uint32_t* a, int64_t a_stride, con
   }
 }
 
-// dst[j][i] = src[i][j] for a block of 16 x 16 32-bit words (row strides in words): rows i >= rows of src
-// read as zeros, and only the first `words` words of each src row are read and the first `words` rows of dst
-// written (16 words each). Four rounds of in-register shuffles: AMD's Zen CPUs run the scatter stores or
-// the word-by-word copies that would do it instead many times slower.
-MMSWIN_AVX512_BF16 inline void transpose_block(const uint32_t* src, int64_t src_stride, int64_t rows,
-                                               int64_t words, uint32_t* dst, int64_t dst_stride) {
-  const __mmask16 m = first_lanes(words);
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; ++i) {
-    if (i >= rows) {
-      a[i] = _mm512_setzero_si512();
-    } else if (m == 0xFFFF) {
-      a[i] = _mm512_loadu_si512(src + i * src_stride);
-    } else {
-      a[i] = _mm512_maskz_loadu_epi32(m, src + i * src_stride);
-    }
-  }
+// A 16 x 16 matrix of 32-bit words, one row per register, transposed in place: four rounds of in-register
+// shuffles. AMD's Zen CPUs run the scatter stores or the word-by-word copies that would do it instead many
+// times slower.
+MMSWIN_AVX512_BF16 inline void transpose16(__m512i (&a)[16]) {
+  __m512i b[16];
   // In each 128-bit lane L: b[i], b[i+1] hold words 4L, 4L+1 and 4L+2, 4L+3 of rows i, i+1 interleaved.
   for (int i = 0; i < 16; i += 2) {
     b[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
@@ -184,17 +172,58 @@ MMSWIN_AVX512_BF16 inline void transpose_block(const uint32_t* src, int64_t src_
     a[i + 2] = _mm512_unpacklo_epi64(b[i + 1], b[i + 3]);
     a[i + 3] = _mm512_unpackhi_epi64(b[i + 1], b[i + 3]);
   }
-  // dst row 4L + k is lane L of a[k], a[4 + k], a[8 + k], a[12 + k]: a 4 x 4 transpose of 128-bit lanes.
+  // Row 4L + k of the transpose is lane L of a[k], a[4 + k], a[8 + k], a[12 + k]: a 4 x 4 transpose of
+  // 128-bit lanes.
   for (int k = 0; k < 4; ++k) {
     const __m512i lo01 = _mm512_shuffle_i32x4(a[k], a[4 + k], 0x44);
     const __m512i hi01 = _mm512_shuffle_i32x4(a[k], a[4 + k], 0xEE);
     const __m512i lo23 = _mm512_shuffle_i32x4(a[8 + k], a[12 + k], 0x44);
     const __m512i hi23 = _mm512_shuffle_i32x4(a[8 + k], a[12 + k], 0xEE);
-    const __m512i out[4] = {_mm512_shuffle_i32x4(lo01, lo23, 0x88), _mm512_shuffle_i32x4(lo01, lo23, 0xDD),
-                            _mm512_shuffle_i32x4(hi01, hi23, 0x88), _mm512_shuffle_i32x4(hi01, hi23, 0xDD)};
-    for (int l = 0; l < 4; ++l)
-      if (4 * l + k < words) _mm512_storeu_si512(dst + (4 * l + k) * dst_stride, out[l]);
+    b[k] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
+    b[4 + k] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);
+    b[8 + k] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
+    b[12 + k] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);
   }
+  for (int i = 0; i < 16; ++i) a[i] = b[i];
+}
+
+// dst[j][i] = src[i][j] for a block of 16 x 16 32-bit words (row strides in words): rows i >= rows of src
+// read as zeros, and only the first `words` words of each src row are read and the first `words` rows of dst
+// written (16 words each).
+MMSWIN_AVX512_BF16 inline void transpose_block(const uint32_t* src, int64_t src_stride, int64_t rows,
+                                               int64_t words, uint32_t* dst, int64_t dst_stride) {
+  const __mmask16 m = first_lanes(words);
+  __m512i a[16];
+  for (int i = 0; i < 16; ++i) {
+    if (i >= rows) {
+      a[i] = _mm512_setzero_si512();
+    } else if (m == 0xFFFF) {
+      a[i] = _mm512_loadu_si512(src + i * src_stride);
+    } else {
+      a[i] = _mm512_maskz_loadu_epi32(m, src + i * src_stride);
+    }
+  }
+  transpose16(a);
+  for (int j = 0; j < words; ++j) _mm512_storeu_si512(dst + j * dst_stride, a[j]);
+}
+
+// a[j][i] = src[i][j] for a block of at most 16 x 16 16-bit values (row stride in values): `rows` rows of
+// `cols` values each, zero-extended to 32-bit words and transposed.
+MMSWIN_AVX512_BF16 inline void load_transposed_u16(const uint16_t* src, int64_t src_stride, int64_t rows,
+                                                   int64_t cols, __m512i (&a)[16]) {
+  const __mmask16 m = first_lanes(cols);
+  for (int i = 0; i < 16; ++i)
+    a[i] = i < rows ? _mm512_cvtepu16_epi32(load_bf16_bits(src + i * src_stride, m)) : _mm512_setzero_si512();
+  transpose16(a);
+}
+
+// dst[j][i] = src[i][j] for a block of at most 16 x 16 16-bit values (row strides in values).
+MMSWIN_AVX512_BF16 inline void transpose_block_u16(const uint16_t* src, int64_t src_stride, int64_t rows,
+                                                   int64_t cols, uint16_t* dst, int64_t dst_stride) {
+  __m512i a[16];
+  load_transposed_u16(src, src_stride, rows, cols, a);
+  const __mmask16 out = first_lanes(rows);
+  for (int j = 0; j < cols; ++j) store_bf16_bits(dst + j * dst_stride, out, _mm512_cvtepi32_epi16(a[j]));
 }
 
 // A (rows, words) matrix of 32-bit words (row stride src_stride) transposed into (words, cols) (row stride

@@ -54,6 +54,13 @@ class LayerNorm(nn.LayerNorm):
             return _LayerNormInKernels.apply(x.contiguous(), self.weight, self.bias, self.eps)
         return cpu_kernels.kernels().layer_norm(x.contiguous(), *self.kernel_args())
 
+    def channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """This norm of ``x: (B, H, W, C)`` (bf16, where :meth:`takes_kernel`, nothing recorded) as a contiguous
+        ``(B, C, H, W)`` map, normalised and transposed in one pass of the kernels."""
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c).contiguous()
+        return cpu_kernels.kernels().layer_norm_channels_first(tokens, *self.kernel_args()).view(b, c, h, w)
+
     def kernel_args(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
         """``(weight, bias, eps)`` as the kernels take them (fp32 affine parameters or ``None``)."""
         weight = None if self.weight is None else self.weight.float()
