@@ -547,6 +547,58 @@ def test_layer_norm_channels_first_bad_input_is_named(change, message):
         cpu_kernels.kernels().layer_norm_channels_first(args['x'], args['weight'], args['bias'], args['eps'])
 
 
+@needs_kernels
+@pytest.mark.parametrize('shape', [(1, 3, 40, 36), (2, 3, 37, 29), (1, 1, 5, 7), (1, 16, 9, 9), (2, 17, 6, 11),
+                                   (1, 40, 3, 3), (1, 5, 1, 1)])
+def test_channels_last_bf16_is_pytorchs_cast(shape):
+    """The image rounded to bf16 and laid out channels-last, bit for bit as PyTorch's copy: 3 channels, one,
+    a group of 16, groups and tails, pixels that end mid-tile."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 100
+    out = cpu_kernels.kernels().channels_last_bf16(x)
+    expected = x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.stride() == expected.stride()
+    assert torch.equal(out, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize('x', [torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16), torch.zeros(3, 4, 4),
+                               torch.zeros(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)])
+def test_channels_last_bf16_bad_input_is_named(x):
+    with pytest.raises(RuntimeError, match=r'x must be a contiguous \(B, C, H, W\) fp32'):
+        cpu_kernels.kernels().channels_last_bf16(x)
+
+
+@needs_kernels
+def test_patch_embedding_takes_the_image_kernel_in_bf16_inference(monkeypatch):
+    """The bf16 patch embedding of an fp32 image reads it through the kernel, with the values of PyTorch's
+    copy; where autograd records, PyTorch's copy."""
+    torch.manual_seed(0)
+    embed = blocks.PatchEmbed(3, 16, 4).eval()
+    x = torch.randn(2, 3, 30, 41)
+    kernels = cpu_kernels.kernels()
+    calls = []
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def channels_last_bf16(self, image):
+            calls.append(image.shape)
+            return kernels.channels_last_bf16(image)
+
+    monkeypatch.setattr(cpu_kernels, 'kernels', lambda: Counted())
+    with torch.autocast('cpu', torch.bfloat16):
+        with torch.no_grad():
+            out = embed(x)
+        assert calls == [(2, 3, 32, 44)]  # padded to whole patches first
+        recorded = embed(x.requires_grad_())
+    assert calls == [(2, 3, 32, 44)]
+    assert torch.equal(out, recorded.detach())
+    recorded.float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def rows_inputs(batch: int, length: int, channels: int, seed: int = 0) -> tuple:
     """Tokens ``(B, L, C)``, a permutation of a chunk of their rows with padding positions (-1), and affine
     parameters."""

@@ -63,6 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
                                                                    const c10::optional<at::Tensor>& weight,
                                                                    bool need_x, bool need_weight, bool need_bias);
 
+at::Tensor channels_last_bf16(const at::Tensor& x);
+
 at::Tensor layer_norm_channels_first(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias, double eps);
 

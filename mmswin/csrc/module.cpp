@@ -68,6 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of x, weight and bias (fp32) of layer_norm_with_stats (bf16, CPU training)", py::arg("grad"),
         py::arg("x"), py::arg("stats"), py::arg("weight"), py::arg("need_x"), py::arg("need_weight"),
         py::arg("need_bias"));
+  m.def("channels_last_bf16", &mmswin::channels_last_bf16,
+        "An fp32 image (B, C, H, W) rounded to bf16 and laid out channels-last (CPU)", py::arg("x"));
   m.def("layer_norm_channels_first", &mmswin::layer_norm_channels_first,
         "Layer norm of tokens (B, L, C) over C, written as (B, C, L) (bf16, CPU inference)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
