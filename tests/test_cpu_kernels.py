@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2, blocks, cpu_kernels, fused_attention
+from mmswin.models.attention import WindowAttention
 from mmswin.models.layer_norm import LayerNorm
 from mmswin.models.layers import build_norm
 from mmswin.models.matmul import attention
@@ -114,7 +115,7 @@ def test_cosine_attention_of_zero_keys_is_f_normalize():
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 @pytest.mark.parametrize('batch', [1, 2])
 def test_backbones_take_the_kernel_in_bf16_inference(cls, batch, monkeypatch):
-    """Every block's attention takes the kernel in bf16 inference (padded, shifted windows, one and two
+    """Every block's attention takes the kernels in bf16 inference (padded, shifted windows, one and two
     images), and the outputs are as close to fp32's as those of PyTorch's bf16 operators."""
     torch.manual_seed(0)
     model = cls(**TINY, window_size=4).eval()
@@ -123,13 +124,12 @@ def test_backbones_take_the_kernel_in_bf16_inference(cls, batch, monkeypatch):
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.randn(batch, 3, 70, 90)
     calls = []
-    kernel = fused_attention.window_attention
+    for name in ('window_attention', 'projected_window_attention_rows'):
+        def counted(*args, kernel=getattr(fused_attention, name), **kwargs):
+            calls.append(args[0].shape)
+            return kernel(*args, **kwargs)
 
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(fused_attention, 'window_attention', counted)
+        monkeypatch.setattr(fused_attention, name, counted)
     with torch.no_grad():
         ref = model(x)
         with torch.autocast('cpu', torch.bfloat16):
@@ -644,33 +644,114 @@ def test_add_rows_is_index_add_of_the_real_rows(batch, length, channels):
 @needs_kernels
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 @pytest.mark.parametrize('batch', [1, 2])
-def test_window_chunks_in_kernels_equal_the_operators(cls, batch, monkeypatch):
+@pytest.mark.parametrize('compact', [True, False])
+def test_window_chunks_in_kernels_equal_the_operators(cls, batch, compact, monkeypatch):
     """The blocks' bf16 inference through the row kernels gives the same numbers, bit for bit, as with
-    PyTorch's gather, fill and index_add (padded and shifted windows, one and two images)."""
+    PyTorch's gather, fill and index_add (padded and shifted windows, one and two images): with the
+    attention in the kernels, from the projection of the real tokens only (compact), or of every window
+    position."""
     torch.manual_seed(0)
     model = cls(**TINY, window_size=4).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.randn(batch, 3, 70, 90)
-    calls = []
+    calls, projected = [], []
     block = blocks.SwinBlock if cls is SwinTransformer else blocks.SwinBlockV2
     step = block.window_chunk_in_kernels_
 
-    def counted(self, *args):
-        calls.append(args[1].shape)
-        return step(self, *args)
+    def counted(self, tokens, chunk, *args):
+        calls.append(chunk.rows.shape)
+        return step(self, tokens, chunk, *args)
+
+    attend_rows = WindowAttention.attend_rows
+
+    def attend_real_rows(self, rows, slots, *args):
+        projected.append((rows.shape[:2], (batch, int((slots >= 0).sum())), bool((slots < 0).any())))
+        return attend_rows(self, rows, slots, *args)
 
     monkeypatch.setattr(block, 'window_chunk_in_kernels_', counted)
+    monkeypatch.setattr(WindowAttention, 'attend_rows', attend_real_rows)
+    if not compact:
+        monkeypatch.setattr(WindowAttention, 'attends_rows', lambda self, tokens, window: False)
     with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
         fused = model(x)
         assert len(calls) >= sum(TINY['depths'])
+        if compact:  # every chunk, of the real tokens only; at this size some windows are padded
+            assert len(projected) == len(calls) and all(shape == real for shape, real, _ in projected)
+            assert any(padded for _, _, padded in projected)
+        else:
+            assert not projected
         calls.clear()
         monkeypatch.setattr(blocks.SwinBlock, 'chunks_in_kernels', lambda self, tokens: False)
         plain = model(x)
         assert not calls
     for f, p in zip(fused, plain):
         assert f.dtype == torch.bfloat16 and torch.equal(f, p)
+
+
+def rows_attention_inputs(batch: int, windows: int, n: int, heads: int, d: int, seed: int = 0) -> tuple:
+    """The projection ``(B, R, 3C)`` of the real tokens of ``windows`` windows of ``n`` positions per image,
+    about a quarter of them padding, in shuffled rows; their slots; the projection of a zero token; and the
+    same windows as the ``(B * nW, N, 3C)`` projection of every position."""
+    g = torch.Generator().manual_seed(seed)
+    c = heads * d
+    is_pad = torch.rand(windows * n, generator=g) < 0.25
+    real = int((~is_pad).sum())
+    order = torch.randperm(real, generator=g)
+    slots = torch.full((windows * n,), -1, dtype=torch.long)
+    slots[~is_pad] = order
+    qkv = torch.randn(batch, real, 3 * c, generator=g).bfloat16()
+    pad = torch.randn(3 * c, generator=g).bfloat16()
+    every = pad.expand(batch, windows * n, 3 * c).clone()
+    every[:, ~is_pad] = qkv[:, order]
+    return qkv, slots, pad, every.view(batch * windows, n, 3 * c)
+
+
+@needs_kernels
+@pytest.mark.parametrize('batch,windows,n,heads,d', [(1, 4, 49, 3, 32), (2, 3, 49, 2, 16), (1, 2, 17, 1, 48),
+                                                     (2, 1, 64, 4, 32)])
+@pytest.mark.parametrize('cosine', [False, True])
+@pytest.mark.parametrize('masked', [False, True])
+def test_window_attention_rows_is_the_attention_of_the_padded_windows(batch, windows, n, heads, d, cosine, masked):
+    """The attention of windows given by their real tokens' rows and the projection of padding: the outputs
+    of the window attention of every position at the real ones, bit for bit, in their rows."""
+    qkv, slots, pad, every = rows_attention_inputs(batch, windows, n, heads, d)
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(heads, n, n, generator=g)
+    mask = (torch.randn(windows, n, n, generator=g) * 10).clamp(max=0) if masked else None
+    scale = torch.rand(heads, generator=g) + 0.5
+    kernels = cpu_kernels.kernels()
+    out = kernels.window_attention_rows(qkv, slots, pad, heads, bias, mask, scale, cosine)
+    full = kernels.window_attention(every, heads, bias, mask, scale, cosine).view(batch, windows * n, -1)
+    real = slots >= 0
+    expected = torch.empty_like(out)
+    expected[:, slots[real]] = full[:, real]
+    assert out.shape == (batch, qkv.shape[1], heads * d) and torch.equal(out, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize('change,message', [
+    (dict(qkv=torch.zeros(5, 96, dtype=torch.bfloat16)), r'qkv must be a contiguous \(B, R, 3C\)'),
+    (dict(slots=torch.tensor([0, 1, -1, 2], dtype=torch.int32)), 'slots must be a contiguous'),
+    (dict(slots=torch.tensor([0, 1, -1])), 'slots must be a contiguous'),
+    (dict(slots=torch.tensor([0, 1, -1, 3])), r'slots\[3\] = 3 is neither -1 nor a row'),
+    (dict(slots=torch.tensor([0, 1, 1, 2])), 'slots name row 1 twice'),
+    (dict(slots=torch.tensor([0, 1, -1, -1])), 'slots name 2 of qkv.s 3 rows'),
+    (dict(pad=torch.zeros(95, dtype=torch.bfloat16)), 'pad must be a contiguous'),
+    (dict(pad=torch.zeros(96)), 'pad must be a contiguous'),
+    (dict(bias=torch.zeros(2, 4, 4)), 'bias must be'),
+    (dict(mask=torch.zeros(2, 4, 4)), 'are not whole images of 2 mask windows'),
+])
+def test_window_attention_rows_bad_input_is_named(change, message):
+    args = dict(qkv=torch.zeros(1, 3, 96, dtype=torch.bfloat16), slots=torch.tensor([0, 1, -1, 2]),
+                pad=torch.zeros(96, dtype=torch.bfloat16), bias=torch.zeros(2, 4, 4), mask=None, scale=torch.ones(2))
+    if 'bias' in change:
+        args['heads'] = 1
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels.kernels().window_attention_rows(args['qkv'], args['slots'], args['pad'], args.get('heads', 2),
+                                                    args['bias'], args['mask'], args['scale'], False)
 
 
 @needs_kernels

@@ -340,6 +340,13 @@ def test_chunked_inference_equals_whole(cls, dtype, chunk, monkeypatch):
     attend = attention_cls.attend
     monkeypatch.setattr(attention_cls, 'attend',
                         lambda self, *a, **k: calls.append(a[0].shape[0]) or attend(self, *a, **k))
+    attend_rows = attention_cls.attend_rows  # windows given by their real tokens (bf16, compiled kernels)
+
+    def count_windows(self, x, slots, window, *args):
+        calls.append(x.shape[0] * slots.numel() // (window[0] * window[1]))
+        return attend_rows(self, x, slots, window, *args)
+
+    monkeypatch.setattr(attention_cls, 'attend_rows', count_windows)
     chunked = run()
     # the same windows of both images in a chunk: at least one of each
     assert max(calls) == 2 * max(1, chunk // (2 * 16)) and len(calls) > sum(TINY['depths'])

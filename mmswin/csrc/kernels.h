@@ -36,8 +36,17 @@ struct WindowShapes {
 WindowShapes check_window_attention(const char* fn, const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
                                     const c10::optional<at::Tensor>& mask, const at::Tensor& scale);
 
+// The same for qkv's sizes given apart: `windows` windows of n tokens, c3 = 3C channels.
+WindowShapes check_window_sizes(const char* fn, int64_t windows, int64_t n, int64_t c3, int64_t heads,
+                                const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+                                const at::Tensor& scale);
+
 at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine);
+
+at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots, const at::Tensor& pad, int64_t heads,
+                                 const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+                                 const at::Tensor& scale, bool cosine);
 
 std::tuple<at::Tensor, at::Tensor> window_attention_with_lse(const at::Tensor& qkv, int64_t heads,
                                                              const at::Tensor& bias,

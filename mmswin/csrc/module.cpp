@@ -47,6 +47,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_attention", &mmswin::window_attention,
         "Window attention from the qkv projection (bf16, CPU inference)", py::arg("qkv"), py::arg("heads"),
         py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));
+  m.def("window_attention_rows", &mmswin::window_attention_rows,
+        "Window attention from the projection of a map's real tokens (B, R, 3C), slots naming each window "
+        "position's row (-1: padding, projected to pad), to their outputs (B, R, C) (bf16, CPU inference)",
+        py::arg("qkv"), py::arg("slots"), py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("mask"),
+        py::arg("scale"), py::arg("cosine"));
   m.def("window_attention_with_lse", &mmswin::window_attention_with_lse,
         "Window attention from the qkv projection and each row's log2-sum-exp2 of logits * log2(e) (bf16, CPU "
         "training)",

@@ -10,6 +10,12 @@
 // with bias (nH, N, N) fp32, mask (nW, N, N) fp32 or none, scale (nH,) fp32. d must be a multiple of 16.
 // For training, window_attention_with_lse also returns each row's lse = log2(sum_j 2^(logit_j * log2(e)))
 // in fp32, from which the backward (window_attention_backward_cpu.cpp) recomputes the weights.
+//
+// window_attention_rows takes the projection of a map's real tokens only, qkv (B, R, 3C), and for the
+// positions of nW' windows of N tokens (in each image) slots (nW' * N) naming each one's row of qkv, or -1
+// for a position that pads the map, whose token is zero and projects to the projection's bias `pad` (3C).
+// It writes the outputs of the real tokens, (B, R, C): padding positions are keys and values, never
+// queries, whose outputs the map would crop.
 #include "simd.h"
 #include "kernels.h"
 
@@ -34,13 +40,17 @@ using namespace mmswin::simd;
 // k[j, 2p], k[j, 2p+1]),
 // the values as (ceil(N/2), d) pairs of rows, the keys' scales (cosine attention), and R rows of logits
 // (fp32), weights (bf16, unnormalised) and their sums' reciprocals.
+// window_attention_rows also gathers the window's tokens (N, 3d) of the head and its query positions, and
+// keeps their outputs (N, d) until they are written to their rows.
 struct Scratch {
   std::vector<uint32_t> keys, values;
   std::vector<float> key_scales, logits, inv_sums;
-  std::vector<uint16_t> queries, weights;
-  Scratch(int64_t n, int64_t npad, int64_t d, int64_t rows)
+  std::vector<uint16_t> queries, weights, tokens, outputs;
+  std::vector<int64_t> positions;
+  Scratch(int64_t n, int64_t npad, int64_t d, int64_t rows, bool gathered = false)
       : keys(d / 2 * npad), values((n + 1) / 2 * d), key_scales(npad), logits(rows * npad),
-        inv_sums(rows), queries(n * d), weights(rows * npad) {}
+        inv_sums(rows), queries(n * d), weights(rows * npad), tokens(gathered ? n * 3 * d : 0),
+        outputs(gathered ? n * d : 0), positions(gathered ? n : 0) {}
 };
 
 constexpr int kRows = 4;  // query rows per register block
@@ -85,6 +95,8 @@ MMSWIN_AVX512_BF16 void key_scales(const uint32_t* keys, int64_t npad, int64_t d
 struct Head {
   const uint16_t* q;  // row i at q + i * stride
   int64_t stride;     // elements between the rows of q (3C in qkv, d in the scratch copy)
+  const int64_t* positions;  // query row i's position in the window (its bias and mask row), or null: i
+  int64_t queries;           // query rows
   const float* bias;  // (N, N)
   const float* mask;  // (N, N) or null
   float scale;
@@ -104,7 +116,12 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
   const int64_t vecs = h.npad / 16;
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 scale[R], top[R], sum[R];
+  const float* bias[R];
+  const float* mask[R];
   for (int r = 0; r < R; ++r) {
+    const int64_t at = (h.positions != nullptr ? h.positions[i0 + r] : i0 + r) * h.n;
+    bias[r] = h.bias + at;
+    mask[r] = h.mask != nullptr ? h.mask + at : nullptr;
     float row_scale = h.scale;
     if (h.cosine)
       row_scale /= std::max(std::sqrt(squared_length(h.q + (i0 + r) * h.stride, h.d)), kNormEps);
@@ -117,11 +134,10 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
     const __m512 key_scale = h.cosine ? _mm512_loadu_ps(s.key_scales.data() + t * 16) : _mm512_set1_ps(1.0f);
     for (int r = 0; r < R; ++r) {
       float* logits = s.logits.data() + r * h.npad + t * 16;
-      const int64_t at = (i0 + r) * h.n + t * 16;
       __m512 x = _mm512_mul_ps(_mm512_loadu_ps(logits), scale[r]);
       if (h.cosine) x = _mm512_mul_ps(x, key_scale);
-      x = _mm512_add_ps(x, load_ps(h.bias + at, m));
-      if (h.mask != nullptr) x = _mm512_add_ps(x, load_ps(h.mask + at, m));
+      x = _mm512_add_ps(x, load_ps(bias[r] + t * 16, m));
+      if (mask[r] != nullptr) x = _mm512_add_ps(x, load_ps(mask[r] + t * 16, m));
       x = _mm512_mask_mov_ps(neg_inf, m, x);
       _mm512_storeu_ps(logits, x);
       top[r] = _mm512_max_ps(top[r], x);
@@ -154,31 +170,58 @@ MMSWIN_AVX512_BF16 void attend_rows(const Head& h, int64_t i0, Scratch& s) {
                    s.values.data(), h.d, (h.n + 1) / 2, h.out + i0 * h.out_stride, h.out_stride);
 }
 
-// The head's n query rows of d values (row stride `stride`) into (n, d) rows: all of their cache lines are
-// requested at once here, where the products that read them row by row would each wait on a miss.
-MMSWIN_AVX512_BF16 void copy_queries(const uint16_t* q, int64_t stride, int64_t n, int64_t d, uint16_t* dst) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < d; c += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * d + c),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * stride + c)));
+// The d values of n rows, from src + rows[i] * stride (rows null: i) to dst + i * d: the head's query rows
+// into the task's scratch (all of their cache lines requested at once here, where the products that read
+// them row by row would each wait on a miss), and its outputs back to their rows.
+MMSWIN_AVX512_BF16 inline void copy_values(const uint16_t* from, int64_t d, uint16_t* to) {
+  for (int64_t c = 0; c < d; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + c),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + c)));
+}
+
+MMSWIN_AVX512_BF16 void copy_rows(const uint16_t* src, int64_t stride, const int64_t* rows, int64_t n, int64_t d,
+                                  uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) copy_values(src + (rows != nullptr ? rows[i] : i) * stride, d, dst + i * d);
 }
 
 MMSWIN_AVX512_BF16 void attend_head(const Head& head, const uint16_t* k, const uint16_t* v, Scratch& s) {
   pack_columns(k, head.stride, head.n, head.npad, head.d, s.keys.data());
   if (head.cosine) key_scales(s.keys.data(), head.npad, head.d, s.key_scales.data());
   pack_row_pairs(v, head.stride, head.n, head.d, s.values.data());
-  copy_queries(head.q, head.stride, head.n, head.d, s.queries.data());
+  copy_rows(head.q, head.stride, head.positions, head.queries, head.d, s.queries.data());
   Head h = head;
   h.q = s.queries.data();
   h.stride = h.d;
   int64_t i = 0;
-  for (; i + kRows <= h.n; i += kRows) attend_rows<kRows>(h, i, s);
-  switch (h.n - i) {
+  for (; i + kRows <= h.queries; i += kRows) attend_rows<kRows>(h, i, s);
+  switch (h.queries - i) {
     case 3: attend_rows<3>(h, i, s); break;
     case 2: attend_rows<2>(h, i, s); break;
     case 1: attend_rows<1>(h, i, s); break;
     default: break;
   }
+}
+
+// window_attention_rows's task for head hd of one window: its N tokens from the rows of qkv (3C apart)
+// that slot names, or from pad where slot is -1; the outputs of its real tokens to the same rows of out (C
+// apart).
+MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* slot, const uint16_t* pad, Head h,
+                                           int64_t c, uint16_t* out, Scratch& s) {
+  const int64_t n = h.n, d = h.d;
+  int64_t queries = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* from = slot[i] >= 0 ? qkv + slot[i] * 3 * c : pad;
+    for (int part = 0; part < 3; ++part) copy_values(from + part * c, d, s.tokens.data() + (3 * i + part) * d);
+    if (slot[i] >= 0) s.positions[queries++] = i;
+  }
+  h.q = s.tokens.data();
+  h.stride = 3 * d;
+  h.positions = s.positions.data();
+  h.queries = queries;
+  h.out = s.outputs.data();
+  h.out_stride = d;
+  attend_head(h, s.tokens.data() + d, s.tokens.data() + 2 * d, s);
+  for (int64_t j = 0; j < queries; ++j) copy_values(s.outputs.data() + j * d, d, out + slot[s.positions[j]] * c);
 }
 
 #endif  // MMSWIN_X86
@@ -204,9 +247,9 @@ std::tuple<at::Tensor, at::Tensor> attend(const char* fn, const at::Tensor& qkv,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, hd = task % heads;
       const uint16_t* q = src + b * n * 3 * c + hd * d;
-      const Head h{q, 3 * c, bias_data + hd * n * n, mask_data ? mask_data + (b % w.nw) * n * n : nullptr,
-                   scales[hd], cosine, n, npad, d, dst + b * n * c + hd * d, c,
-                   lse_data ? lse_data + task * n : nullptr};
+      const Head h{q, 3 * c, nullptr, n, bias_data + hd * n * n,
+                   mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, d,
+                   dst + b * n * c + hd * d, c, lse_data ? lse_data + task * n : nullptr};
       attend_head(h, q + c, q + 2 * c, s);
     }
   });
@@ -224,14 +267,19 @@ WindowShapes check_window_attention(const char* fn, const at::Tensor& qkv, int64
   TORCH_CHECK(is_cpu_contiguous(qkv, at::kBFloat16) && qkv.dim() == 3,
               fn, ": qkv must be a contiguous (B*nW, N, 3C) bf16 CPU tensor, got ", qkv.sizes(), " ",
               qkv.scalar_type());
+  return check_window_sizes(fn, qkv.size(0), qkv.size(1), qkv.size(2), heads, bias, mask, scale);
+}
+
+WindowShapes check_window_sizes(const char* fn, int64_t windows, int64_t n, int64_t c3, int64_t heads,
+                                const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+                                const at::Tensor& scale) {
   WindowShapes w;
-  w.bw = qkv.size(0);
-  w.n = qkv.size(1);
-  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, fn, ": qkv's last axis (", qkv.size(2),
+  w.bw = windows;
+  w.n = n;
+  TORCH_CHECK(heads >= 1 && c3 % (3 * heads) == 0, fn, ": qkv's last axis (", c3,
               ") is not 3 * heads * d for heads=", heads);
-  w.c = qkv.size(2) / 3;
+  w.c = c3 / 3;
   w.d = w.c / heads;
-  const int64_t n = w.n;
   TORCH_CHECK(w.d % 16 == 0, fn, ": the head width must be a multiple of 16, got ", w.d);
   TORCH_CHECK(n >= 1 && n <= kMaxTokens, fn, ": windows of 1 to ", kMaxTokens, " tokens, got ", n);
   TORCH_CHECK(is_cpu_contiguous(bias, at::kFloat) && bias.sizes() == at::IntArrayRef({heads, n, n}),
@@ -256,6 +304,61 @@ WindowShapes check_window_attention(const char* fn, const at::Tensor& qkv, int64
 at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine) {
   return std::get<0>(attend("window_attention", qkv, heads, bias, mask, scale, cosine, false));
+}
+
+at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots, const at::Tensor& pad, int64_t heads,
+                                 const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+                                 const at::Tensor& scale, bool cosine) {
+  const char* fn = "window_attention_rows";
+  TORCH_CHECK(kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(is_cpu_contiguous(qkv, at::kBFloat16) && qkv.dim() == 3,
+              fn, ": qkv must be a contiguous (B, R, 3C) bf16 CPU tensor, got ", qkv.sizes(), " ", qkv.scalar_type());
+  TORCH_CHECK(bias.dim() == 3, fn, ": bias must be a contiguous (nH, N, N) fp32 CPU tensor, got ", bias.sizes());
+  const int64_t n = bias.size(1), rows = qkv.size(1);
+  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == at::kLong && slots.dim() == 1 &&
+                  slots.is_contiguous() && n >= 1 && slots.numel() % n == 0,
+              fn, ": slots must be a contiguous (nW * N,) int64 CPU tensor with N=", n, ", got ", slots.sizes(), " ",
+              slots.scalar_type());
+  const int64_t windows = slots.numel() / n;
+  const WindowShapes w = check_window_sizes(fn, qkv.size(0) * windows, n, qkv.size(2), heads, bias, mask, scale);
+  TORCH_CHECK(is_cpu_contiguous(pad, at::kBFloat16) && pad.dim() == 1 && pad.size(0) == 3 * w.c,
+              fn, ": pad must be a contiguous (3C,) = (", 3 * w.c, ",) bf16 CPU tensor, got ", pad.sizes(), " ",
+              pad.scalar_type());
+  // Every row of qkv is named once: each output row is written once, by one task per head.
+  const int64_t* slot_data = slots.data_ptr<int64_t>();
+  std::vector<char> named(rows, 0);
+  for (int64_t i = 0; i < slots.numel(); ++i) {
+    const int64_t row = slot_data[i];
+    TORCH_CHECK(row >= -1 && row < rows, fn, ": slots[", i, "] = ", row, " is neither -1 nor a row of qkv's ",
+                rows);
+    if (row < 0) continue;
+    TORCH_CHECK(!named[row], fn, ": slots name row ", row, " twice (at ", i, ")");
+    named[row] = 1;
+  }
+  TORCH_CHECK(std::count(named.begin(), named.end(), 1) == rows, fn, ": slots name ",
+              std::count(named.begin(), named.end(), 1), " of qkv's ", rows, " rows, not all of them");
+  at::Tensor out = at::empty({qkv.size(0), rows, w.c}, qkv.options());
+#ifdef MMSWIN_X86
+  const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
+  const auto* pad_data = reinterpret_cast<const uint16_t*>(pad.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const float* bias_data = bias.data_ptr<float>();
+  const float* mask_data = w.nw > 0 ? mask->data_ptr<float>() : nullptr;
+  const float* scales = scale.data_ptr<float>();
+  const int64_t c = w.c, d = w.d, npad = (n + 15) / 16 * 16;
+  at::parallel_for(0, w.bw * heads, 1, [&](int64_t begin, int64_t end) {
+    Scratch s(n, npad, d, kRows, true);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, hd = task % heads, image = b / windows;
+      const Head h{nullptr, 0, nullptr, 0, bias_data + hd * n * n,
+                   mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, d,
+                   nullptr, 0, nullptr};
+      attend_window_rows(src + image * rows * 3 * c + hd * d, slot_data + (b % windows) * n, pad_data + hd * d, h,
+                         c, dst + image * rows * c + hd * d, s);
+    }
+  });
+#endif
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> window_attention_with_lse(const at::Tensor& qkv, int64_t heads,

@@ -171,6 +171,24 @@ class WindowAttention(nn.Module):
         out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
+    def attends_rows(self, x: torch.Tensor, window: Size2) -> bool:
+        """Whether :meth:`attend_rows` takes windows of ``window`` whose tokens are ``x: (..., C)``: where the
+        compiled kernels take the attention (:func:`.fused_attention.applies`)."""
+        drop = self.attn_drop if self.training else 0.0
+        return self.use_sdpa and fused_attention.applies(x, self.num_heads, drop, window[0] * window[1])
+
+    def attend_rows(self, x: torch.Tensor, slots: torch.Tensor, window: Size2,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`attend` in inference where :meth:`attends_rows`, for windows given by their real tokens
+        ``x: (B, R, C)`` and the row of ``x`` at each of their positions, ``slots: (nW * N,)`` (-1: a position
+        that pads the map, a zero token). Only the real tokens are projected, and only their outputs
+        computed: ``(B, R, C)``, with the values of :meth:`attend` on the padded windows."""
+        bias = self.attention_bias(window, torch.float32)[0]  # (nH, N, N)
+        out = fused_attention.projected_window_attention_rows(x, slots, self.qkv.weight, self.qkv_bias(),
+                                                              self.num_heads, bias, mask, self.head_logit_scales(),
+                                                              self.cosine)
+        return self.proj_drop(self.proj(out))
+
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}'
 

@@ -12,7 +12,7 @@ from .attention import CosineWindowAttention, WindowAttention
 from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear, autocast_dtype
-from .windows import (Size2, add_tokens_, gather_windows, pad_to_windows, scatter_windows, select_tokens,
+from .windows import (Size2, WindowChunk, add_tokens_, gather_windows, pad_to_windows, scatter_windows, select_tokens,
                       shift_mask, window_chunks, window_indices, window_partition, window_reverse)
 
 
@@ -114,17 +114,17 @@ class SwinBlock(nn.Module):
         fused = self.chunks_in_kernels(tokens)
         per_chunk = max(1, layers.CHUNK_TOKENS // (b * n))  # windows of each image per chunk
         chunks = window_chunks((h, w), window, shift, per_chunk, x.device)
-        for i, (index, padding, rows) in enumerate(chunks):
+        for i, chunk in enumerate(chunks):
             chunk_mask = None if mask is None else mask[i * per_chunk:(i + 1) * per_chunk]
             if fused:
-                self.window_chunk_in_kernels_(tokens, rows, window, chunk_mask)
+                self.window_chunk_in_kernels_(tokens, chunk, window, chunk_mask)
                 continue
-            branch = self.window_branch(select_tokens(tokens, index), padding, window, chunk_mask)
+            branch = self.window_branch(select_tokens(tokens, chunk.index), chunk.padding, window, chunk_mask)
             branch = branch.view(b, -1, c)
-            if padding is not None:
+            if chunk.padding is not None:
                 # -0.0: x + (-0.0) is x for every x, so the rows that padding positions point at stay
-                branch.index_fill_(1, padding, -0.0)
-            add_tokens_(tokens, index, branch)
+                branch.index_fill_(1, chunk.padding, -0.0)
+            add_tokens_(tokens, chunk.index, branch)
         rows = tokens.view(-1, c)
         for start in range(0, rows.shape[0], layers.CHUNK_TOKENS):
             part = rows[start:start + layers.CHUNK_TOKENS]
@@ -136,16 +136,29 @@ class SwinBlock(nn.Module):
         :meth:`window_chunk_in_kernels_`: where the norm takes the kernels (bf16 on the CPU)."""
         return isinstance(self.norm1, LayerNorm) and self.norm1.takes_kernel(tokens)
 
-    def window_chunk_in_kernels_(self, tokens: torch.Tensor, rows: torch.Tensor, window: Size2,
+    def window_chunk_in_kernels_(self, tokens: torch.Tensor, chunk: WindowChunk, window: Size2,
                                  mask: Optional[torch.Tensor]) -> None:
         """The attention half of :meth:`forward_in_place` for one chunk of windows, adding to bf16
-        ``tokens: (B, L, C)`` at their ``rows`` (-1: padding) through the compiled kernels: the gather and
-        the norm in one pass, the residual sum in another (no gathered copy, no fills, no index_add)."""
+        ``tokens: (B, L, C)`` through the compiled kernels: the gather and the norm in one pass, the residual
+        sum in another (no gathered copy, no fills, no index_add). Where the kernels also take the attention,
+        only the chunk's real tokens are gathered and projected (:meth:`.WindowAttention.attend_rows`); else
+        every window position (padding ones as zeros)."""
         ops = cpu_kernels.kernels()
         b, _, c = tokens.shape
-        normed = ops.gather_rows(tokens, rows, *self.norm1.kernel_args(), True)
-        branch = self.attn.attend(normed.view(-1, window[0] * window[1], c), window, mask)
-        ops.add_rows_(tokens, rows, branch.reshape(b, -1, c).to(tokens.dtype), None, None, 0.0, False)
+        compact = self.attn.attends_rows(tokens, window)
+        rows = chunk.real if compact else chunk.rows
+        before, after = self.kernel_norms()
+        x = ops.gather_rows(tokens, rows, *before)
+        if compact:
+            branch = self.attn.attend_rows(x, chunk.slots, window, mask)
+        else:
+            branch = self.attn.attend(x.view(-1, window[0] * window[1], c), window, mask).reshape(b, -1, c)
+        ops.add_rows_(tokens, rows, branch.to(tokens.dtype), *after)
+
+    def kernel_norms(self) -> Tuple[tuple, tuple]:
+        """The row kernels' norm arguments ``(weight, bias, eps, normalise)`` of the attention branch's
+        gather and of its residual sum: V1 normalises the gathered tokens."""
+        return (*self.norm1.kernel_args(), True), (None, None, 0.0, False)
 
 
 class SwinBlockV2(SwinBlock):
@@ -167,13 +180,8 @@ class SwinBlockV2(SwinBlock):
     def mlp_branch(self, rows: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.mlp.layers(rows))
 
-    def window_chunk_in_kernels_(self, tokens: torch.Tensor, rows: torch.Tensor, window: Size2,
-                                 mask: Optional[torch.Tensor]) -> None:
-        ops = cpu_kernels.kernels()
-        b, _, c = tokens.shape
-        gathered = ops.gather_rows(tokens, rows, None, None, 0.0, False)
-        branch = self.attn.attend(gathered.view(-1, window[0] * window[1], c), window, mask)
-        ops.add_rows_(tokens, rows, branch.reshape(b, -1, c).to(tokens.dtype), *self.norm1.kernel_args(), True)
+    def kernel_norms(self) -> Tuple[tuple, tuple]:
+        return (None, None, 0.0, False), (*self.norm1.kernel_args(), True)  # V2 normalises the branch
 
 
 def channels_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,14 +28,16 @@ from .windows import image_chunks
 MAX_TOKENS = 1024  # tokens per window the kernel takes
 
 
-def applies(x: torch.Tensor, heads: int, dropout_p: float) -> bool:
-    """Whether :func:`window_attention` takes the attention of windows ``x: (B * nW, N, C)`` with ``heads``
-    heads: products in bf16 on the CPU (autocast, or bf16 tensors), no dropout, not under torch.compile,
-    a head width that is a multiple of 16, ``N <= MAX_TOKENS``, and the kernels available and not turned
-    off by ``MMSWIN_BF16_MATMUL``; in inference and where autograd records alike."""
+def applies(x: torch.Tensor, heads: int, dropout_p: float, window_tokens: Optional[int] = None) -> bool:
+    """Whether :func:`window_attention` takes the attention of windows ``x: (B * nW, N, C)`` (or of windows of
+    ``window_tokens`` tokens whose tokens are ``x: (..., C)``) with ``heads`` heads: products in bf16 on the CPU
+    (autocast, or bf16 tensors), no dropout, not under torch.compile, a head width that is a multiple of 16,
+    ``N <= MAX_TOKENS``, and the kernels available and not turned off by ``MMSWIN_BF16_MATMUL``; in
+    inference and where autograd records alike."""
     if x.device.type != 'cpu' or dropout_p > 0 or torch.compiler.is_compiling():
         return False
-    if autocast_dtype(x) != torch.bfloat16 or (x.shape[-1] // heads) % 16 or x.shape[-2] > MAX_TOKENS:
+    n = x.shape[-2] if window_tokens is None else window_tokens
+    if autocast_dtype(x) != torch.bfloat16 or (x.shape[-1] // heads) % 16 or n > MAX_TOKENS:
         return False
     return cpu_kernels.use_kernels()
 
@@ -165,3 +167,27 @@ def window_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor, mask: Op
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, bias, scale)):
         return _WindowAttention.apply(qkv, bias, scale, mask, heads, cosine)
     return cpu_kernels.kernels().window_attention(qkv, heads, bias, mask, scale, cosine)
+
+
+def projected_window_attention_rows(x: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor,
+                                    qkv_bias: Optional[torch.Tensor], heads: int, bias: torch.Tensor,
+                                    mask: Optional[torch.Tensor], scale: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """:func:`projected_window_attention` in inference of windows given by their real tokens only.
+
+    Args:
+        x: ``(B, R, C)`` bf16, the real tokens of ``nW`` windows of ``N`` tokens in each image.
+        slots: ``(nW * N,)`` int64, the row of ``x`` at each window position, -1 where the position pads the
+            map. Its token is zero, projected to ``qkv_bias``; its output, which the map would crop, is not
+            computed. Each row of ``x`` is named once.
+        weight, qkv_bias, heads, bias, mask, scale, cosine: As :func:`projected_window_attention`.
+
+    Returns:
+        ``(B, R, C)`` bf16: the outputs of the real tokens, the values of the padded windows' attention.
+    """
+    qkv = linear(x, weight, qkv_bias).to(torch.bfloat16).contiguous()
+    # the projection of a zero token, as the linear layer rounds it
+    pad = qkv.new_zeros(qkv.shape[-1]) if qkv_bias is None else qkv_bias.detach().to(torch.bfloat16).contiguous()
+    if mask is not None:
+        mask = mask.to(torch.float32).contiguous()
+    return cpu_kernels.kernels().window_attention_rows(qkv, slots, pad, heads, bias.to(torch.float32).contiguous(),
+                                                       mask, scale.to(torch.float32).contiguous(), cosine)

@@ -5,7 +5,7 @@ it to a feature map smaller than the configured window, as the official V2 code 
 """
 import math
 from functools import lru_cache
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,13 +86,21 @@ def window_indices(hw: Size2, window: Size2, shift: Size2,
     return _gather_index(*args), _scatter_index(*args), _padding_index(*args)
 
 
+class WindowChunk(NamedTuple):
+    """The token rows of ``M`` window positions (a chunk of whole windows) of ``x.view(B, H * W, C)``."""
+
+    index: torch.Tensor  # (M,) each position's row (a position that pads the map: any real row)
+    padding: Optional[torch.Tensor]  # the positions that pad the map, or None where none does
+    rows: torch.Tensor  # index with -1 at the padding positions
+    real: torch.Tensor  # (R,) the rows of the real positions, in window order
+    slots: torch.Tensor  # (M,) each position's place in ``real``, -1 at the padding positions
+
+
 def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int,
-                  device: torch.device) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor], ...]:
+                  device: torch.device) -> Tuple[WindowChunk, ...]:
     """The gather of :func:`window_indices` in chunks of ``windows_per_chunk`` windows, for maps read and
-    updated in place: per chunk, ``(index, padding, rows)`` where ``index`` holds a token row of
-    ``x.view(B, H * W, C)`` for every window position (padding positions point at any real row),
-    ``padding`` the positions that pad the map (``None`` where none does) and ``rows`` is ``index`` with
-    -1 at those positions (the compiled kernels' form). Cached per size."""
+    updated in place (:class:`WindowChunk`: the forms of PyTorch's gathers and of the compiled kernels).
+    Cached per size."""
     return _window_chunks(*hw, *window, *shift, windows_per_chunk, str(device))
 
 
@@ -108,7 +116,7 @@ def image_chunks(num_windows: int, mask_windows: int, per_chunk: int) -> Iterato
 
 @lru_cache(maxsize=64)
 def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int,
-                   device: str) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor], ...]:
+                   device: str) -> Tuple[WindowChunk, ...]:
     gather, _, padding = _window_gather_cpu((h, w), (wh, ww), (sh, sw))
     is_padding = torch.zeros(gather.shape, dtype=torch.bool)
     if padding is not None:
@@ -117,7 +125,9 @@ def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk
     for index, pads in zip(gather.split(per_chunk * wh * ww), is_padding.split(per_chunk * wh * ww)):
         positions = pads.nonzero().view(-1)
         rows = index.masked_fill(pads, -1)
-        chunks.append((index.to(device), positions.to(device) if positions.numel() else None, rows.to(device)))
+        slots = (~pads).long().cumsum(0).sub_(1).masked_fill_(pads, -1)
+        chunks.append(WindowChunk(index.to(device), positions.to(device) if positions.numel() else None,
+                                  rows.to(device), index[~pads].to(device), slots.to(device)))
     return tuple(chunks)
 
 
