@@ -533,6 +533,36 @@ def test_layer_norm_channels_first_is_the_transposed_norm(batch, length, channel
 
 
 @needs_kernels
+@pytest.mark.parametrize('batch,hw,channels', [(1, (8, 12), 96), (2, (5, 7), 48), (1, (3, 11), 17)])
+def test_output_norm_in_training_equals_the_plain_layers(batch, hw, channels, monkeypatch):
+    """A backbone output's norm where autograd records, through the kernels (the norm written as (B, C, H, W),
+    its gradient laid out by token): the values and gradients of the norm, permute and copy, bit for bit."""
+    from mmswin.models.layers import norm_channels_first
+    g = torch.Generator().manual_seed(0)
+    norm = LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+    x = (torch.randn(batch, *hw, channels, generator=g) * 2 + 1).bfloat16()
+    grad = torch.randn(batch, channels, *hw, generator=g).bfloat16()
+
+    def run(fused):
+        norm.zero_grad()
+        tokens = x.clone().requires_grad_()
+        out = norm_channels_first(norm, tokens) if fused else norm(tokens).permute(0, 3, 1, 2).contiguous()
+        out.backward(grad)
+        return out.detach(), tokens.grad, norm.weight.grad.clone(), norm.bias.grad.clone()
+
+    calls = record_kernel_calls(monkeypatch)
+    fused = run(True)
+    assert calls == ['layer_norm_channels_first_with_stats', 'channels_last_bf16', 'layer_norm_backward']
+    plain = run(False)
+    assert fused[0].is_contiguous() and fused[0].shape == (batch, channels, *hw)
+    for f, p in zip(fused, plain):
+        assert f.dtype == p.dtype and torch.equal(f, p)
+
+
+@needs_kernels
 @pytest.mark.parametrize('change,message', [
     (dict(x=torch.zeros(4, 8, dtype=torch.bfloat16)), 'x must be a contiguous'),
     (dict(x=torch.zeros(1, 8, 4, dtype=torch.bfloat16).transpose(1, 2)), 'x must be a contiguous'),
@@ -562,10 +592,18 @@ def test_channels_last_bf16_is_pytorchs_cast(shape):
 
 
 @needs_kernels
-@pytest.mark.parametrize('x', [torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16), torch.zeros(3, 4, 4),
+@pytest.mark.parametrize('shape', [(1, 96, 13, 17), (2, 17, 6, 11), (1, 3, 5, 7)])
+def test_channels_last_bf16_of_bf16_is_pytorchs_copy(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    out = cpu_kernels.kernels().channels_last_bf16(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, x)
+
+
+@needs_kernels
+@pytest.mark.parametrize('x', [torch.zeros(1, 3, 4, 4, dtype=torch.float16), torch.zeros(3, 4, 4),
                                torch.zeros(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)])
 def test_channels_last_bf16_bad_input_is_named(x):
-    with pytest.raises(RuntimeError, match=r'x must be a contiguous \(B, C, H, W\) fp32'):
+    with pytest.raises(RuntimeError, match=r'x must be a contiguous \(B, C, H, W\) fp32 or bf16'):
         cpu_kernels.kernels().channels_last_bf16(x)
 
 

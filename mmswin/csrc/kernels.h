@@ -77,6 +77,11 @@ at::Tensor channels_last_bf16(const at::Tensor& x);
 at::Tensor layer_norm_channels_first(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias, double eps);
 
+std::tuple<at::Tensor, at::Tensor> layer_norm_channels_first_with_stats(const at::Tensor& x,
+                                                                        const c10::optional<at::Tensor>& weight,
+                                                                        const c10::optional<at::Tensor>& bias,
+                                                                        double eps);
+
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& weight,
                        const c10::optional<at::Tensor>& bias, double eps, bool normalise);
 

@@ -10,7 +10,8 @@
 //                 to bf16 first, as adding a bf16 branch would.
 // A backbone output (B, H, W, C) becomes its normalised (B, C, H, W) map in one pass:
 //   layer_norm_channels_first: out[b, c, l] = norm(x[b, l])[c], tiles of 32 tokens normalised into a
-//                 scratch and transposed from there by 16 x 16 blocks in registers.
+//                 scratch and transposed from there by 16 x 16 blocks in registers (_with_stats: also the
+//                 rows' means and 1 / stds, for layer_norm_backward).
 #include "simd.h"
 #include "kernels.h"
 
@@ -360,8 +361,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   return {grad_x, grad_w, grad_b};
 }
 
-at::Tensor layer_norm_channels_first(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                                     const c10::optional<at::Tensor>& bias, double eps) {
+std::tuple<at::Tensor, at::Tensor> layer_norm_channels_first_with_stats(const at::Tensor& x,
+                                                                        const c10::optional<at::Tensor>& weight,
+                                                                        const c10::optional<at::Tensor>& bias,
+                                                                        double eps) {
   TORCH_CHECK(kernels_available(), "layer_norm_channels_first needs an x86 CPU with AVX512-BF16");
   TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 3 && x.size(2) >= 1,
               "layer_norm_channels_first: x must be a contiguous (B, L, C) bf16 CPU tensor, got ", x.sizes(), " ",
@@ -371,9 +374,11 @@ at::Tensor layer_norm_channels_first(const at::Tensor& x, const c10::optional<at
   const float* w = affine_data(weight, c, "weight");
   const float* b = affine_data(bias, c, "bias");
   at::Tensor out = at::empty({x.size(0), c, l}, x.options());
+  at::Tensor stats = at::empty({x.size(0) * l, 2}, x.options().dtype(at::kFloat));
 #ifdef MMSWIN_X86
   const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* st = stats.data_ptr<float>();
   const float e = static_cast<float>(eps);
   const int64_t tiles = (l + kTileTokens - 1) / kTileTokens;
   at::parallel_for(0, x.size(0) * tiles, std::max<int64_t>(1, 16384 / (c * kTileTokens)),
@@ -382,13 +387,18 @@ at::Tensor layer_norm_channels_first(const at::Tensor& x, const c10::optional<at
     for (int64_t t = begin; t < end; ++t) {
       const int64_t image = t / tiles, first = (t % tiles) * kTileTokens;
       const int64_t rows = std::min(kTileTokens, l - first);
-      normalise(src + (image * l + first) * c, w, b, c, e, tile.data(), rows, nullptr);
+      normalise(src + (image * l + first) * c, w, b, c, e, tile.data(), rows, st + 2 * (image * l + first));
       transpose_tile(tile.data(), rows, c, dst + image * c * l + first, l);
     }
     _mm_sfence();  // the non-temporal stores are seen before the tensor is returned
   });
 #endif
-  return out;
+  return {out, stats};
+}
+
+at::Tensor layer_norm_channels_first(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, double eps) {
+  return std::get<0>(layer_norm_channels_first_with_stats(x, weight, bias, eps));
 }
 
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index, const c10::optional<at::Tensor>& weight,

@@ -74,10 +74,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("stats"), py::arg("weight"), py::arg("need_x"), py::arg("need_weight"),
         py::arg("need_bias"));
   m.def("channels_last_bf16", &mmswin::channels_last_bf16,
-        "An fp32 image (B, C, H, W) rounded to bf16 and laid out channels-last (CPU)", py::arg("x"));
+        "An fp32 or bf16 map (B, C, H, W) in bf16, laid out channels-last (CPU)", py::arg("x"));
   m.def("layer_norm_channels_first", &mmswin::layer_norm_channels_first,
         "Layer norm of tokens (B, L, C) over C, written as (B, C, L) (bf16, CPU inference)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_channels_first_with_stats", &mmswin::layer_norm_channels_first_with_stats,
+        "layer_norm_channels_first and the rows' (mean, 1 / std) in fp32, (B * L, 2) (bf16, CPU training)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("gather_rows", &mmswin::gather_rows,
         "Rows index of tokens (B, L, C), layer-normalised if normalise, zero where index < 0 (bf16, CPU "
         "inference)",

@@ -20,16 +20,21 @@ from . import cpu_kernels
 
 class _LayerNormInKernels(torch.autograd.Function):
     """The kernels' layer norm of bf16 ``x: (..., C)`` with its backward. ``weight`` and ``bias`` come in
-    their own dtype; their gradients (fp32 sums) are returned in it."""
+    their own dtype; their gradients (fp32 sums) are returned in it. With ``channels_first``, tokens
+    ``x: (B, L, C)`` are normalised and written as ``(B, C, L)`` (a backbone output), and the gradient is
+    laid out by token in one pass (``channels_last_bf16``) before the norm's backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                channels_first: bool = False) -> torch.Tensor:
+        kernels = cpu_kernels.kernels()
+        norm = kernels.layer_norm_channels_first_with_stats if channels_first else kernels.layer_norm_with_stats
         w32 = None if weight is None else weight.float()
         b32 = None if bias is None else bias.float()
-        out, stats = cpu_kernels.kernels().layer_norm_with_stats(x, w32, b32, eps)
+        out, stats = norm(x, w32, b32, eps)
         ctx.save_for_backward(x, stats, w32)
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.channels_first = channels_first
         return out
 
     @staticmethod
@@ -37,11 +42,16 @@ class _LayerNormInKernels(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple:
         x, stats, w32 = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_w, grad_b = cpu_kernels.kernels().layer_norm_backward(
-            grad.to(torch.bfloat16).contiguous(), x, stats, w32, need_x, need_w, need_b)
+        kernels = cpu_kernels.kernels()
+        grad = grad.to(torch.bfloat16).contiguous()
+        if ctx.channels_first:
+            b, c, l = grad.shape
+            # (B, C, L, 1) channels-last holds (B, L, C) in memory
+            grad = kernels.channels_last_bf16(grad.view(b, c, l, 1)).permute(0, 2, 3, 1).view(b, l, c)
+        grad_x, grad_w, grad_b = kernels.layer_norm_backward(grad, x, stats, w32, need_x, need_w, need_b)
         grad_w = grad_w.to(ctx.dtypes[0]) if need_w else None
         grad_b = grad_b.to(ctx.dtypes[1]) if need_b else None
-        return (grad_x if need_x else None), grad_w, grad_b, None
+        return (grad_x if need_x else None), grad_w, grad_b, None, None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -55,11 +65,16 @@ class LayerNorm(nn.LayerNorm):
         return cpu_kernels.kernels().layer_norm(x.contiguous(), *self.kernel_args())
 
     def channels_first(self, x: torch.Tensor) -> torch.Tensor:
-        """This norm of ``x: (B, H, W, C)`` (bf16, where :meth:`takes_kernel`, nothing recorded) as a contiguous
-        ``(B, C, H, W)`` map, normalised and transposed in one pass of the kernels."""
+        """This norm of ``x: (B, H, W, C)`` (bf16, where :meth:`takes_kernel`) as a contiguous ``(B, C, H, W)``
+        map, normalised and transposed in one pass of the kernels (where autograd records, the gradient
+        laid out by token in one more)."""
         b, h, w, c = x.shape
         tokens = x.reshape(b, h * w, c).contiguous()
-        return cpu_kernels.kernels().layer_norm_channels_first(tokens, *self.kernel_args()).view(b, c, h, w)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            out = _LayerNormInKernels.apply(tokens, self.weight, self.bias, self.eps, True)
+        else:
+            out = cpu_kernels.kernels().layer_norm_channels_first(tokens, *self.kernel_args())
+        return out.view(b, c, h, w)
 
     def kernel_args(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
         """``(weight, bias, eps)`` as the kernels take them (fp32 affine parameters or ``None``)."""

@@ -168,11 +168,11 @@ def norm_channels_first(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` of ``x: (B, H, W, C)`` as a contiguous ``(B, C, H, W)`` map (a backbone output). Without
     autograd on the CPU, bands of about :data:`CHUNK_TOKENS` tokens are normalised and transposed into the
     output: the normalised ``(B, H, W, C)`` map is never allocated. In bf16 with the compiled kernels, one
-    pass of them (:meth:`.LayerNorm.channels_first`)."""
-    if not runs_in_chunks(x, norm):
-        return norm(x).permute(0, 3, 1, 2).contiguous()
+    pass of them, with autograd or without (:meth:`.LayerNorm.channels_first`)."""
     if isinstance(norm, LayerNorm) and norm.takes_kernel(x):
         return norm.channels_first(x)
+    if not runs_in_chunks(x, norm):
+        return norm(x).permute(0, 3, 1, 2).contiguous()
     b, h, w, _ = x.shape
     band = max(1, CHUNK_TOKENS // (b * w))
     out = None
