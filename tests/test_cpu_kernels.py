@@ -748,24 +748,45 @@ def rows_attention_inputs(batch: int, windows: int, n: int, heads: int, d: int, 
 
 @needs_kernels
 @pytest.mark.parametrize('batch,windows,n,heads,d', [(1, 4, 49, 3, 32), (2, 3, 49, 2, 16), (1, 2, 17, 1, 48),
-                                                     (2, 1, 64, 4, 32)])
+                                                     (2, 5, 64, 4, 32)])
 @pytest.mark.parametrize('cosine', [False, True])
 @pytest.mark.parametrize('masked', [False, True])
-def test_window_attention_rows_is_the_attention_of_the_padded_windows(batch, windows, n, heads, d, cosine, masked):
-    """The attention of windows given by their real tokens' rows and the projection of padding: the outputs
-    of the window attention of every position at the real ones, bit for bit, in their rows."""
+def test_window_attention_rows_is_that_of_the_padded_windows(batch, windows, n, heads, d, cosine, masked):
+    """The attention of windows given by their real tokens' rows and the projection of padding, against the
+    window attention of every position (whose padding positions get no output gradient): the outputs
+    (inference and training) and lse of the real tokens in their rows, the gradients of their q, k and v,
+    of the bias and of the scales bit for bit; the gradient of pad is the fp32 sum of the padding
+    positions' k and v gradients (zero for q)."""
     qkv, slots, pad, every = rows_attention_inputs(batch, windows, n, heads, d)
     g = torch.Generator().manual_seed(1)
     bias = torch.randn(heads, n, n, generator=g)
     mask = (torch.randn(windows, n, n, generator=g) * 10).clamp(max=0) if masked else None
     scale = torch.rand(heads, generator=g) + 0.5
+    grad = torch.randn(batch, qkv.shape[1], heads * d, generator=g).bfloat16()
     kernels = cpu_kernels.kernels()
-    out = kernels.window_attention_rows(qkv, slots, pad, heads, bias, mask, scale, cosine)
-    full = kernels.window_attention(every, heads, bias, mask, scale, cosine).view(batch, windows * n, -1)
     real = slots >= 0
-    expected = torch.empty_like(out)
-    expected[:, slots[real]] = full[:, real]
-    assert out.shape == (batch, qkv.shape[1], heads * d) and torch.equal(out, expected)
+    order = slots[real]
+    out, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, mask, scale, cosine)
+    assert out.shape == (batch, qkv.shape[1], heads * d)
+    assert torch.equal(kernels.window_attention_rows(qkv, slots, pad, heads, bias, mask, scale, cosine), out)
+    full_out, full_lse = kernels.window_attention_with_lse(every, heads, bias, mask, scale, cosine)
+    assert torch.equal(out[:, order], full_out.view(batch, windows * n, -1)[:, real])
+    by_token = full_lse.view(batch, windows, heads, n).transpose(2, 3).reshape(batch, windows * n, heads)
+    assert lse.shape == (batch, qkv.shape[1], heads) and torch.equal(lse[:, order], by_token[:, real])
+    full_grad = torch.zeros(batch, windows * n, heads * d, dtype=torch.bfloat16)
+    full_grad[:, real] = grad[:, order]
+    grad_qkv, grad_pad, grad_bias, grad_scale = kernels.window_attention_rows_backward(
+        grad, qkv, lse, slots, pad, heads, bias, mask, scale, cosine, True, True)
+    full_qkv, full_bias, full_scale = kernels.window_attention_backward(
+        full_grad.view(batch * windows, n, -1), every, full_lse, heads, bias, mask, scale, cosine, True, True)
+    full_qkv = full_qkv.view(batch, windows * n, -1)
+    assert torch.equal(grad_qkv[:, order], full_qkv[:, real])
+    assert torch.equal(grad_bias, full_bias)
+    if cosine:
+        assert torch.equal(grad_scale, full_scale)
+    padding = full_qkv[:, ~real].float().sum((0, 1))
+    assert grad_pad.dtype == torch.float32 and (grad_pad[:heads * d] == 0).all()
+    torch.testing.assert_close(grad_pad, padding, rtol=1e-5, atol=1e-6)
 
 
 @needs_kernels

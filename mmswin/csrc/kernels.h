@@ -48,6 +48,23 @@ at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots,
                                  const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
                                  const at::Tensor& scale, bool cosine);
 
+std::tuple<at::Tensor, at::Tensor> window_attention_rows_with_lse(const at::Tensor& qkv, const at::Tensor& slots,
+                                                                  const at::Tensor& pad, int64_t heads,
+                                                                  const at::Tensor& bias,
+                                                                  const c10::optional<at::Tensor>& mask,
+                                                                  const at::Tensor& scale, bool cosine);
+
+// The checks of the rows entry points: qkv (B, R, 3C), slots (nW * N,) naming each row of qkv once (or -1),
+// pad (3C,) bf16, and the window attention's arguments.
+WindowShapes check_window_rows(const char* fn, const at::Tensor& qkv, const at::Tensor& slots, const at::Tensor& pad,
+                               int64_t heads, const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+                               const at::Tensor& scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_rows_backward(
+    const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& lse, const at::Tensor& slots,
+    const at::Tensor& pad, int64_t heads, const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& scale, bool cosine, bool need_bias, bool need_scale);
+
 std::tuple<at::Tensor, at::Tensor> window_attention_with_lse(const at::Tensor& qkv, int64_t heads,
                                                              const at::Tensor& bias,
                                                              const c10::optional<at::Tensor>& mask,

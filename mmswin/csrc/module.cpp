@@ -52,6 +52,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "position's row (-1: padding, projected to pad), to their outputs (B, R, C) (bf16, CPU inference)",
         py::arg("qkv"), py::arg("slots"), py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("mask"),
         py::arg("scale"), py::arg("cosine"));
+  m.def("window_attention_rows_with_lse", &mmswin::window_attention_rows_with_lse,
+        "window_attention_rows and each real token's log2-sum-exp2 of logits * log2(e), (B, R, nH) fp32 (bf16, "
+        "CPU training)",
+        py::arg("qkv"), py::arg("slots"), py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("mask"),
+        py::arg("scale"), py::arg("cosine"));
+  m.def("window_attention_rows_backward", &mmswin::window_attention_rows_backward,
+        "Gradients of qkv (bf16), pad, bias and scale (fp32) of window_attention_rows_with_lse (bf16, CPU "
+        "training)",
+        py::arg("grad"), py::arg("qkv"), py::arg("lse"), py::arg("slots"), py::arg("pad"), py::arg("heads"),
+        py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"), py::arg("need_bias"),
+        py::arg("need_scale"));
   m.def("window_attention_with_lse", &mmswin::window_attention_with_lse,
         "Window attention from the qkv projection and each row's log2-sum-exp2 of logits * log2(e) (bf16, CPU "
         "training)",

@@ -14,6 +14,13 @@
 // into a fixed number of blocks, each summed by one task in fp32, and the blocks' sums are added in order, so
 // that they are the same on any number of threads. The q, k, v gradients are written into the layout of the
 // qkv projection, (B*nW, N, 3C) bf16.
+//
+// window_attention_rows_backward is the backward of window_attention_rows_with_lse (window_attention_cpu.cpp):
+// each window's positions are gathered through slots (a padding position takes pad, no output gradient and
+// an lse of +inf, so that its weights and its row of dS are zero), and the gradients of the real tokens'
+// q, k and v go to their rows of the (B, R, 3C) projection, while those of the padding positions' k and v,
+// which pad supplied, are summed in fp32 over blocks of windows like the bias's, into the (3C,) gradient of
+// pad (the projection's bias).
 #include "simd.h"
 #include "kernels.h"
 
@@ -22,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -48,12 +56,17 @@ struct Scratch {
   std::vector<uint16_t> grads;                     // dS rk, (N, npad) bf16
   std::vector<float> logits, dp, probs;            // kRows rows of npad, fp32
   std::vector<float> q_scale, k_scale, q_corr, k_corr, row_a, col_b;  // cosine attention, per row and column
+  // window_attention_rows_backward's window of one head, gathered: q, k, v (N, 3d), dO (N, d), lse (N), and
+  // the gradients of q, k, v (N, 3d) before they go to their rows.
+  std::vector<uint16_t> tokens, token_grads, dqkv;
+  std::vector<float> token_lse;
   Scratch(int64_t n, int64_t npad, int64_t d)
       : keys(d / 2 * npad), values(d / 2 * npad), q_pairs((n + 1) / 2 * d), k_pairs((n + 1) / 2 * d),
         g_pairs((n + 1) / 2 * d), probs_w((n + 1) / 2 * npad), grads_w((n + 1) / 2 * npad),
         probs_t(npad * padded_pairs(n)), grads_t(npad * padded_pairs(n)),
         grads(n * npad), logits(kRows * npad), dp(kRows * npad), probs(kRows * npad), q_scale(n),
-        k_scale(npad), q_corr(n), k_corr(n), row_a(n), col_b(npad) {}
+        k_scale(npad), q_corr(n), k_corr(n), row_a(n), col_b(npad), tokens(n * 3 * d), token_grads(n * d),
+        dqkv(n * 3 * d), token_lse(n) {}
 };
 
 struct Task {
@@ -276,11 +289,132 @@ MMSWIN_AVX512_BF16 float head_grads(const Task& t, Scratch& s) {
   return a_sum;
 }
 
+MMSWIN_AVX512_BF16 inline void copy_values(const uint16_t* from, int64_t d, uint16_t* to) {
+  for (int64_t c = 0; c < d; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + c),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + c)));
+}
+
+// Head hd's gradients of one window of window_attention_rows_backward: qkv, grad and dqkv at the head's first
+// channel of image's rows (3C, C and 3C apart), lse at its first (nH apart), pad at the head's channel,
+// pad_sums (3C) at the head's channel; t holds the window's bias, mask, scale and sizes.
+MMSWIN_AVX512_BF16 float window_rows_grads(Task t, const int64_t* slot, const uint16_t* qkv, const uint16_t* grad,
+                                           const float* lse, int64_t heads, const uint16_t* pad, int64_t c,
+                                           uint16_t* dqkv, float* pad_sums, Scratch& s) {
+  const int64_t n = t.n, d = t.d;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool real = slot[i] >= 0;
+    const uint16_t* from = real ? qkv + slot[i] * 3 * c : pad;
+    for (int part = 0; part < 3; ++part) copy_values(from + part * c, d, s.tokens.data() + (3 * i + part) * d);
+    if (real) {
+      copy_values(grad + slot[i] * c, d, s.token_grads.data() + i * d);
+    } else {
+      std::fill(s.token_grads.data() + i * d, s.token_grads.data() + (i + 1) * d, uint16_t{0});
+    }
+    s.token_lse[i] = real ? lse[slot[i] * heads] : std::numeric_limits<float>::infinity();
+  }
+  t.q = s.tokens.data();
+  t.g = s.token_grads.data();
+  t.lse = s.token_lse.data();
+  t.c = d;  // the gathered rows: q, k, v of the head side by side
+  t.dq = s.dqkv.data();
+  const float a_sum = head_grads(t, s);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* from = s.dqkv.data() + 3 * i * d;
+    if (slot[i] >= 0) {
+      for (int part = 0; part < 3; ++part) copy_values(from + part * d, d, dqkv + slot[i] * 3 * c + part * c);
+      continue;
+    }
+    for (int part = 1; part < 3; ++part)  // a padding position's q gradient is zero: it has no output
+      for (int64_t j = 0; j < d; ++j) {
+        uint32_t bits = static_cast<uint32_t>(from[part * d + j]) << 16;
+        float value;
+        std::memcpy(&value, &bits, sizeof value);
+        pad_sums[part * c + j] += value;
+      }
+  }
+  return a_sum;
+}
+
+// The bias and scale gradients of w.bw windows as sums over `blocks` blocks of them, around the windows'
+// gradients: window(t, b, hd, block, s) computes window b's for head hd (t holds its bias and mask rows, scale
+// and block sums) and returns its sum_i a_i.
+template <typename F>
+std::tuple<at::Tensor, at::Tensor> over_blocks(const mmswin::WindowShapes& w, int64_t heads, const at::Tensor& bias,
+                                               const c10::optional<at::Tensor>& mask, const at::Tensor& scale,
+                                               bool cosine, bool need_bias, bool need_scale, int64_t blocks,
+                                               F window) {
+  const int64_t n = w.n;
+  at::Tensor bias_sums = at::empty({need_bias ? blocks : 0, heads, n, n}, bias.options());
+  at::Tensor scale_sums = at::empty({blocks, heads}, scale.options());
+  const float* bias_data = bias.data_ptr<float>();
+  const float* mask_data = w.nw > 0 ? mask->data_ptr<float>() : nullptr;
+  const float* scales = scale.data_ptr<float>();
+  float* bias_out = need_bias ? bias_sums.data_ptr<float>() : nullptr;
+  float* scale_out = scale_sums.data_ptr<float>();
+  const int64_t npad = (n + 15) / 16 * 16;
+  at::parallel_for(0, blocks * heads, 1, [&](int64_t begin, int64_t end) {
+    Scratch s(n, npad, w.d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / heads, hd = task % heads;
+      float a_sum = 0.0f;
+      if (bias_out != nullptr) std::fill(bias_out + task * n * n, bias_out + (task + 1) * n * n, 0.0f);
+      for (int64_t b = block * w.bw / blocks; b < (block + 1) * w.bw / blocks; ++b) {
+        const Task t{nullptr, nullptr, nullptr, bias_data + hd * n * n,
+                     mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, w.d, w.c,
+                     nullptr, bias_out ? bias_out + task * n * n : nullptr};
+        a_sum += window(t, b, hd, block, s);
+      }
+      scale_out[task] = scales[hd] > 0.0f ? a_sum / scales[hd] : 0.0f;
+    }
+  });
+  return {need_bias ? mmswin::sum_blocks(bias_sums) : at::Tensor(),
+          cosine && need_scale ? mmswin::sum_blocks(scale_sums) : at::Tensor()};
+}
+
 #endif  // MMSWIN_X86
 
 }  // namespace
 
 namespace mmswin {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_rows_backward(
+    const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& lse, const at::Tensor& slots,
+    const at::Tensor& pad, int64_t heads, const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& scale, bool cosine, bool need_bias, bool need_scale) {
+  const char* fn = "window_attention_rows_backward";
+  const WindowShapes w = check_window_rows(fn, qkv, slots, pad, heads, bias, mask, scale);
+  const int64_t n = w.n, c = w.c, d = w.d, rows = qkv.size(1), windows = slots.numel() / n;
+  TORCH_CHECK(is_cpu_contiguous(grad, at::kBFloat16) && grad.sizes() == at::IntArrayRef({qkv.size(0), rows, c}),
+              fn, ": grad must be a contiguous (B, R, C) = (", qkv.size(0), ", ", rows, ", ", c,
+              ") bf16 CPU tensor, got ", grad.sizes(), " ", grad.scalar_type());
+  TORCH_CHECK(is_cpu_contiguous(lse, at::kFloat) && lse.sizes() == at::IntArrayRef({qkv.size(0), rows, heads}),
+              fn, ": lse must be the forward's contiguous (B, R, nH) = (", qkv.size(0), ", ", rows, ", ", heads,
+              ") fp32 CPU tensor, got ", lse.sizes(), " ", lse.scalar_type());
+  at::Tensor grad_qkv = at::empty_like(qkv);
+  const int64_t blocks = std::max<int64_t>(1, std::min(kBlocks, w.bw));
+  at::Tensor pad_sums = at::zeros({blocks, 3 * c}, scale.options());
+  at::Tensor grad_bias, grad_scale;
+#ifdef MMSWIN_X86
+  const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
+  const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+  const auto* pad_data = reinterpret_cast<const uint16_t*>(pad.data_ptr<at::BFloat16>());
+  const int64_t* slot_data = slots.data_ptr<int64_t>();
+  auto* dst = reinterpret_cast<uint16_t*>(grad_qkv.data_ptr<at::BFloat16>());
+  const float* lse_data = lse.data_ptr<float>();
+  float* pad_out = pad_sums.data_ptr<float>();
+  std::tie(grad_bias, grad_scale) = over_blocks(
+      w, heads, bias, mask, scale, cosine, need_bias, need_scale, blocks,
+      [&](const Task& t, int64_t b, int64_t hd, int64_t block, Scratch& s) {
+        const int64_t image = b / windows;
+        return window_rows_grads(t, slot_data + (b % windows) * n, src + image * rows * 3 * c + hd * d,
+                                 g + image * rows * c + hd * d, lse_data + image * rows * heads + hd, heads,
+                                 pad_data + hd * d, c, dst + image * rows * 3 * c + hd * d,
+                                 pad_out + block * 3 * c + hd * d, s);
+      });
+#endif
+  return {grad_qkv, sum_blocks(pad_sums), grad_bias, grad_scale};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
     const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& lse, int64_t heads, const at::Tensor& bias,
@@ -294,45 +428,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
   TORCH_CHECK(is_cpu_contiguous(lse, at::kFloat) && lse.sizes() == at::IntArrayRef({w.bw, heads, n}),
               fn, ": lse must be the forward's contiguous (B*nW, nH, N) = (", w.bw, ", ", heads, ", ", n,
               ") fp32 CPU tensor, got ", lse.sizes(), " ", lse.scalar_type());
-  const bool scale_grad = cosine && need_scale;
   at::Tensor grad_qkv = at::empty_like(qkv);
-  const int64_t blocks = std::max<int64_t>(1, std::min(kBlocks, w.bw));
-  at::Tensor bias_sums = at::empty({need_bias ? blocks : 0, heads, n, n}, bias.options());
-  at::Tensor scale_sums = at::empty({blocks, heads}, scale.options());
+  at::Tensor grad_bias, grad_scale;
 #ifdef MMSWIN_X86
   const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
   const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint16_t*>(grad_qkv.data_ptr<at::BFloat16>());
   const float* lse_data = lse.data_ptr<float>();
-  const float* bias_data = bias.data_ptr<float>();
-  const float* mask_data = w.nw > 0 ? mask->data_ptr<float>() : nullptr;
-  const float* scales = scale.data_ptr<float>();
-  float* bias_out = need_bias ? bias_sums.data_ptr<float>() : nullptr;
-  float* scale_out = scale_sums.data_ptr<float>();
-  const int64_t npad = (n + 15) / 16 * 16;
-  at::parallel_for(0, blocks * heads, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(n, npad, d);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task / heads, hd = task % heads;
-      float a_sum = 0.0f;
-      if (bias_out != nullptr) std::fill(bias_out + task * n * n, bias_out + (task + 1) * n * n, 0.0f);
-      for (int64_t b = block * w.bw / blocks; b < (block + 1) * w.bw / blocks; ++b) {
-        const Task t{src + b * n * 3 * c + hd * d,
-                     g + b * n * c + hd * d,
-                     lse_data + (b * heads + hd) * n,
-                     bias_data + hd * n * n,
-                     mask_data ? mask_data + (b % w.nw) * n * n : nullptr,
-                     scales[hd], cosine, n, npad, d, c,
-                     dst + b * n * 3 * c + hd * d,
-                     bias_out ? bias_out + task * n * n : nullptr};
-        a_sum += head_grads(t, s);
-      }
-      scale_out[task] = scales[hd] > 0.0f ? a_sum / scales[hd] : 0.0f;
-    }
-  });
+  std::tie(grad_bias, grad_scale) = over_blocks(
+      w, heads, bias, mask, scale, cosine, need_bias, need_scale, std::max<int64_t>(1, std::min(kBlocks, w.bw)),
+      [&](Task t, int64_t b, int64_t hd, int64_t, Scratch& s) {
+        t.q = src + b * n * 3 * c + hd * d;
+        t.g = g + b * n * c + hd * d;
+        t.lse = lse_data + (b * heads + hd) * n;
+        t.dq = dst + b * n * 3 * c + hd * d;
+        return head_grads(t, s);
+      });
 #endif
-  at::Tensor grad_bias = need_bias ? sum_blocks(bias_sums) : at::Tensor();
-  at::Tensor grad_scale = scale_grad ? sum_blocks(scale_sums) : at::Tensor();
   return {grad_qkv, grad_bias, grad_scale};
 }
 

@@ -47,10 +47,11 @@ struct Scratch {
   std::vector<float> key_scales, logits, inv_sums;
   std::vector<uint16_t> queries, weights, tokens, outputs;
   std::vector<int64_t> positions;
+  std::vector<float> lse;
   Scratch(int64_t n, int64_t npad, int64_t d, int64_t rows, bool gathered = false)
       : keys(d / 2 * npad), values((n + 1) / 2 * d), key_scales(npad), logits(rows * npad),
         inv_sums(rows), queries(n * d), weights(rows * npad), tokens(gathered ? n * 3 * d : 0),
-        outputs(gathered ? n * d : 0), positions(gathered ? n : 0) {}
+        outputs(gathered ? n * d : 0), positions(gathered ? n : 0), lse(gathered ? n : 0) {}
 };
 
 constexpr int kRows = 4;  // query rows per register block
@@ -204,9 +205,9 @@ MMSWIN_AVX512_BF16 void attend_head(const Head& head, const uint16_t* k, const u
 
 // window_attention_rows's task for head hd of one window: its N tokens from the rows of qkv (3C apart)
 // that slot names, or from pad where slot is -1; the outputs of its real tokens to the same rows of out (C
-// apart).
+// apart), and their lse to the same rows of lse (nH apart) unless null.
 MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* slot, const uint16_t* pad, Head h,
-                                           int64_t c, uint16_t* out, Scratch& s) {
+                                           int64_t c, uint16_t* out, float* lse, int64_t heads, Scratch& s) {
   const int64_t n = h.n, d = h.d;
   int64_t queries = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -220,8 +221,13 @@ MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* s
   h.queries = queries;
   h.out = s.outputs.data();
   h.out_stride = d;
+  h.lse = lse != nullptr ? s.lse.data() : nullptr;
   attend_head(h, s.tokens.data() + d, s.tokens.data() + 2 * d, s);
-  for (int64_t j = 0; j < queries; ++j) copy_values(s.outputs.data() + j * d, d, out + slot[s.positions[j]] * c);
+  for (int64_t j = 0; j < queries; ++j) {
+    const int64_t row = slot[s.positions[j]];
+    copy_values(s.outputs.data() + j * d, d, out + row * c);
+    if (lse != nullptr) lse[row * heads] = s.lse[j];
+  }
 }
 
 #endif  // MMSWIN_X86
@@ -306,10 +312,9 @@ at::Tensor window_attention(const at::Tensor& qkv, int64_t heads, const at::Tens
   return std::get<0>(attend("window_attention", qkv, heads, bias, mask, scale, cosine, false));
 }
 
-at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots, const at::Tensor& pad, int64_t heads,
-                                 const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
-                                 const at::Tensor& scale, bool cosine) {
-  const char* fn = "window_attention_rows";
+WindowShapes check_window_rows(const char* fn, const at::Tensor& qkv, const at::Tensor& slots, const at::Tensor& pad,
+                               int64_t heads, const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+                               const at::Tensor& scale) {
   TORCH_CHECK(kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
   TORCH_CHECK(is_cpu_contiguous(qkv, at::kBFloat16) && qkv.dim() == 3,
               fn, ": qkv must be a contiguous (B, R, 3C) bf16 CPU tensor, got ", qkv.sizes(), " ", qkv.scalar_type());
@@ -319,8 +324,8 @@ at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots,
                   slots.is_contiguous() && n >= 1 && slots.numel() % n == 0,
               fn, ": slots must be a contiguous (nW * N,) int64 CPU tensor with N=", n, ", got ", slots.sizes(), " ",
               slots.scalar_type());
-  const int64_t windows = slots.numel() / n;
-  const WindowShapes w = check_window_sizes(fn, qkv.size(0) * windows, n, qkv.size(2), heads, bias, mask, scale);
+  const WindowShapes w = check_window_sizes(fn, qkv.size(0) * (slots.numel() / n), n, qkv.size(2), heads, bias,
+                                            mask, scale);
   TORCH_CHECK(is_cpu_contiguous(pad, at::kBFloat16) && pad.dim() == 1 && pad.size(0) == 3 * w.c,
               fn, ": pad must be a contiguous (3C,) = (", 3 * w.c, ",) bf16 CPU tensor, got ", pad.sizes(), " ",
               pad.scalar_type());
@@ -337,11 +342,27 @@ at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots,
   }
   TORCH_CHECK(std::count(named.begin(), named.end(), 1) == rows, fn, ": slots name ",
               std::count(named.begin(), named.end(), 1), " of qkv's ", rows, " rows, not all of them");
+  return w;
+}
+
+namespace {
+
+// The forward of both rows entry points: the outputs and, with_lse, each real token's lse (B, R, nH) fp32.
+std::tuple<at::Tensor, at::Tensor> rows_forward(const char* fn, const at::Tensor& qkv, const at::Tensor& slots,
+                                                const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
+                                                const c10::optional<at::Tensor>& mask, const at::Tensor& scale,
+                                                bool cosine, bool with_lse) {
+  const WindowShapes w = check_window_rows(fn, qkv, slots, pad, heads, bias, mask, scale);
+  const int64_t n = w.n, rows = qkv.size(1), windows = slots.numel() / n;
   at::Tensor out = at::empty({qkv.size(0), rows, w.c}, qkv.options());
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({qkv.size(0), rows, heads}, qkv.options().dtype(at::kFloat));
 #ifdef MMSWIN_X86
   const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
   const auto* pad_data = reinterpret_cast<const uint16_t*>(pad.data_ptr<at::BFloat16>());
+  const int64_t* slot_data = slots.data_ptr<int64_t>();
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* lse_data = with_lse ? lse.data_ptr<float>() : nullptr;
   const float* bias_data = bias.data_ptr<float>();
   const float* mask_data = w.nw > 0 ? mask->data_ptr<float>() : nullptr;
   const float* scales = scale.data_ptr<float>();
@@ -354,11 +375,28 @@ at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots,
                    mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, d,
                    nullptr, 0, nullptr};
       attend_window_rows(src + image * rows * 3 * c + hd * d, slot_data + (b % windows) * n, pad_data + hd * d, h,
-                         c, dst + image * rows * c + hd * d, s);
+                         c, dst + image * rows * c + hd * d, lse_data ? lse_data + image * rows * heads + hd : nullptr,
+                         heads, s);
     }
   });
 #endif
-  return out;
+  return {out, lse};
+}
+
+}  // namespace
+
+at::Tensor window_attention_rows(const at::Tensor& qkv, const at::Tensor& slots, const at::Tensor& pad, int64_t heads,
+                                 const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
+                                 const at::Tensor& scale, bool cosine) {
+  return std::get<0>(rows_forward("window_attention_rows", qkv, slots, pad, heads, bias, mask, scale, cosine, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attention_rows_with_lse(const at::Tensor& qkv, const at::Tensor& slots,
+                                                                  const at::Tensor& pad, int64_t heads,
+                                                                  const at::Tensor& bias,
+                                                                  const c10::optional<at::Tensor>& mask,
+                                                                  const at::Tensor& scale, bool cosine) {
+  return rows_forward("window_attention_rows_with_lse", qkv, slots, pad, heads, bias, mask, scale, cosine, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> window_attention_with_lse(const at::Tensor& qkv, int64_t heads,
