@@ -357,18 +357,26 @@ def parameter_grads(model, x: torch.Tensor) -> dict:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@needs_kernels
-@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
-@pytest.mark.parametrize('batch', [1, 2])
-def test_backbones_take_the_kernels_in_bf16_training(cls, batch, monkeypatch):
-    """Every block's attention takes the kernels' forward and backward in bf16 training, and the
-    parameters' gradients (the position bias tables, V2's CPB MLP and logit scales included) are closer to
-    the fp32 ones than with PyTorch's bf16 operators."""
+def tiny_backbone(cls) -> torch.nn.Module:
+    """A small backbone of ``cls`` in training mode, its parameters moved off their initialisation (V2's
+    zero-initialised post-norms) so that every block matters."""
     torch.manual_seed(0)
     model = cls(**TINY, window_size=4)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_backbones_take_the_kernels_in_bf16_training(cls, batch, monkeypatch):
+    """Every block's attention takes the kernels' forward and backward in bf16 training (of the map's own
+    tokens: padded and shifted windows, one and two images), and the parameters' gradients (the position
+    bias tables, V2's CPB MLP and logit scales included) are closer to the fp32 ones than with PyTorch's
+    bf16 operators."""
+    model = tiny_backbone(cls)
     x = torch.randn(batch, 3, 70, 90)
     model.zero_grad()
     sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in model(x)).backward()
@@ -376,9 +384,10 @@ def test_backbones_take_the_kernels_in_bf16_training(cls, batch, monkeypatch):
     calls = record_kernel_calls(monkeypatch)
     fused = parameter_grads(model, x)
     depth = sum(TINY['depths'])
-    # one call per block and image chunk (shifted windows' chunks stay inside one image)
-    assert calls.count('window_attention_with_lse') == calls.count('window_attention_backward') >= depth
-    assert 'window_attention' not in calls
+    # one call per block, image and chunk
+    assert calls.count('window_attention_rows_with_lse') == calls.count('window_attention_rows_backward')
+    assert calls.count('window_attention_rows_with_lse') >= depth * batch
+    assert not {'window_attention', 'window_attention_with_lse', 'window_attention_rows'} & set(calls)
     monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
     plain = parameter_grads(model, x)
     assert set(fused) == set(plain) == set(ref)
@@ -391,6 +400,36 @@ def test_backbones_take_the_kernels_in_bf16_training(cls, batch, monkeypatch):
                            for grads in (fused, plain)])
     assert errors[0].max() < 0.1
     assert errors[0].median() <= errors[1].median() and errors[0].mean() <= errors[1].mean()
+
+
+@needs_kernels
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_training_of_the_map_tokens_equals_the_padded_windows(cls, batch, monkeypatch):
+    """bf16 training with the attention of the map's own tokens against that of the padded windows: the same
+    outputs and image gradient bit for bit, and parameter gradients within bf16's rounding (the GEMMs over
+    fewer rows may sum in another order, and the padding tokens' share of the qkv bias is summed in fp32)."""
+    model = tiny_backbone(cls)
+    x = torch.randn(batch, 3, 70, 90)
+
+    def run():
+        model.zero_grad()
+        image = x.clone().requires_grad_()
+        with torch.autocast('cpu', torch.bfloat16):
+            outs = model(image)
+        sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+        return outs, image.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    calls = record_kernel_calls(monkeypatch)
+    tokens = run()
+    assert 'window_attention_rows_backward' in calls and 'window_attention_backward' not in calls
+    monkeypatch.setattr(WindowAttention, 'attends_rows', lambda self, x, window: False)
+    padded = run()
+    assert 'window_attention_backward' in calls
+    assert all(torch.equal(a, b) for a, b in zip(tokens[0], padded[0]))
+    assert torch.equal(tokens[1], padded[1])
+    for name, grad in padded[2].items():
+        assert (tokens[2][name] - grad).norm() <= 2 ** -8 * grad.norm(), name
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,15 @@ class WindowAttention(nn.Module):
                                                               self.cosine)
         return self.proj_drop(self.proj(out))
 
+    def attend_token_rows(self, x: torch.Tensor, chunks: tuple, window: Size2,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`attend_rows` of a whole map, with autograd or without: ``x: (B, L, C)`` its tokens in window
+        order and ``chunks`` as :class:`.windows.WindowRows` holds them; ``(B, L, C)`` in the same order."""
+        bias = self.attention_bias(window, torch.float32)[0]  # (nH, N, N)
+        out = fused_attention.projected_rows_attention(x, chunks, self.qkv.weight, self.qkv_bias(), self.num_heads,
+                                                       bias, mask, self.head_logit_scales(), self.cosine)
+        return self.proj_drop(self.proj(out))
+
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}'
 

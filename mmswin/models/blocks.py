@@ -12,8 +12,9 @@ from .attention import CosineWindowAttention, WindowAttention
 from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear, autocast_dtype
-from .windows import (Size2, WindowChunk, add_tokens_, gather_windows, pad_to_windows, scatter_windows, select_tokens,
-                      shift_mask, window_chunks, window_indices, window_partition, window_reverse)
+from .windows import (Size2, WindowChunk, add_tokens_, gather_windows, pad_to_windows, permute_tokens,
+                      scatter_windows, select_tokens, shift_mask, window_chunks, window_indices, window_partition,
+                      window_reverse, window_rows)
 
 
 class SwinBlock(nn.Module):
@@ -47,10 +48,25 @@ class SwinBlock(nn.Module):
         if torch.compiler.is_compiling():
             return self._window_attention_rolled(x, window, shift, mask)
         b, h, w, c = x.shape
+        if self.attn.attends_rows(x, window):
+            return self._window_attention_of_tokens(x, window, shift, mask)
         gather, scatter, padding = window_indices((h, w), window, shift, x.device)
         windows = gather_windows(x.reshape(b, h * w, c), gather, scatter, padding)
         out = self.attn(windows.view(-1, window[0] * window[1], c), window, mask)
         return scatter_windows(out.view(b, -1, c), gather, scatter, padding).view(b, h, w, c)
+
+    def _window_attention_of_tokens(self, x: torch.Tensor, window: Size2, shift: Size2,
+                                    mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`window_attention` where the kernels take the attention (:meth:`.WindowAttention.attends_rows`):
+        the map's tokens are permuted into window order, with no padding, and only they are projected and
+        attended (a padding position's zero token is the qkv bias inside the kernels), in chunks of about
+        :data:`~.layers.CHUNK_TOKENS` tokens; the outputs are permuted back."""
+        b, h, w, c = x.shape
+        per_chunk = max(1, layers.chunk_tokens(x) // (window[0] * window[1]))
+        rows = window_rows((h, w), window, shift, per_chunk, x.device)
+        tokens = permute_tokens(x.reshape(b, h * w, c), rows.order, rows.inverse)
+        out = self.attn.attend_token_rows(tokens, rows.chunks, window, mask)
+        return permute_tokens(out, rows.inverse, rows.order).view(b, h, w, c)
 
     def _window_attention_rolled(self, x: torch.Tensor, window: Size2, shift: Size2,
                                  mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -66,6 +66,13 @@ class _WindowAttention(torch.autograd.Function):
                 grad_scale if need_scale and ctx.cosine else None, None, None, None)
 
 
+def _bf16_projection(ctx, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor]) -> tuple:
+    """The qkv projection's weight and bias in bf16 for the functions here, which return their gradients in
+    the parameters' own dtypes (kept in ``ctx``)."""
+    ctx.param_dtypes = (weight.dtype, None if qkv_bias is None else qkv_bias.dtype)
+    return weight.to(torch.bfloat16), None if qkv_bias is None else qkv_bias.to(torch.bfloat16)
+
+
 class _ProjectedWindowAttention(torch.autograd.Function):
     """:func:`projected_window_attention` where autograd records: per chunk of windows, the qkv projection
     and the kernels' forward, keeping the chunk's projection and lse; the backward takes the chunks in
@@ -75,9 +82,7 @@ class _ProjectedWindowAttention(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], bias: torch.Tensor,
                 scale: torch.Tensor, mask: Optional[torch.Tensor], heads: int, cosine: bool,
                 per_chunk: int) -> torch.Tensor:
-        ctx.param_dtypes = (weight.dtype, None if qkv_bias is None else qkv_bias.dtype)
-        w = weight.to(torch.bfloat16)
-        b = None if qkv_bias is None else qkv_bias.to(torch.bfloat16)
+        w, b = _bf16_projection(ctx, weight, qkv_bias)
         bw, n, c = x.shape
         kernels = cpu_kernels.kernels()
         chunks = list(image_chunks(bw, bw if mask is None else mask.shape[0], per_chunk))
@@ -191,3 +196,90 @@ def projected_window_attention_rows(x: torch.Tensor, slots: torch.Tensor, weight
         mask = mask.to(torch.float32).contiguous()
     return cpu_kernels.kernels().window_attention_rows(qkv, slots, pad, heads, bias.to(torch.float32).contiguous(),
                                                        mask, scale.to(torch.float32).contiguous(), cosine)
+
+
+class _ProjectedRowsAttention(torch.autograd.Function):
+    """:func:`projected_rows_attention` where autograd records: per image and chunk, the qkv projection of
+    the chunk's real tokens and the kernels' forward, keeping the projection and lse; the backward takes
+    them in the same order, each one's kernel backward followed by its share of the projection's
+    gradients, the padding positions' k and v gradients going to the projection's bias."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], bias: torch.Tensor,
+                scale: torch.Tensor, mask: Optional[torch.Tensor], heads: int, cosine: bool,
+                chunks: tuple) -> torch.Tensor:
+        w, b = _bf16_projection(ctx, weight, qkv_bias)
+        pad = w.new_zeros(w.shape[0]) if b is None else b
+        kernels = cpu_kernels.kernels()
+        out = torch.empty_like(x)
+        saved = []
+        for image in range(x.shape[0]):
+            for places, slots, windows in chunks:
+                qkv = chunk_linear(x[image, places], w, b, False).unsqueeze(0)
+                part_mask = None if mask is None else mask[windows]
+                part, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, part_mask, scale,
+                                                                   cosine)
+                out[image, places] = part[0]
+                saved += [qkv, lse]
+        ctx.save_for_backward(x, w, pad, bias, scale, mask, *saved)
+        ctx.chunks, ctx.heads, ctx.cosine = chunks, heads, cosine
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, w, pad, bias, scale, mask, *saved = ctx.saved_tensors
+        need_bias, need_scale = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and ctx.cosine
+        grad = grad.to(torch.bfloat16).contiguous()
+        kernels = cpu_kernels.kernels()
+        images, tokens, c = x.shape
+        # the tokens of all images as the rows of one (B * L, 1, C) input: a chunk's are a slice of them
+        sums = ProjectionGrads(x.view(images * tokens, 1, c), w, ctx.needs_input_grad[:3], ctx.param_dtypes, False)
+        grad_bias = grad_scale = None
+        parts = iter(zip(saved[0::2], saved[1::2]))
+        for image in range(images):
+            for places, slots, windows in ctx.chunks:
+                qkv, lse = next(parts)
+                grad_qkv, grad_pad, part_bias, part_scale = kernels.window_attention_rows_backward(
+                    grad[image, places].unsqueeze(0), qkv, lse, slots, pad, ctx.heads, bias,
+                    None if mask is None else mask[windows], scale, ctx.cosine, need_bias, need_scale)
+                sums.add(slice(image * tokens + places.start, image * tokens + places.stop), grad_qkv[0])
+                if sums.need_b:  # padding tokens are zero: their q, k and v are the bias
+                    sums.grad_b.add_(grad_pad)
+                if need_bias:
+                    grad_bias = part_bias if grad_bias is None else grad_bias.add_(part_bias)
+                if need_scale:
+                    grad_scale = part_scale if grad_scale is None else grad_scale.add_(part_scale)
+        grad_x, grad_w, grad_b = sums.result()
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad_x, grad_w, grad_b, grad_bias, grad_scale, None, None, None, None
+
+
+def projected_rows_attention(x: torch.Tensor, chunks: tuple, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor],
+                             heads: int, bias: torch.Tensor, mask: Optional[torch.Tensor], scale: torch.Tensor,
+                             cosine: bool) -> torch.Tensor:
+    """:func:`projected_window_attention_rows` of a whole map, chunk by chunk, with autograd or without.
+
+    Args:
+        x: ``(B, L, C)``, the map's tokens in window order (:func:`.windows.window_rows`).
+        chunks: Per chunk of windows, its places in ``x``'s rows, its ``slots`` and its windows (the rows of
+            ``mask``), as :class:`.windows.WindowRows` holds them.
+        weight, qkv_bias, heads, bias, mask, scale, cosine: As :func:`projected_window_attention`.
+
+    Returns:
+        ``(B, L, C)`` bf16, in ``x``'s order.
+    """
+    if mask is not None:
+        mask = mask.to(torch.float32).contiguous()
+    bias = bias.to(torch.float32).contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    tensors = [t for t in (x, weight, qkv_bias, bias, scale) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        with autocast_off('cpu'):
+            return _ProjectedRowsAttention.apply(x.to(torch.bfloat16).contiguous(), weight, qkv_bias, bias, scale,
+                                                 mask, heads, cosine, chunks)
+    out = x.new_empty(x.shape, dtype=torch.bfloat16)
+    for places, slots, windows in chunks:
+        out[:, places] = projected_window_attention_rows(x[:, places], slots, weight, qkv_bias, heads, bias,
+                                                         None if mask is None else mask[windows], scale, cosine)
+    return out

@@ -104,6 +104,41 @@ def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int
     return _window_chunks(*hw, *window, *shift, windows_per_chunk, str(device))
 
 
+class WindowRows(NamedTuple):
+    """A map's tokens in window order, for attention of the real tokens only (:func:`window_rows`)."""
+
+    order: torch.Tensor  # (L,) the map's token rows in window order: each once, padding left out
+    inverse: torch.Tensor  # (L,) each token's place in ``order``
+    chunks: Tuple[Tuple[slice, torch.Tensor, slice], ...]  # per chunk: its places in order, slots, windows
+
+
+def window_rows(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int, device: torch.device) -> WindowRows:
+    """The tokens of :func:`window_chunks` as one permutation of the map's ``H * W`` tokens, with each chunk's
+    places in it, its ``slots`` (relative to the chunk) and its windows (the rows of the shift mask). Cached
+    per size."""
+    return _window_rows(*hw, *window, *shift, windows_per_chunk, str(device))
+
+
+@lru_cache(maxsize=64)
+def _window_rows(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int, device: str) -> WindowRows:
+    chunks, start = [], 0
+    parts = _window_chunks(h, w, wh, ww, sh, sw, per_chunk, 'cpu')
+    for i, part in enumerate(parts):
+        places = slice(start, start + part.real.numel())
+        start = places.stop
+        chunks.append((places, part.slots.to(device), slice(i * per_chunk, (i + 1) * per_chunk)))
+    order = torch.cat([part.real for part in parts])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return WindowRows(order.to(device), inverse.to(device), tuple(chunks))
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of tokens ``x: (B, L, C)`` for a permutation ``index`` of the ``L`` rows whose inverse is
+    ``inverse`` (its gradient is the inverse permutation of the output's)."""
+    return _Shuffle.apply(x, index, inverse, None, None)
+
+
 def image_chunks(num_windows: int, mask_windows: int, per_chunk: int) -> Iterator[Tuple[slice, slice]]:
     """Chunks of at most ``per_chunk`` of ``num_windows`` windows (the windows of each image contiguous,
     ``mask_windows`` per image) that stay inside one image: per chunk, its windows and the rows of the
