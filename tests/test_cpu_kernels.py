@@ -767,15 +767,21 @@ def test_window_chunks_in_kernels_equal_the_operators(cls, batch, compact, monke
         assert f.dtype == torch.bfloat16 and torch.equal(f, p)
 
 
-def rows_attention_inputs(batch: int, windows: int, n: int, heads: int, d: int, seed: int = 0) -> tuple:
+def rows_attention_inputs(batch: int, windows: int, n: int, heads: int, d: int, seed: int = 0,
+                          in_order: bool = False) -> tuple:
     """The projection ``(B, R, 3C)`` of the real tokens of ``windows`` windows of ``n`` positions per image,
     about a quarter of them padding, in shuffled rows; their slots; the projection of a zero token; and the
-    same windows as the ``(B * nW, N, 3C)`` projection of every position."""
+    same windows as the ``(B * nW, N, 3C)`` projection of every position. ``in_order``: the models' layout
+    instead, the rows in window order and padding only in the last window (the others are read in place)."""
     g = torch.Generator().manual_seed(seed)
     c = heads * d
-    is_pad = torch.rand(windows * n, generator=g) < 0.25
+    if in_order:
+        is_pad = torch.zeros(windows * n, dtype=torch.bool)
+        is_pad[-n:] = torch.rand(n, generator=g) < 0.4
+    else:
+        is_pad = torch.rand(windows * n, generator=g) < 0.25
     real = int((~is_pad).sum())
-    order = torch.randperm(real, generator=g)
+    order = torch.arange(real) if in_order else torch.randperm(real, generator=g)
     slots = torch.full((windows * n,), -1, dtype=torch.long)
     slots[~is_pad] = order
     qkv = torch.randn(batch, real, 3 * c, generator=g).bfloat16()
@@ -790,13 +796,15 @@ def rows_attention_inputs(batch: int, windows: int, n: int, heads: int, d: int, 
                                                      (2, 5, 64, 4, 32)])
 @pytest.mark.parametrize('cosine', [False, True])
 @pytest.mark.parametrize('masked', [False, True])
-def test_window_attention_rows_is_that_of_the_padded_windows(batch, windows, n, heads, d, cosine, masked):
+@pytest.mark.parametrize('in_order', [False, True])
+def test_window_attention_rows_is_that_of_the_padded_windows(batch, windows, n, heads, d, cosine, masked, in_order):
     """The attention of windows given by their real tokens' rows and the projection of padding, against the
     window attention of every position (whose padding positions get no output gradient): the outputs
     (inference and training) and lse of the real tokens in their rows, the gradients of their q, k and v,
     of the bias and of the scales bit for bit; the gradient of pad is the fp32 sum of the padding
-    positions' k and v gradients (zero for q)."""
-    qkv, slots, pad, every = rows_attention_inputs(batch, windows, n, heads, d)
+    positions' k and v gradients (zero for q). In shuffled rows every window is gathered; in window order
+    the full windows are read and written in place."""
+    qkv, slots, pad, every = rows_attention_inputs(batch, windows, n, heads, d, in_order=in_order)
     g = torch.Generator().manual_seed(1)
     bias = torch.randn(heads, n, n, generator=g)
     mask = (torch.randn(windows, n, n, generator=g) * 10).clamp(max=0) if masked else None

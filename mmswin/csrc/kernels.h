@@ -54,6 +54,14 @@ std::tuple<at::Tensor, at::Tensor> window_attention_rows_with_lse(const at::Tens
                                                                   const c10::optional<at::Tensor>& mask,
                                                                   const at::Tensor& scale, bool cosine);
 
+// Whether a window's n slots name n consecutive rows in order (no padding position): its q, k, v and their
+// gradients can be read and written in place, without gathering the window.
+inline bool consecutive_slots(const int64_t* slot, int64_t n) {
+  for (int64_t i = 1; i < n; ++i)
+    if (slot[i] != slot[0] + i) return false;
+  return slot[0] >= 0;
+}
+
 // The checks of the rows entry points: qkv (B, R, 3C), slots (nW * N,) naming each row of qkv once (or -1),
 // pad (3C,) bf16, and the window attention's arguments.
 WindowShapes check_window_rows(const char* fn, const at::Tensor& qkv, const at::Tensor& slots, const at::Tensor& pad,

@@ -97,6 +97,13 @@ MMSWIN_AVX512_BF16 inline void store_bf16(uint16_t* p, __mmask16 m, __m512 x) {
   store_bf16_bits(p, m, round_bf16(x));
 }
 
+// d bf16 values (a multiple of 16) from `from` to `to`.
+MMSWIN_AVX512_BF16 inline void copy_values(const uint16_t* from, int64_t d, uint16_t* to) {
+  for (int64_t c = 0; c < d; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + c),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + c)));
+}
+
 // Sum of squares of d bf16 values, in fp32.
 MMSWIN_AVX512_BF16 inline float squared_length(const uint16_t* x, int64_t d) {
   __m512 acc = _mm512_setzero_ps();

@@ -20,7 +20,9 @@
 // an lse of +inf, so that its weights and its row of dS are zero), and the gradients of the real tokens'
 // q, k and v go to their rows of the (B, R, 3C) projection, while those of the padding positions' k and v,
 // which pad supplied, are summed in fp32 over blocks of windows like the bias's, into the (3C,) gradient of
-// pad (the projection's bias).
+// pad (the projection's bias). A window without padding whose slots are consecutive rows (in the models'
+// window order, all but the map's last row and column of windows) is read and written in place, as
+// window_attention_backward does, without the gather: the same values.
 #include "simd.h"
 #include "kernels.h"
 
@@ -32,17 +34,23 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kBlocks = 64;  // blocks of windows whose bias and scale gradients are summed apart
+// Blocks of windows whose bias and scale gradients are summed apart: tasks enough for a CPU's threads (times
+// the heads), and few enough partial sums (blocks, nH, N, N) to stay in the caches (64 took 12 % longer).
+constexpr int64_t kBlocks = 16;
 
 #ifdef MMSWIN_X86
 
 using namespace mmswin::simd;
 
 constexpr int kRows = 4;  // rows per register block (even: two rows make the words of a transposed pair)
+// Rows per register block of the products dv, dk and dq: 8 rows of d = 32 channels (two vectors) keep 16
+// accumulators in flight, enough to hide the dot-product instruction's latency (8 are not).
+constexpr int kGradRows = 8;
 
 // The row stride of the transposed pairs of rows: ceil(N / 2) rounded up to whole vectors.
 inline int64_t padded_pairs(int64_t n) { return ((n + 1) / 2 + 15) / 16 * 16; }
@@ -72,7 +80,8 @@ struct Scratch {
 struct Task {
   const uint16_t* q;  // row i at q + i * stride; k at q + C, v at q + 2C
   const uint16_t* g;  // dO, row i at g + i * c
-  const float* lse;   // (N,)
+  const float* lse;   // row i's at lse[i * lse_stride]
+  int64_t lse_stride;
   const float* bias;  // (N, N)
   const float* mask;  // (N, N) or null
   float scale;
@@ -105,7 +114,7 @@ MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
     const float q_scale = t.cosine ? s.q_scale[i0 + r] : 1.0f;
     row_scale[r] = _mm512_set1_ps(t.scale * q_scale);
     rq[r] = _mm512_set1_ps(q_scale);
-    shift[r] = _mm512_set1_ps(t.lse[i0 + r]);
+    shift[r] = _mm512_set1_ps(t.lse[(i0 + r) * t.lse_stride]);
     dot[r] = _mm512_setzero_ps();
     a[r] = _mm512_setzero_ps();
   }
@@ -201,25 +210,21 @@ MMSWIN_AVX512_BF16 void block_grads(const uint32_t* a, int64_t a_stride, const u
   if (c0 < d / 16) row_grads<R, 1>(a, a_stride, b, d, pairs, c0, factor, corr, x, x_stride, out, out_stride);
 }
 
-// block_grads over rows 0 .. n-1 of a in blocks of kRows; row i's factor and corr at factor[i], corr[i].
+// block_grads over rows 0 .. n-1 of a in blocks of kGradRows (then 4, 2, 1); row i's factor and corr at
+// factor[i], corr[i].
 MMSWIN_AVX512_BF16 void all_grads(int64_t n, const uint32_t* a, int64_t a_stride, const uint32_t* b, int64_t d,
                                   int64_t pairs, const float* factor, const float* corr, const uint16_t* x,
                                   int64_t x_stride, uint16_t* out, int64_t out_stride) {
-  int64_t i = 0;
   auto at = [&](int64_t row) { return corr != nullptr ? corr + row : nullptr; };
-  for (; i + kRows <= n; i += kRows)
-    block_grads<kRows>(a + i * a_stride, a_stride, b, d, pairs, factor + i, at(i), x + i * x_stride, x_stride,
-                       out + i * out_stride, out_stride);
-  const int64_t left = n - i;
-  if (left == 3)
-    block_grads<3>(a + i * a_stride, a_stride, b, d, pairs, factor + i, at(i), x + i * x_stride, x_stride,
-                   out + i * out_stride, out_stride);
-  else if (left == 2)
-    block_grads<2>(a + i * a_stride, a_stride, b, d, pairs, factor + i, at(i), x + i * x_stride, x_stride,
-                   out + i * out_stride, out_stride);
-  else if (left == 1)
-    block_grads<1>(a + i * a_stride, a_stride, b, d, pairs, factor + i, at(i), x + i * x_stride, x_stride,
-                   out + i * out_stride, out_stride);
+  auto rows = [&](auto block, int64_t i) {
+    block_grads<decltype(block)::value>(a + i * a_stride, a_stride, b, d, pairs, factor + i, at(i), x + i * x_stride,
+                                        x_stride, out + i * out_stride, out_stride);
+  };
+  int64_t i = 0;
+  for (; i + kGradRows <= n; i += kGradRows) rows(std::integral_constant<int, kGradRows>{}, i);
+  if (i + 4 <= n) rows(std::integral_constant<int, 4>{}, i), i += 4;
+  if (i + 2 <= n) rows(std::integral_constant<int, 2>{}, i), i += 2;
+  if (i < n) rows(std::integral_constant<int, 1>{}, i);
 }
 
 // 1 / max(|x_i|, eps) of n rows into scales, and into corr that squared where |x_i| >= eps, else 0.
@@ -289,12 +294,6 @@ MMSWIN_AVX512_BF16 float head_grads(const Task& t, Scratch& s) {
   return a_sum;
 }
 
-MMSWIN_AVX512_BF16 inline void copy_values(const uint16_t* from, int64_t d, uint16_t* to) {
-  for (int64_t c = 0; c < d; c += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + c),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + c)));
-}
-
 // Head hd's gradients of one window of window_attention_rows_backward: qkv, grad and dqkv at the head's first
 // channel of image's rows (3C, C and 3C apart), lse at its first (nH apart), pad at the head's channel,
 // pad_sums (3C) at the head's channel; t holds the window's bias, mask, scale and sizes.
@@ -302,6 +301,15 @@ MMSWIN_AVX512_BF16 float window_rows_grads(Task t, const int64_t* slot, const ui
                                            const float* lse, int64_t heads, const uint16_t* pad, int64_t c,
                                            uint16_t* dqkv, float* pad_sums, Scratch& s) {
   const int64_t n = t.n, d = t.d;
+  if (mmswin::consecutive_slots(slot, n)) {  // no padding, the window's rows in order: the gradients from and to them in place
+    t.q = qkv + slot[0] * 3 * c;
+    t.g = grad + slot[0] * c;
+    t.lse = lse + slot[0] * heads;
+    t.lse_stride = heads;
+    t.c = c;
+    t.dq = dqkv + slot[0] * 3 * c;
+    return head_grads(t, s);
+  }
   for (int64_t i = 0; i < n; ++i) {
     const bool real = slot[i] >= 0;
     const uint16_t* from = real ? qkv + slot[i] * 3 * c : pad;
@@ -316,6 +324,7 @@ MMSWIN_AVX512_BF16 float window_rows_grads(Task t, const int64_t* slot, const ui
   t.q = s.tokens.data();
   t.g = s.token_grads.data();
   t.lse = s.token_lse.data();
+  t.lse_stride = 1;
   t.c = d;  // the gathered rows: q, k, v of the head side by side
   t.dq = s.dqkv.data();
   const float a_sum = head_grads(t, s);
@@ -360,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> over_blocks(const mmswin::WindowShapes& w, in
       float a_sum = 0.0f;
       if (bias_out != nullptr) std::fill(bias_out + task * n * n, bias_out + (task + 1) * n * n, 0.0f);
       for (int64_t b = block * w.bw / blocks; b < (block + 1) * w.bw / blocks; ++b) {
-        const Task t{nullptr, nullptr, nullptr, bias_data + hd * n * n,
+        const Task t{nullptr, nullptr, nullptr, 1, bias_data + hd * n * n,
                      mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, w.d, w.c,
                      nullptr, bias_out ? bias_out + task * n * n : nullptr};
         a_sum += window(t, b, hd, block, s);
@@ -441,6 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
         t.q = src + b * n * 3 * c + hd * d;
         t.g = g + b * n * c + hd * d;
         t.lse = lse_data + (b * heads + hd) * n;
+        t.lse_stride = 1;
         t.dq = dst + b * n * 3 * c + hd * d;
         return head_grads(t, s);
       });

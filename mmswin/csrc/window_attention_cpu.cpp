@@ -15,7 +15,8 @@
 // positions of nW' windows of N tokens (in each image) slots (nW' * N) naming each one's row of qkv, or -1
 // for a position that pads the map, whose token is zero and projects to the projection's bias `pad` (3C).
 // It writes the outputs of the real tokens, (B, R, C): padding positions are keys and values, never
-// queries, whose outputs the map would crop.
+// queries, whose outputs the map would crop. A window without padding whose slots are consecutive rows is
+// attended in place, without gathering its tokens.
 #include "simd.h"
 #include "kernels.h"
 
@@ -105,7 +106,8 @@ struct Head {
   int64_t n, npad, d;
   uint16_t* out;      // row i at out + i * out_stride
   int64_t out_stride;
-  float* lse;         // row i's log2 of the sum of 2^(logit * log2(e)), at lse[i]; or null
+  float* lse;         // row i's log2 of the sum of 2^(logit * log2(e)), at lse[i * lse_stride]; or null
+  int64_t lse_stride;
 };
 
 // The softmax of R rows of logits: logits * row scale (* key scales) + bias (+ mask), exponentiated
@@ -158,7 +160,7 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
   for (int r = 0; r < R; ++r) {
     const float total = _mm512_reduce_add_ps(sum[r]);
     s.inv_sums[r] = 1.0f / total;
-    if (h.lse != nullptr) h.lse[i0 + r] = _mm512_cvtss_f32(shift[r]) + std::log2(total);
+    if (h.lse != nullptr) h.lse[(i0 + r) * h.lse_stride] = _mm512_cvtss_f32(shift[r]) + std::log2(total);
   }
 }
 
@@ -174,12 +176,6 @@ MMSWIN_AVX512_BF16 void attend_rows(const Head& h, int64_t i0, Scratch& s) {
 // The d values of n rows, from src + rows[i] * stride (rows null: i) to dst + i * d: the head's query rows
 // into the task's scratch (all of their cache lines requested at once here, where the products that read
 // them row by row would each wait on a miss), and its outputs back to their rows.
-MMSWIN_AVX512_BF16 inline void copy_values(const uint16_t* from, int64_t d, uint16_t* to) {
-  for (int64_t c = 0; c < d; c += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + c),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + c)));
-}
-
 MMSWIN_AVX512_BF16 void copy_rows(const uint16_t* src, int64_t stride, const int64_t* rows, int64_t n, int64_t d,
                                   uint16_t* dst) {
   for (int64_t i = 0; i < n; ++i) copy_values(src + (rows != nullptr ? rows[i] : i) * stride, d, dst + i * d);
@@ -209,6 +205,17 @@ MMSWIN_AVX512_BF16 void attend_head(const Head& head, const uint16_t* k, const u
 MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* slot, const uint16_t* pad, Head h,
                                            int64_t c, uint16_t* out, float* lse, int64_t heads, Scratch& s) {
   const int64_t n = h.n, d = h.d;
+  if (mmswin::consecutive_slots(slot, n)) {  // no padding, the window's rows in order: attended in place
+    h.q = qkv + slot[0] * 3 * c;
+    h.stride = 3 * c;
+    h.queries = n;
+    h.out = out + slot[0] * c;
+    h.out_stride = c;
+    h.lse = lse != nullptr ? lse + slot[0] * heads : nullptr;
+    h.lse_stride = heads;
+    attend_head(h, h.q + c, h.q + 2 * c, s);
+    return;
+  }
   int64_t queries = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* from = slot[i] >= 0 ? qkv + slot[i] * 3 * c : pad;
@@ -222,6 +229,7 @@ MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* s
   h.out = s.outputs.data();
   h.out_stride = d;
   h.lse = lse != nullptr ? s.lse.data() : nullptr;
+  h.lse_stride = 1;
   attend_head(h, s.tokens.data() + d, s.tokens.data() + 2 * d, s);
   for (int64_t j = 0; j < queries; ++j) {
     const int64_t row = slot[s.positions[j]];
@@ -255,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const char* fn, const at::Tensor& qkv,
       const uint16_t* q = src + b * n * 3 * c + hd * d;
       const Head h{q, 3 * c, nullptr, n, bias_data + hd * n * n,
                    mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, d,
-                   dst + b * n * c + hd * d, c, lse_data ? lse_data + task * n : nullptr};
+                   dst + b * n * c + hd * d, c, lse_data ? lse_data + task * n : nullptr, 1};
       attend_head(h, q + c, q + 2 * c, s);
     }
   });
@@ -373,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> rows_forward(const char* fn, const at::Tensor
       const int64_t b = task / heads, hd = task % heads, image = b / windows;
       const Head h{nullptr, 0, nullptr, 0, bias_data + hd * n * n,
                    mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, d,
-                   nullptr, 0, nullptr};
+                   nullptr, 0, nullptr, 1};
       attend_window_rows(src + image * rows * 3 * c + hd * d, slot_data + (b % windows) * n, pad_data + hd * d, h,
                          c, dst + image * rows * c + hd * d, lse_data ? lse_data + image * rows * heads + hd : nullptr,
                          heads, s);
