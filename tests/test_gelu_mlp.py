@@ -159,3 +159,22 @@ def test_one_chunk_gradients_are_the_products_themselves(dtype):
     if dtype is None:
         expected = run(reference, x.detach(), 2 * out.detach(), layer_by_layer=True)
         assert all(torch.equal(a.grad, b) for a, b in zip(mlp.parameters(), expected[2]))
+
+
+@pytest.mark.parametrize('fp32_products', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_chunk_products_write_into_out_the_values_they_return(fp32_products, dtype):
+    """The chunked passes' products written into a chunk of rows of a larger result: the values of the
+    products returned fresh, bit for bit, and the other rows untouched."""
+    from mmswin.models.matmul import chunk_linear, chunk_mm
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((5, 8), (6, 8), (6,)))
+    for bias in (b, None):
+        result = torch.full((9, 6), 7.0, dtype=dtype)
+        written = chunk_linear(x, w, bias, fp32_products, out=result[2:7])
+        assert written.data_ptr() == result[2:7].data_ptr()
+        assert torch.equal(result[2:7], chunk_linear(x, w, bias, fp32_products))
+        assert (result[:2] == 7).all() and (result[7:] == 7).all()
+    result = torch.full((9, 6), 7.0, dtype=dtype)
+    chunk_mm(x, w.t(), fp32_products, out=result[4:9])
+    assert torch.equal(result[4:9], chunk_mm(x, w.t(), fp32_products)) and (result[:4] == 7).all()

@@ -66,7 +66,7 @@ def test_backward_builds_the_projection_gradient_one_chunk_at_a_time(monkeypatch
     products = []
     chunk_mm = qkv_projection.chunk_mm
     monkeypatch.setattr(qkv_projection, 'chunk_mm',
-                        lambda p, m, f: products.append(tuple(p.shape)) or chunk_mm(p, m, f))
+                        lambda p, m, f, out=None: products.append(tuple(p.shape)) or chunk_mm(p, m, f, out=out))
     sum(t.sum() for t in qkv_heads(x, weight, b, HEADS, chunk_tokens=4 * TOKENS)).backward()
     # grad_x and grad_weight of each chunk of 4 and 3 windows, never all 7 at once
     assert products == [(4 * TOKENS, 3 * DIM), (3 * DIM, 4 * TOKENS), (3 * TOKENS, 3 * DIM), (3 * DIM, 3 * TOKENS)]

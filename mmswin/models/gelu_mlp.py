@@ -32,14 +32,12 @@ class _GeluMlp(torch.autograd.Function):
         ctx.param_dtypes = [None if t is None else t.dtype for t in (w1, b1, w2, b2)]
         w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in (w1, b1, w2, b2))
         rows = x.reshape(-1, x.shape[-1])
-        hidden, out = [], None
+        hidden = []
+        out = rows.new_empty(rows.shape[0], w2.shape[0])
         for start in range(0, rows.shape[0], chunk):
             h = chunk_linear(rows[start:start + chunk], w1, b1, fp32_products)
             hidden.append(h)
-            part = chunk_linear(F.gelu(h, approximate=approximate), w2, b2, fp32_products)
-            if out is None:
-                out = part.new_empty(rows.shape[0], part.shape[-1])
-            out[start:start + chunk] = part
+            chunk_linear(F.gelu(h, approximate=approximate), w2, b2, fp32_products, out=out[start:start + chunk])
         # fc1's output is kept as its chunks: a whole (tokens, hidden) tensor would be mapped afresh by the
         # C allocator (page faults) at the first stage of detection inputs.
         ctx.save_for_backward(x, w1, w2, *hidden)
@@ -80,7 +78,7 @@ class _GeluMlp(torch.autograd.Function):
             if need_b1:
                 grad_b1 = add_chunk(grad_b1, grad_h_sum, sums)
             if grad_x is not None:
-                grad_x[rows] = chunk_mm(grad_h, w1, fp32)
+                chunk_mm(grad_h, w1, fp32, out=grad_x[rows])
         grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None
         grads = [None if g is None else g.to(dtype)
                  for g, dtype in zip((grad_w1, grad_b1, grad_w2, grad_b2), ctx.param_dtypes)]

@@ -128,20 +128,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return torch.ops.aten.gelu_(out, approximate=gelu)  # in place: no second (..., hidden) tensor
 
 
-def chunk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 fp32_products: bool) -> torch.Tensor:
-    """``F.linear`` of tensors of one dtype, as the hand-written backward passes use it: with
-    ``fp32_products``, the fp32 product of the (bf16) values rounded back to their dtype."""
+def chunk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fp32_products: bool,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` of 2-D tensors of one dtype, as the hand-written backward passes use it: with
+    ``fp32_products``, the fp32 product of the (bf16) values rounded back to their dtype. With ``out``
+    (contiguous, e.g. a chunk of rows of a larger result), the product is written there and returned,
+    with no copy from a fresh tensor."""
     if fp32_products:
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    return F.linear(x, weight, bias)
+        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def chunk_mm(a: torch.Tensor, b: torch.Tensor, fp32_products: bool) -> torch.Tensor:
-    """``a @ b`` as :func:`chunk_linear` takes it."""
+def chunk_mm(a: torch.Tensor, b: torch.Tensor, fp32_products: bool,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b`` of 2-D tensors as :func:`chunk_linear` takes it, into ``out`` where given."""
     if fp32_products:
-        return (a.float() @ b.float()).to(a.dtype)
-    return a @ b
+        y = (a.float() @ b.float()).to(a.dtype)
+        return y if out is None else out.copy_(y)
+    return a @ b if out is None else torch.mm(a, b, out=out)
 
 
 def add_chunk(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -115,7 +115,7 @@ class ProjectionGrads:
         """The share of windows ``rows`` of ``x``, whose outputs' gradient is ``grad: (tokens, C_out)``."""
         c = self.x.shape[-1]
         if self.grad_x is not None:
-            self.grad_x[rows] = chunk_mm(grad, self.w, self.fp32_products).view(-1, self.x.shape[1], c)
+            chunk_mm(grad, self.w, self.fp32_products, out=self.grad_x[rows].view(-1, c))
         if self.need_w:
             self.grad_w = add_chunk(self.grad_w, chunk_mm(grad.t(), self.x[rows].reshape(-1, c), self.fp32_products),
                                     self.sums)
