@@ -31,7 +31,7 @@ def extensions() -> dict:
         return {}
     sources = sorted(str(p.relative_to(here)) for p in (here / 'mmswin' / 'csrc').glob('*.cpp'))
     # -fopenmp: at::parallel_for is OpenMP in the caller's code; torch's libgomp, already loaded, serves it
-    ext = CppExtension('mmswin._C', sources, extra_compile_args=['-O3', '-fopenmp'],
+    ext = CppExtension('mmswin._C', sources, extra_compile_args=['-O3', '-fopenmp', '-ffp-contract=off'],
                        extra_link_args=['-fopenmp'])
     return dict(ext_modules=[ext], cmdclass={'build_ext': BuildExtension})
 

@@ -110,38 +110,55 @@ struct Head {
   int64_t lse_stride;
 };
 
-// The softmax of R rows of logits: logits * row scale (* key scales) + bias (+ mask), exponentiated
-// relative to each row's maximum into bf16 weights (0 from lane N on), and the reciprocals of their fp32
-// sums. The rows are interleaved: each one's reductions are a chain of dependent steps that the CPU
-// overlaps with the others'.
+// Row i's bias and mask rows (mask null where there is none) and its logits' factor: the head's scale, over
+// the query's length in cosine attention.
+MMSWIN_AVX512_BF16 inline float row_terms(const Head& h, int64_t i, const float*& bias, const float*& mask) {
+  const int64_t at = (h.positions != nullptr ? h.positions[i] : i) * h.n;
+  bias = h.bias + at;
+  mask = h.mask != nullptr ? h.mask + at : nullptr;
+  if (!h.cosine) return h.scale;
+  return h.scale / std::max(std::sqrt(squared_length(h.q + i * h.stride, h.d)), kNormEps);
+}
+
+// Vector t of a row's logits from its products x: x * scale (* the keys' scales) + bias (+ mask) in lanes m
+// (the keys', lanes 0 to N - 16 t - 1), -inf in the others.
+MMSWIN_AVX512_BF16 __attribute__((always_inline)) inline __m512 logit_vector(const Head& h, const Scratch& s,
+                                                                             __m512 x, __m512 scale,
+                                                                             const float* bias, const float* mask,
+                                                                             int64_t t, __mmask16 m) {
+  x = _mm512_mul_ps(x, scale);
+  if (h.cosine) x = _mm512_mul_ps(x, _mm512_loadu_ps(s.key_scales.data() + t * 16));
+  x = _mm512_add_ps(x, load_ps(bias + t * 16, m));
+  if (mask != nullptr) x = _mm512_add_ps(x, load_ps(mask + t * 16, m));
+  return _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), m, x);
+}
+
+// The end of row i0 + r's softmax from the fp32 sum of its weights: the sum's reciprocal, and its lse.
+MMSWIN_AVX512_BF16 inline void finish_row(const Head& h, int64_t i0, int r, __m512 shift, __m512 sum, Scratch& s) {
+  const float total = _mm512_reduce_add_ps(sum);
+  s.inv_sums[r] = 1.0f / total;
+  if (h.lse != nullptr) h.lse[(i0 + r) * h.lse_stride] = _mm512_cvtss_f32(shift) + std::log2(total);
+}
+
+// The softmax of R rows of logits (fp32, in the scratch): the logit vectors, exponentiated relative to each
+// row's maximum into bf16 weights (0 from lane N on), and the reciprocals of their fp32 sums. The rows are
+// interleaved: each one's reductions are a chain of dependent steps that the CPU overlaps with the others'.
 template <int R>
 MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
   const int64_t vecs = h.npad / 16;
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 scale[R], top[R], sum[R];
   const float* bias[R];
   const float* mask[R];
   for (int r = 0; r < R; ++r) {
-    const int64_t at = (h.positions != nullptr ? h.positions[i0 + r] : i0 + r) * h.n;
-    bias[r] = h.bias + at;
-    mask[r] = h.mask != nullptr ? h.mask + at : nullptr;
-    float row_scale = h.scale;
-    if (h.cosine)
-      row_scale /= std::max(std::sqrt(squared_length(h.q + (i0 + r) * h.stride, h.d)), kNormEps);
-    scale[r] = _mm512_set1_ps(row_scale);
-    top[r] = neg_inf;
+    scale[r] = _mm512_set1_ps(row_terms(h, i0 + r, bias[r], mask[r]));
+    top[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     sum[r] = _mm512_setzero_ps();
   }
   for (int64_t t = 0; t < vecs; ++t) {
-    const __mmask16 m = first_lanes(h.n - t * 16);
-    const __m512 key_scale = h.cosine ? _mm512_loadu_ps(s.key_scales.data() + t * 16) : _mm512_set1_ps(1.0f);
     for (int r = 0; r < R; ++r) {
       float* logits = s.logits.data() + r * h.npad + t * 16;
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(logits), scale[r]);
-      if (h.cosine) x = _mm512_mul_ps(x, key_scale);
-      x = _mm512_add_ps(x, load_ps(bias[r] + t * 16, m));
-      if (mask[r] != nullptr) x = _mm512_add_ps(x, load_ps(mask[r] + t * 16, m));
-      x = _mm512_mask_mov_ps(neg_inf, m, x);
+      const __m512 x = logit_vector(h, s, _mm512_loadu_ps(logits), scale[r], bias[r], mask[r], t,
+                                    first_lanes(h.n - t * 16));
       _mm512_storeu_ps(logits, x);
       top[r] = _mm512_max_ps(top[r], x);
     }
@@ -157,18 +174,54 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
       store_bf16(s.weights.data() + r * h.npad + t * 16, e);
     }
   }
+  for (int r = 0; r < R; ++r) finish_row(h, i0, r, shift[r], sum[r], s);
+}
+
+// q k^T and softmax_rows of R rows of windows of at most 16 V tokens, the logits kept in registers from the
+// products to their exponentials (the same values, without storing and reloading them).
+template <int R, int V>
+MMSWIN_AVX512_BF16 void softmax_rows_in_registers(const Head& h, int64_t i0, Scratch& s) {
+  __m512 x[R][V];
+  dot_block<R, V>(reinterpret_cast<const uint32_t*>(h.q + i0 * h.stride), h.stride / 2, s.keys.data(), h.npad,
+                  h.d / 2, 0, x);
+  const __mmask16 last = first_lanes(h.n - 16 * (V - 1));
+  __m512 shift[R];
   for (int r = 0; r < R; ++r) {
-    const float total = _mm512_reduce_add_ps(sum[r]);
-    s.inv_sums[r] = 1.0f / total;
-    if (h.lse != nullptr) h.lse[(i0 + r) * h.lse_stride] = _mm512_cvtss_f32(shift[r]) + std::log2(total);
+    const float* bias;
+    const float* mask;
+    const __m512 scale = _mm512_set1_ps(row_terms(h, i0 + r, bias, mask));
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int t = 0; t < V; ++t) {
+      // (a constant mask but for the last vector: whole vectors take the plain loads)
+      x[r][t] = logit_vector(h, s, x[r][t], scale, bias, mask, t, t == V - 1 ? last : static_cast<__mmask16>(0xFFFF));
+      top = _mm512_max_ps(top, x[r][t]);
+    }
+    shift[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top) * kLog2e);
+  }
+  const __m512 log2e = _mm512_set1_ps(kLog2e);
+  for (int r = 0; r < R; ++r) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < V; ++t) {
+      const __m512 e = exp2_ps(_mm512_fmsub_ps(x[r][t], log2e, shift[r]));
+      sum = _mm512_add_ps(sum, e);
+      store_bf16(s.weights.data() + r * h.npad + t * 16, e);
+    }
+    finish_row(h, i0, r, shift[r], sum, s);
   }
 }
 
 template <int R>
 MMSWIN_AVX512_BF16 void attend_rows(const Head& h, int64_t i0, Scratch& s) {
-  dot_all_columns<R>(reinterpret_cast<const uint32_t*>(h.q + i0 * h.stride), h.stride / 2, s.keys.data(),
-                     h.npad, h.d / 2, s.logits.data());
-  softmax_rows<R>(h, i0, s);
+  switch (h.npad / 16) {  // windows of up to 64 tokens (8 x 8) in registers
+    case 1: softmax_rows_in_registers<R, 1>(h, i0, s); break;
+    case 2: softmax_rows_in_registers<R, 2>(h, i0, s); break;
+    case 3: softmax_rows_in_registers<R, 3>(h, i0, s); break;
+    case 4: softmax_rows_in_registers<R, 4>(h, i0, s); break;
+    default:
+      dot_all_columns<R>(reinterpret_cast<const uint32_t*>(h.q + i0 * h.stride), h.stride / 2, s.keys.data(),
+                         h.npad, h.d / 2, s.logits.data());
+      softmax_rows<R>(h, i0, s);
+  }
   block_outputs<R>(reinterpret_cast<const uint32_t*>(s.weights.data()), h.npad / 2, s.inv_sums.data(),
                    s.values.data(), h.d, (h.n + 1) / 2, h.out + i0 * h.out_stride, h.out_stride);
 }
