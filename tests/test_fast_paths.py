@@ -279,19 +279,33 @@ def test_v2_normalises_queries_and_keys_in_one_pass():
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
-def test_training_step_on_the_meta_device(cls):
-    """On ``meta`` (shapes without data, and a device without autocast) a training step gives the CPU's
-    output shapes and a gradient of its shape for every parameter."""
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_training_step_on_the_meta_device(cls, dtype, with_cp, monkeypatch):
+    """On ``meta`` (shapes without data, and a device without autocast), standing in for a GPU: the paths
+    taken off the CPU give the CPU's output shapes in the parameters' dtype, in inference and in a training
+    step with stochastic depth and checkpointing, a gradient of its shape for every parameter, and never call
+    the compiled CPU kernels."""
     torch.manual_seed(0)
-    cpu = cls(**TINY, window_size=4)
-    meta = cls(**TINY, window_size=4).to('meta')
+    arch = dict(TINY, drop_path_rate=0.2)
+    cpu = cls(**arch, window_size=4)
+    meta = cls(**arch, window_size=4, with_cp=with_cp).to('meta', dtype)
     x = torch.randn(2, 3, 70, 90)
     expected = [o.shape for o in cpu(x)]
-    outs = meta(x.to('meta'))
-    assert [o.shape for o in outs] == expected and all(o.device.type == 'meta' for o in outs)
-    sum(o.sum() for o in outs).backward()
+
+    def no_kernels():
+        raise AssertionError('the compiled CPU kernels were called off the CPU')
+
+    monkeypatch.setattr(cpu_kernels, 'kernels', no_kernels)
+    with torch.no_grad():
+        outs = meta.eval()(x.to('meta', dtype))
+    assert [o.shape for o in outs] == expected and all(o.dtype == dtype for o in outs)
+    outs = meta.train()(x.to('meta', dtype))
+    assert [o.shape for o in outs] == expected
+    assert all(o.device.type == 'meta' and o.dtype == dtype for o in outs)
+    sum(o.float().sum() for o in outs).backward()
     for name, p in meta.named_parameters():
-        assert p.grad is not None and p.grad.shape == p.shape, name
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == dtype, name
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
