@@ -143,6 +143,23 @@ def test_benchmark_tool_times_compiled_models(tmp_path):
     assert '| 1x3x64x64 | fp32 | mmswin-v1+compile | 1.00000, 1.00000, 1.00000, 1.00000 |' in table
 
 
+def test_benchmark_tool_plots_throughput_per_precision(tmp_path):
+    """--plot times inference at every --plot-sizes side in every precision and draws one line per model and
+    precision; the report keeps the images per second behind the plot."""
+    out, plot = tmp_path / 'report.json', tmp_path / 'plot.png'
+    subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x32x32',
+                    '--models', 'mmswin-v1', '--precisions', 'fp32', 'bf16', '--modes', 'inference',
+                    '--repeats', '1', '--warmup', '0', '--no-memory', '--plot', str(plot), '--plot-sizes', '32', '48',
+                    '--out', str(out)], capture_output=True, text=True, check=True, cwd=ROOT)
+    sweep = json.loads(out.read_text())['throughput_sweep']
+    assert set(sweep) == {'fp32', 'bf16'}
+    for per_model in sweep.values():
+        assert set(per_model) == {'mmswin-v1'}
+        for points in per_model.values():
+            assert set(points) == {'32', '48'} and all(v > 0 for v in points.values())
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_compile_needs_a_warmup_round():
     result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--compile',
                              '--warmup', '0'], capture_output=True, text=True, cwd=ROOT)

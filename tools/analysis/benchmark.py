@@ -25,7 +25,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
@@ -441,32 +441,40 @@ def cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> L
 
 
 # ---------------------------------------------------------------------------------------- plot
-def throughput_sweep(names: List[str], window: int, sides: List[int], device: str, repeats: int,
-                     warmup: int) -> Dict[str, Dict[int, float]]:
-    """Images per second of fp32 inference on ``side x side`` images, per model (timed as in
-    :func:`time_in_workers`)."""
-    sweep = {name: {} for name in names}
-    for side in sides:
-        timing = time_in_workers(names, window, [1, 3, side, side], 'fp32', 'inference', device, repeats, warmup)
-        for name, times in timing['times'].items():
-            sweep[name][side] = 1.0 / statistics.median(times)
+def throughput_sweep(names: List[str], window: int, sides: List[int], device: str, repeats: int, warmup: int,
+                     precisions: Sequence[str] = ('fp32',)) -> Dict[str, Dict[str, Dict[int, float]]]:
+    """Images per second of inference on ``side x side`` images (batch 1), per precision, model and side
+    (timed as in :func:`time_in_workers`)."""
+    sweep = {precision: {name: {} for name in names} for precision in precisions}
+    for precision in precisions:
+        for side in sides:
+            timing = time_in_workers(names, window, [1, 3, side, side], precision, 'inference', device, repeats,
+                                     warmup)
+            for name, times in timing['times'].items():
+                sweep[precision][name][side] = 1.0 / statistics.median(times)
     return sweep
 
 
-def plot_sweep(sweep: Dict[str, Dict[int, float]], path: str, device: str) -> None:
+def plot_sweep(sweep: Dict[str, Dict[str, Dict[int, float]]], path: str, device: str) -> None:
+    """One line per model and precision: a colour per model, a line style per precision."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in sweep.items():
-        sides = sorted(points)
-        ax.plot(sides, [points[s] for s in sides], marker='o', label=name)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = dict(zip(sweep, ['-', '--', ':']))
+    models = list(dict.fromkeys(name for per_model in sweep.values() for name in per_model))
+    colours = {name: f'C{i}' for i, name in enumerate(models)}
+    for precision, per_model in sweep.items():
+        for name, points in per_model.items():
+            sides = sorted(points)
+            ax.plot(sides, [points[s] for s in sides], marker='o', linestyle=styles[precision],
+                    color=colours[name], label=f'{name} {precision}')
     ax.set_xlabel('input side (square image, batch 1)')
-    ax.set_ylabel('images / s (fp32 inference)')
+    ax.set_ylabel('images / s (inference)')
     ax.set_yscale('log')
     ax.set_title(f'Swin-T backbone throughput on {device}')
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize='small')
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -498,7 +506,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         '(default: all); each runs in a worker process')
     parser.add_argument('--out', default='work_dirs/benchmark/report.json', help='JSON report')
     parser.add_argument('--plot', default=None, help='also write a PNG of inference throughput against input '
-                        'size (square images, batch 1, fp32) for every model')
+                        'size (square images, batch 1, --plot-sizes) for every model and precision')
     parser.add_argument('--profile', action='store_true',
                         help='also record the top operators of one step of every model, size, precision and mode, '
                         'and (CPU) the time of its matrix products replayed alone')
@@ -691,7 +699,7 @@ def main(argv=None) -> dict:
                     write_report(report, args.out)
     if args.plot:
         report['throughput_sweep'] = throughput_sweep(names, args.window, args.plot_sizes, str(device), args.repeats,
-                                                      args.warmup)
+                                                      args.warmup, precisions)
         plot_sweep(report['throughput_sweep'], args.plot, report['device'])
         print(f'plot written to {args.plot}')
     write_report(report, args.out)
