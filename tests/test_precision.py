@@ -39,6 +39,33 @@ def test_autocast_outputs_and_gradients(cls, dtype, bf16_matmul, monkeypatch):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_weights(cls, dtype):
+    """A backbone converted to bf16 or fp16 (``model.to(dtype)``, ``model.half()``), without autocast: every
+    part runs in the parameters' dtype (V2's position-bias MLP takes its coordinates in that dtype, as the
+    official model's buffer is converted with it), outputs close to fp32 and finite gradients."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 61, 75)
+    low = cls(**TINY, window_size=4)
+    low.load_state_dict(model.state_dict())
+    low.to(dtype)
+    with torch.no_grad():
+        ref = model.eval()(x)
+        outs = low.eval()(x.to(dtype))
+    for out, r in zip(outs, ref):
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert F.cosine_similarity(out.float().flatten(), r.flatten(), dim=0) > 0.999
+    outs = low.train()(x.to(dtype))
+    sum(o.float().square().mean() for o in outs).backward()
+    for name, p in low.named_parameters():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+
+
 def test_v2_cosine_attention_does_not_overflow_in_fp16():
     """Large activations: |q|^2 exceeds fp16's range, the normalised logits must not."""
     attn = CosineWindowAttention(8, 2, 4)

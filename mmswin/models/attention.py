@@ -234,13 +234,15 @@ class CosineWindowAttention(WindowAttention):
         return list(self.cpb_mlp.parameters())
 
     def position_bias(self, window: Size2) -> torch.Tensor:
-        device = self.cpb_mlp[0].weight.device
-        coords = log_spaced_coords_on(*window, self.pretrained_window_size, str(device))
-        index = relative_position_index_on(*window, str(device))
+        weight = self.cpb_mlp[0].weight
+        # the coordinates in the MLP's dtype, as the official model's buffer follows ``model.half()``
+        coords = log_spaced_coords_on(*window, self.pretrained_window_size, str(weight.device)).to(weight.dtype)
+        index = relative_position_index_on(*window, str(weight.device))
         n = window[0] * window[1]
-        # In float32 even under autocast: the MLP's output goes through a sigmoid scaled by 16 (applied to
-        # the table before the lookup: the same values, computed once per offset).
-        with autocast_off(device.type):
+        # In the parameters' dtype even under autocast (fp32 for fp32 parameters): the MLP's output goes through
+        # a sigmoid scaled by 16 (applied to the table before the lookup: the same values, computed once per
+        # offset).
+        with autocast_off(weight.device.type):
             table = 16 * torch.sigmoid(self.cpb_mlp(coords).float())  # ((2wh-1)(2ww-1), nH)
         return gather_bias(table, index, n)
 
