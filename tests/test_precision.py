@@ -13,6 +13,17 @@ from mmswin.models.matmul import Conv2d, attention, bf16_products_in_fp32, linea
 TINY = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
 
+def perturbed_model_and_input(cls: type) -> tuple:
+    """A small seeded backbone with every parameter moved off its initial value (off V2's zero-initialised
+    post-norms, so that every block matters), and a ``(2, 3, 61, 75)`` input (padded, shifted windows)."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, torch.randn(2, 3, 61, 75)
+
+
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 @pytest.mark.parametrize('dtype,bf16_matmul', [(torch.bfloat16, 'native'), (torch.bfloat16, 'fp32'),
                                                (torch.float16, 'auto')])
@@ -20,12 +31,7 @@ def test_autocast_outputs_and_gradients(cls, dtype, bf16_matmul, monkeypatch):
     """Both ways of multiplying under CPU bf16 autocast (PyTorch's bf16 kernels, or bf16 values through
     the fp32 kernels as on CPUs without bf16 instructions) and fp16."""
     monkeypatch.setenv('MMSWIN_BF16_MATMUL', bf16_matmul)
-    torch.manual_seed(0)
-    model = cls(**TINY, window_size=4)
-    with torch.no_grad():  # off V2's zero-initialised post-norms, so every block matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    x = torch.randn(2, 3, 61, 75)
+    model, x = perturbed_model_and_input(cls)
     with torch.no_grad():
         ref = model(x)
     with torch.autocast('cpu', dtype=dtype):
@@ -45,12 +51,7 @@ def test_half_precision_weights(cls, dtype):
     """A backbone converted to bf16 or fp16 (``model.to(dtype)``, ``model.half()``), without autocast: every
     part runs in the parameters' dtype (V2's position-bias MLP takes its coordinates in that dtype, as the
     official model's buffer is converted with it), outputs close to fp32 and finite gradients."""
-    torch.manual_seed(0)
-    model = cls(**TINY, window_size=4)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    x = torch.randn(2, 3, 61, 75)
+    model, x = perturbed_model_and_input(cls)
     low = cls(**TINY, window_size=4)
     low.load_state_dict(model.state_dict())
     low.to(dtype)
@@ -209,12 +210,7 @@ def test_onednn_fused_linear_in_inference_only(cls, monkeypatch):
     """Every linear layer of bf16 inference takes the fused op, whose outputs match those of PyTorch's
     kernels (the same products; the GELU is fused, one rounding instead of two). It has no backward:
     training keeps PyTorch's kernels."""
-    torch.manual_seed(0)
-    model = cls(**TINY, window_size=4)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    x = torch.randn(2, 3, 61, 75)
+    model, x = perturbed_model_and_input(cls)
 
     def run(mode: str, grad: bool) -> tuple:
         monkeypatch.setenv('MMSWIN_BF16_MATMUL', mode)
