@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
-from mmswin.models import cpu_kernels, layers
+from mmswin.models import cpu_kernels, layers, windows
 from mmswin.models.attention import CosineWindowAttention, WindowAttention, unit_vectors
 from mmswin.models.blocks import PatchEmbed
 from mmswin.models.layer_norm import LayerNorm
@@ -328,6 +328,39 @@ def test_training_after_inference_gets_position_bias_gradients(cls):
     grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_training_after_inference_mode(cls, dtype):
+    """The window geometry cached by a forward under ``torch.inference_mode()`` (indices, shift masks, V2's
+    coordinates) serves a later training step: plain tensors, which autograd may save, and the same
+    gradients as a step with the caches filled in training."""
+    torch.manual_seed(0)
+    model = cls(**TINY, window_size=4)
+    x = torch.randn(2, 3, 70, 90)
+
+    def gradients() -> dict:
+        model.zero_grad()
+        with torch.autocast('cpu', dtype or torch.bfloat16, enabled=dtype is not None):
+            outs = model.train()(x)
+        sum(out.float().square().mean() for out in outs).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    clear_geometry_caches()
+    expected = gradients()
+    clear_geometry_caches()
+    with torch.inference_mode(), torch.autocast('cpu', dtype or torch.bfloat16, enabled=dtype is not None):
+        model.eval()(x)
+    assert windows.shift_mask((72, 92), (4, 4), (2, 2), torch.device('cpu')).is_inference() is False
+    for name, grad in gradients().items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=name)
+
+
+def clear_geometry_caches() -> None:
+    for fn in vars(windows).values():
+        if hasattr(fn, 'cache_clear'):
+            fn.cache_clear()
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])

@@ -3,9 +3,9 @@
 Feature maps are channels-last, ``(B, H, W, C)``. A window is a ``(wh, ww)`` pair so that V2 can shrink
 it to a feature map smaller than the configured window, as the official V2 code does.
 """
+import functools
 import math
-from functools import lru_cache
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,20 @@ Size2 = Tuple[int, int]
 # Value the official code adds to logits of token pairs that belong to different regions of a shifted
 # window. It is not -inf: a padded row may see only foreign tokens and must still give finite values.
 SHIFT_MASK_VALUE = -100.0
+
+
+def geometry_cache(maxsize: int) -> Callable[[Callable], Callable]:
+    """``functools.lru_cache`` for the index and mask tensors built here from sizes, built outside inference
+    mode: a cache first filled under ``torch.inference_mode()`` holds plain tensors, which autograd can save
+    when the same sizes come back in training (it refuses inference tensors)."""
+    def decorate(build: Callable) -> Callable:
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args, **kwargs):
+            with torch.inference_mode(False):
+                return build(*args, **kwargs)
+        return cached
+    return decorate
 
 
 def pad_to_windows(x: torch.Tensor, window: Size2) -> torch.Tensor:
@@ -43,7 +57,7 @@ def window_reverse(windows: torch.Tensor, window: Size2, hw: Size2) -> torch.Ten
     return x.reshape(-1, h, w, c)
 
 
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _window_gather_cpu(hw: Size2, window: Size2,
                        shift: Size2) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     (h, w), (wh, ww), (sh, sw) = hw, window, shift
@@ -119,7 +133,7 @@ def window_rows(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int, 
     return _window_rows(*hw, *window, *shift, windows_per_chunk, str(device))
 
 
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _window_rows(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int, device: str) -> WindowRows:
     chunks, start = [], 0
     parts = _window_chunks(h, w, wh, ww, sh, sw, per_chunk, 'cpu')
@@ -149,7 +163,7 @@ def image_chunks(num_windows: int, mask_windows: int, per_chunk: int) -> Iterato
             yield slice(first + start, first + stop), slice(start, stop)
 
 
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int,
                    device: str) -> Tuple[WindowChunk, ...]:
     gather, _, padding = _window_gather_cpu((h, w), (wh, ww), (sh, sw))
@@ -231,23 +245,23 @@ def scatter_windows(windows: torch.Tensor, gather: torch.Tensor, scatter: torch.
 
 # The geometry below depends on sizes only and is cached per size and device (plain ints and a device
 # name as keys). torch.compile traces through the cache into these functions, with the sizes as constants.
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _gather_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
     return _window_gather_cpu((h, w), (wh, ww), (sh, sw))[0].to(device)
 
 
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _scatter_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
     return _window_gather_cpu((h, w), (wh, ww), (sh, sw))[1].to(device)
 
 
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _padding_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: str) -> Optional[torch.Tensor]:
     padding = _window_gather_cpu((h, w), (wh, ww), (sh, sw))[2]
     return None if padding is None else padding.to(device)
 
 
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _shift_mask_cpu(hw: Size2, window: Size2, shift: Size2) -> torch.Tensor:
     labels = []
     for size, win, sh in zip(hw, window, shift):
@@ -283,12 +297,12 @@ def shift_mask(hw: Size2, window: Size2, shift: Size2,
     return _cached_on_device(*hw, *window, *shift, str(device))
 
 
-@lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _cached_on_device(hp: int, wp: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
     return _shift_mask_cpu((hp, wp), (wh, ww), (sh, sw)).to(device)
 
 
-@lru_cache(maxsize=32)
+@geometry_cache(maxsize=32)
 def relative_position_index(window: Size2) -> torch.Tensor:
     """``(N, N)`` index into a ``(2wh-1) * (2ww-1)`` table of relative offsets, official ordering."""
     wh, ww = window
@@ -297,7 +311,7 @@ def relative_position_index(window: Size2) -> torch.Tensor:
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
 
 
-@lru_cache(maxsize=32)
+@geometry_cache(maxsize=32)
 def log_spaced_coords(window: Size2, pretrained_window: Optional[Size2] = None) -> torch.Tensor:
     """V2's relative coordinates ``(2wh-1, 2ww-1, 2)``, log-spaced and scaled to about [-1, 1].
 
@@ -315,13 +329,13 @@ def log_spaced_coords(window: Size2, pretrained_window: Optional[Size2] = None) 
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
-@lru_cache(maxsize=32)
+@geometry_cache(maxsize=32)
 def relative_position_index_on(wh: int, ww: int, device: str) -> torch.Tensor:
     """:func:`relative_position_index` on ``device``, cached."""
     return relative_position_index((wh, ww)).to(device)
 
 
-@lru_cache(maxsize=32)
+@geometry_cache(maxsize=32)
 def log_spaced_coords_on(wh: int, ww: int, pretrained: int, device: str) -> torch.Tensor:
     """:func:`log_spaced_coords` flattened to ``((2wh-1)(2ww-1), 2)`` on ``device`` (``pretrained`` 0:
     none), cached."""
