@@ -74,6 +74,29 @@ def test_bad_input(cls, x, pattern):
 
 
 @pytest.mark.parametrize('cls', BACKBONES)
+@pytest.mark.parametrize('x,pattern', [
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), r'expects floating-point images .*, got torch.uint8'),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.float16),
+     r'has torch.float32 parameters and got a torch.float16 input: .* or run under torch.autocast'),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.float64), r'has torch.float32 parameters and got a torch.float64 input'),
+])
+def test_bad_input_dtype(cls, x, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        cls(**SMALL)(x)
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+def test_input_dtypes_that_run(cls):
+    """An input in the parameters' dtype, or any floating dtype under autocast, runs."""
+    model = cls(**SMALL).eval()
+    with torch.no_grad():
+        assert model.double()(torch.zeros(1, 3, 64, 64, dtype=torch.float64))[0].dtype == torch.float64
+        model.float()
+        with torch.autocast('cpu', torch.bfloat16):
+            assert model(torch.zeros(1, 3, 64, 64, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
 @pytest.mark.parametrize('bad', [math.nan, math.inf])
 def test_non_finite_input_is_not_hidden(cls, bad):
     """Documented behaviour: NaN/Inf pixels make the outputs non-finite (they are never masked into

@@ -305,6 +305,15 @@ class SwinTransformer(BaseModule):
         if h < self.patch_size or w < self.patch_size:
             raise ValueError(f'{name} needs images of at least one patch ({self.patch_size}x{self.patch_size}), '
                              f'got {h}x{w}')
+        if not x.is_floating_point():
+            raise TypeError(f'{name} expects floating-point images (normalised, as the data preprocessors of mmdet '
+                            f'and mmseg give them), got {x.dtype}')
+        weight = self.patch_embed.proj.weight
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        if x.dtype != weight.dtype and not autocast:
+            raise TypeError(f'{name} has {weight.dtype} parameters and got a {x.dtype} input: cast the input (or '
+                            f'the model) to one dtype, or run under torch.autocast')
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, in_channels, H, W)`` to one ``(B, C_i, ceil(H / 2^(i+2)), ...)`` map per ``out_indices``
