@@ -178,14 +178,28 @@ def test_absolute_position_embedding_is_interpolated_bicubically():
 
 def test_shift_masks_built_once_per_feature_size():
     model = SwinTransformer(**SMALL).eval()
-    windows._shift_mask_cpu.cache_clear()
+    windows._shift_mask_parts.cache_clear()
     windows._cached_on_device.cache_clear()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(1, 3, 97, 131))
     # four stages, one feature size each: four masks built, however many blocks and forwards
-    assert windows._shift_mask_cpu.cache_info().misses == 4
+    assert windows._shift_mask_parts.cache_info().misses == 4
     assert windows._cached_on_device.cache_info().misses == 4
+
+
+def test_shift_masks_kept_whole_for_the_last_sizes_only():
+    """Of each feature size only its four distinct masks stay; whole masks for the last few sizes."""
+    windows._cached_on_device.cache_clear()
+    masks, kinds = windows._shift_mask_parts((203, 308), (7, 7), (3, 3))
+    assert masks.shape == (4, 49, 49) and kinds.shape == (29 * 44,)
+    # inner windows, the last column, the last row, the corner
+    grid = kinds.view(29, 44)
+    assert len({int(k) for k in grid[:-1, :-1].flatten()}) == 1
+    assert len({int(grid[0, 0]), int(grid[0, -1]), int(grid[-1, 0]), int(grid[-1, -1])}) == 4
+    for h in range(1, 3 * windows.KEPT_MASKS):
+        windows.shift_mask((7 * h, 14), (7, 7), (3, 3), torch.device('cpu'))
+    assert windows._cached_on_device.cache_info().currsize == windows.KEPT_MASKS
 
 
 def test_v2_shrinks_window_to_small_feature_maps():

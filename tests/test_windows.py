@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmswin.models.attention import WindowAttention
 from mmswin.models.blocks import SwinBlock
-from mmswin.models.windows import relative_position_index, shift_mask
+from mmswin.models.windows import relative_position_index, shift_mask, window_partition
 
 
 def reference(x, window, shift, fn):
@@ -50,6 +50,26 @@ def test_window_layout_equals_pad_roll_partition(hw, window, shift, method):
     out.backward(g)
     ref.backward(g)
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize('hw,window,shift', [((203, 308), (7, 7), (3, 3)), ((56, 77), (7, 7), (3, 3)),
+                                               ((24, 32), (8, 8), (4, 0)), ((12, 16), (4, 4), (0, 2)),
+                                               ((7, 21), (7, 7), (3, 3)), ((14, 7), (7, 7), (3, 3))])
+def test_shift_mask_is_the_official_region_mask(hw, window, shift):
+    """The mask kept as its distinct windows and expanded is the official one: regions of the shifted layout
+    labelled by slices, -100 between tokens of different regions."""
+    regions = torch.zeros(1, *hw, 1)
+    bands = [[slice(0, -win), slice(-win, -sh), slice(-sh, None)] if sh else [slice(None)]
+             for win, sh in zip(window, shift)]
+    label = 0
+    for rows in bands[0]:
+        for cols in bands[1]:
+            regions[:, rows, cols, :] = label
+            label += 1
+    per_window = window_partition(regions, window).view(-1, window[0] * window[1])
+    differ = per_window[:, None, :] - per_window[:, :, None]
+    expected = torch.zeros(differ.shape).masked_fill(differ != 0, -100.0)
+    assert torch.equal(shift_mask(hw, window, shift, torch.device('cpu')), expected)
 
 
 def test_shift_mask_values():

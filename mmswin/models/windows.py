@@ -262,7 +262,9 @@ def _padding_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int, device: s
 
 
 @geometry_cache(maxsize=64)
-def _shift_mask_cpu(hw: Size2, window: Size2, shift: Size2) -> torch.Tensor:
+def _shift_mask_parts(hw: Size2, window: Size2, shift: Size2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The four masks of :func:`shift_mask`'s kinds of window, ``(4, N, N)`` (inner windows, the last column, the
+    last row, the corner), and each window's kind, ``(nW,)`` int64."""
     labels = []
     for size, win, sh in zip(hw, window, shift):
         # Three regions per axis in the shifted layout: untouched, rolled-in from the far side, and
@@ -274,8 +276,14 @@ def _shift_mask_cpu(hw: Size2, window: Size2, shift: Size2) -> torch.Tensor:
         labels.append(lab)
     region = (labels[0][:, None] * 3 + labels[1][None, :])[None, :, :, None]  # (1, Hp, Wp, 1)
     region = window_partition(region, window).squeeze(-1)  # (nW, N)
-    differs = region[:, :, None] != region[:, None, :]
-    return torch.zeros(differs.shape).masked_fill_(differs, SHIFT_MASK_VALUE)
+    # Every window row but the last lies in one region band, and so does every column but the last: a
+    # window's regions depend only on whether it is in the last row and in the last column.
+    rows, cols = hw[0] // window[0], hw[1] // window[1]
+    last_row, last_col = torch.arange(rows) == rows - 1, torch.arange(cols) == cols - 1
+    kinds = (2 * last_row[:, None] + last_col[None, :]).reshape(-1)  # (nW,)
+    distinct = region[[0, cols - 1, (rows - 1) * cols, rows * cols - 1]]  # a window of each kind (4, N)
+    differs = distinct[:, :, None] != distinct[:, None, :]
+    return torch.zeros(differs.shape).masked_fill_(differs, SHIFT_MASK_VALUE), kinds
 
 
 def shift_mask(hw: Size2, window: Size2, shift: Size2,
@@ -289,17 +297,24 @@ def shift_mask(hw: Size2, window: Size2, shift: Size2,
         device: Where the mask is wanted.
 
     Returns:
-        ``(nW, N, N)`` float32 tensor of 0 and -100 with ``N = wh * ww``, or ``None``. Built once per
-        feature size and cached.
+        ``(nW, N, N)`` float32 tensor of 0 and -100 with ``N = wh * ww``, or ``None``. The few distinct
+        masks of a feature size are built once and kept; the whole mask (12 MiB for the first stage of an
+        800x1216 image) is kept for the last :data:`KEPT_MASKS` feature sizes and devices only, so that
+        inputs of many sizes (multi-scale training, detection test sets) do not pile masks up.
     """
     if not any(shift):
         return None
     return _cached_on_device(*hw, *window, *shift, str(device))
 
 
-@geometry_cache(maxsize=64)
+# Whole shift masks kept: the last four image sizes' four stages (at 800x1216 about 16 MiB a size).
+KEPT_MASKS = 16
+
+
+@geometry_cache(maxsize=KEPT_MASKS)
 def _cached_on_device(hp: int, wp: int, wh: int, ww: int, sh: int, sw: int, device: str) -> torch.Tensor:
-    return _shift_mask_cpu((hp, wp), (wh, ww), (sh, sw)).to(device)
+    masks, kinds = _shift_mask_parts((hp, wp), (wh, ww), (sh, sw))
+    return masks.to(device)[kinds.to(device)]
 
 
 @geometry_cache(maxsize=32)
