@@ -281,7 +281,8 @@ def _shift_mask_parts(hw: Size2, window: Size2, shift: Size2) -> Tuple[torch.Ten
     rows, cols = hw[0] // window[0], hw[1] // window[1]
     last_row, last_col = torch.arange(rows) == rows - 1, torch.arange(cols) == cols - 1
     kinds = (2 * last_row[:, None] + last_col[None, :]).reshape(-1)  # (nW,)
-    distinct = region[[0, cols - 1, (rows - 1) * cols, rows * cols - 1]]  # a window of each kind (4, N)
+    examples = torch.tensor([0, cols - 1, (rows - 1) * cols, rows * cols - 1])  # a window of each kind
+    distinct = region.index_select(0, examples)  # (4, N)
     differs = distinct[:, :, None] != distinct[:, None, :]
     return torch.zeros(differs.shape).masked_fill_(differs, SHIFT_MASK_VALUE), kinds
 
