@@ -259,10 +259,7 @@ class CosineWindowAttention(WindowAttention):
             qk, v = qkv_heads(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
                               chunk_tokens=layers.chunk_tokens(x), stack_qk=True)
         # Queries and keys normalised together, (2, B_, nH, N, d): one pass, and one in the backward.
-        # Their lengths are constants to autograd, whose gradient unit_vectors writes itself.
-        with torch.no_grad():
-            norms = vector_lengths(qk)
-        return (*unit_vectors(qk, self.logit_scales(), norms).unbind(0), v, 1.0)
+        return (*unit_vectors(qk, self.logit_scales()).unbind(0), v, 1.0)
 
     cosine = True
 
@@ -280,45 +277,64 @@ class CosineWindowAttention(WindowAttention):
 
 
 class _ScaledUnitVectors(torch.autograd.Function):
-    """``y = x * scale / max(|x|, eps)`` with a hand-written backward that needs ``y`` and per-vector
-    factors only: ``x`` is not kept (for V2's queries and keys, the largest tensors of its attention),
-    and the backward is two passes over ``y`` instead of the five of the composed operators. ``norm`` is
-    ``|x|``, given without a gradient: its dependence on ``x`` is part of the backward here.
+    """``(y, |x|)`` with ``y = x * scale / max(|x|, eps)``, and a hand-written backward that needs ``y`` and
+    ``|x|`` only: ``x`` is not kept (for V2's queries and keys, the largest tensors of its attention), and
+    the backward is two passes over ``y`` instead of the five of the composed operators.
 
     With ``d = max(|x|, eps)``, ``f = scale / d`` and ``c = [|x| >= eps] / (scale * d)``:
     ``dL/dx = f * g - c * (g.y) y`` (the projection of ``g`` onto ``x``, taken out where ``|x|`` is
     not clamped) and ``dL/dscale = sum((g.y) / scale)`` over the axes ``scale`` is broadcast along.
     ``scale`` is positive (V2's is an exponential); where it underflows to zero, ``y`` and the gradient
     that reaches the exponent are zero, and so is what is returned here.
+
+    The backward is made of differentiable operators on ``y``, ``|x|`` and ``scale``, which autograd
+    records with their own history under ``create_graph=True``: ``|x|`` is an output for that (its
+    gradient, ``x / |x| = y * d / (scale * |x|)``, comes back only in a second derivative), so that
+    second derivatives (Hessian-vector products, gradient penalties) are those of the composed operators.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, norm: torch.Tensor, scale: Optional[torch.Tensor],
-                eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, scale: Optional[torch.Tensor], eps: float) -> tuple:
+        norm = vector_lengths(x)
         factor = norm.clamp_min(eps).reciprocal()
         if scale is not None:
             factor = factor * scale
-        out = x * factor.to(x.dtype)
-        # The backward's coefficients are computed there from these small tensors: an inference
-        # forward (V2's CPU chunks, launch-bound GPU batches) does not pay for them.
-        ctx.save_for_backward(out, factor, norm, scale)
+        out = x * factor
+        ctx.save_for_backward(out, norm, scale)
         ctx.eps = eps
-        return out
+        ctx.set_materialize_grads(False)
+        return out, norm
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple:
-        out, factor, norm, scale = ctx.saved_tensors
-        coeff = torch.where(norm >= ctx.eps, norm.clamp_min(ctx.eps).reciprocal(), 0.0)
+    def backward(ctx, grad: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor]) -> tuple:
+        out, norm, scale = ctx.saved_tensors
+        clamped = norm.clamp_min(ctx.eps)
+        coeff = torch.where(norm >= ctx.eps, clamped.reciprocal(), 0.0)
         inv_scale = None
         if scale is not None:
-            inv_scale = torch.where(scale > 0, scale.reciprocal(), 0.0)
+            inv_scale = _reciprocal_or_zero(scale)
             coeff = coeff * inv_scale
-        dot = (grad * out).sum(-1, keepdim=True)
-        grad_x = (grad * factor).addcmul_(out, dot * coeff, value=-1)
-        grad_scale = None
-        if scale is not None and ctx.needs_input_grad[2]:
-            grad_scale = (dot * inv_scale).sum_to_size(scale.shape)
-        return grad_x, None, grad_scale, None
+        grad_x = grad_scale = None
+        if grad is not None:
+            factor = clamped.reciprocal() if scale is None else clamped.reciprocal() * scale
+            dot = (grad * out).sum(-1, keepdim=True)
+            grad_x = (grad * factor).addcmul_(out, dot * coeff, value=-1)
+            if scale is not None and ctx.needs_input_grad[1]:
+                grad_scale = (dot * inv_scale).sum_to_size(scale.shape)
+        if grad_norm is not None:
+            direction = clamped * _reciprocal_or_zero(norm)
+            if inv_scale is not None:
+                direction = direction * inv_scale
+            grad_x_norm = out * (direction * grad_norm)
+            grad_x = grad_x_norm if grad_x is None else grad_x + grad_x_norm
+        return grad_x, grad_scale, None
+
+
+def _reciprocal_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """``1 / x`` where ``x > 0``, else 0, with finite gradients everywhere (a second derivative through a
+    ``where`` multiplies the unselected branch's gradient by zero: an infinite one would give NaN)."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1.0).reciprocal(), 0.0)
 
 
 def gather_bias(table: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -334,22 +350,16 @@ def vector_lengths(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True)
 
 
-def unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                 norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+def unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``scale * x / max(|x|, eps)`` over the last axis: F.normalize's eps, times ``scale``.
 
-    ``norm``: ``vector_lengths(x)`` when already known. In fp16, ``|x|^2`` overflows beyond 256, so the
-    norm and the product are taken in fp32 (bf16 has fp32's range). The zero keys of padding tokens would
-    get a gradient of ``1 / eps``, so there eps is one fp16 can carry (only vectors shorter than that,
-    i.e. padding, are affected).
+    In fp16, ``|x|^2`` overflows beyond 256, so the norm and the product are taken in fp32 (bf16 has
+    fp32's range). The zero keys of padding tokens would get a gradient of ``1 / eps``, so there eps is
+    one fp16 can carry (only vectors shorter than that, i.e. padding, are affected).
     """
-    if norm is None:
-        with torch.no_grad():
-            norm = vector_lengths(x)
     if x.dtype == torch.float16:
-        return _ScaledUnitVectors.apply(x.float(), norm, scale, FP16_NORM_EPS).to(x.dtype)
-    return _ScaledUnitVectors.apply(x, norm.to(x.dtype), None if scale is None else scale.to(x.dtype),
-                                    NORM_EPS)
+        return _ScaledUnitVectors.apply(x.float(), scale, FP16_NORM_EPS)[0].to(x.dtype)
+    return _ScaledUnitVectors.apply(x, None if scale is None else scale.to(x.dtype), NORM_EPS)[0]
 
 
 def validate_heads(dims: Sequence[int], num_heads: Sequence[int]) -> None:

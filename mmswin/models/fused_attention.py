@@ -15,7 +15,8 @@ the backward recomputes the weights from it, window by window, to write the grad
 projection's layout and sum those of the position bias and (V2) the logit scales in fp32. Where the
 kernels are not used (:mod:`.cpu_kernels`), the attention takes PyTorch's operators.
 """
-from typing import Optional, Tuple
+import functools
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -42,6 +43,23 @@ def applies(x: torch.Tensor, heads: int, dropout_p: float, window_tokens: Option
     return cpu_kernels.use_kernels()
 
 
+def first_order_only(backward: Callable) -> Callable:
+    """``once_differentiable`` for the kernels' backward passes, with an error that says what to do at a
+    backward with ``create_graph=True`` (instead of PyTorch's at the second backward)."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads: torch.Tensor) -> tuple:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "mmswin's compiled CPU bf16 window attention has no second derivative (a backward with "
+                'create_graph=True). Set MMSWIN_BF16_MATMUL=native before the forward to take PyTorch\'s '
+                'operators there, whose gradients are differentiable.')
+        return once(ctx, *grads)
+
+    return checked
+
+
 class _WindowAttention(torch.autograd.Function):
     """:func:`window_attention` where autograd records: the forward keeps ``qkv`` and each row's lse,
     the backward recomputes the weights in the kernels."""
@@ -55,7 +73,7 @@ class _WindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         qkv, lse, bias, scale, mask = ctx.saved_tensors
         need_qkv, need_bias, need_scale = ctx.needs_input_grad[:3]
@@ -98,7 +116,7 @@ class _ProjectedWindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, w, bias, scale, mask, *saved = ctx.saved_tensors
         need_bias, need_scale = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and ctx.cosine
@@ -226,7 +244,7 @@ class _ProjectedRowsAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, w, pad, bias, scale, mask, *saved = ctx.saved_tensors
         need_bias, need_scale = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and ctx.cosine

@@ -30,6 +30,7 @@ class _GeluMlp(torch.autograd.Function):
         # The parameters come in their own dtype and are cast to x's here, so that the backward returns
         # their gradients in that dtype straight from the fp32 sums (no rounding to bf16 and back).
         ctx.param_dtypes = [None if t is None else t.dtype for t in (w1, b1, w2, b2)]
+        params = (w1, b1, w2)
         w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in (w1, b1, w2, b2))
         rows = x.reshape(-1, x.shape[-1])
         hidden = []
@@ -39,15 +40,19 @@ class _GeluMlp(torch.autograd.Function):
             hidden.append(h)
             chunk_linear(F.gelu(h, approximate=approximate), w2, b2, fp32_products, out=out[start:start + chunk])
         # fc1's output is kept as its chunks: a whole (tokens, hidden) tensor would be mapped afresh by the
-        # C allocator (page faults) at the first stage of detection inputs.
-        ctx.save_for_backward(x, w1, w2, *hidden)
+        # C allocator (page faults) at the first stage of detection inputs. The parameters as given are kept
+        # for a backward with create_graph=True (they are alive anyway).
+        ctx.save_for_backward(x, w1, w2, *params, *hidden)
         ctx.approximate, ctx.fp32_products = approximate, fp32_products
         ctx.has_bias = (b1 is not None, b2 is not None)
         return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x, w1, w2, *hidden = ctx.saved_tensors
+        x, w1, w2, *saved = ctx.saved_tensors
+        params, hidden = saved[:3], saved[3:]  # (w1, b1, w2) as given, fc1's output chunks
+        if torch.is_grad_enabled():  # create_graph=True
+            return (*_differentiable_grads(ctx, grad_out, x, *params), None, None, None)
         fp32, approximate = ctx.fp32_products, ctx.approximate
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
@@ -84,6 +89,26 @@ class _GeluMlp(torch.autograd.Function):
                  for g, dtype in zip((grad_w1, grad_b1, grad_w2, grad_b2), ctx.param_dtypes)]
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, *grads, None, None, None
+
+
+def _differentiable_grads(ctx, grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                          w2: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """The gradients of ``x`` and the parameters (as given to the forward) as differentiable functions of
+    them, for a backward with ``create_graph=True`` (a Hessian-vector product, a gradient penalty):
+    ``fc1``'s output recomputed from ``x`` whole, with autograd recording every operator."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    dtype = x.dtype
+    w1c, w2c = w1.to(dtype), w2.to(dtype)
+    rows, grad_out = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    h = F.linear(rows, w1c, None if b1 is None else b1.to(dtype))
+    grad_h = torch.ops.aten.gelu_backward(grad_out @ w2c, h, approximate=ctx.approximate)
+    grads = (grad_h @ w1c if need_x else None,
+             grad_h.t() @ rows if need_w1 else None,
+             grad_h.sum(0) if need_b1 and ctx.has_bias[0] else None,
+             grad_out.t() @ F.gelu(h, approximate=ctx.approximate) if need_w2 else None,
+             grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None)
+    grad_x = None if grads[0] is None else grads[0].view(x.shape)
+    return (grad_x, *(None if g is None else g.to(t) for g, t in zip(grads[1:], ctx.param_dtypes)))
 
 
 def _gelu_in_kernels(h: torch.Tensor) -> bool:

@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 
 @lru_cache(maxsize=1)
@@ -199,7 +198,8 @@ def _softmax_in_pieces(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SoftmaxInPieces(torch.autograd.Function):
-    """:func:`_softmax_in_pieces` with the backward of PyTorch's softmax, from the output it saves."""
+    """:func:`_softmax_in_pieces` with the backward of PyTorch's softmax, from the output it saves (itself
+    differentiable: a backward with ``create_graph=True`` gets second derivatives)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +208,6 @@ class _SoftmaxInPieces(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         out, = ctx.saved_tensors
         return torch._softmax_backward_data(grad, out, -1, out.dtype)

@@ -61,7 +61,7 @@ class _QkvHeads(torch.autograd.Function):
             rows = slice(start, min(start + chunk, bw))
             qkv = chunk_linear(x[rows], w, b, fp32_products)
             _write_heads(qkv.view(-1, n, 3, heads, head_dim), q[rows], k[rows], v[rows], scale)
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, weight)  # the weight as given too, for a backward with create_graph=True
         ctx.scale, ctx.fp32_products, ctx.chunk, ctx.stack_qk = scale, fp32_products, chunk, stack_qk
         return outputs
 
@@ -69,10 +69,12 @@ class _QkvHeads(torch.autograd.Function):
     def backward(ctx, *grads: Optional[torch.Tensor]) -> tuple:
         if ctx.stack_qk:
             grads = (None, None, grads[1]) if grads[0] is None else (*grads[0].unbind(0), grads[1])
-        x, w = ctx.saved_tensors
+        x, w, weight = ctx.saved_tensors
         bw, n, c = x.shape
         like = next(g for g in grads if g is not None)
         heads, head_dim = like.shape[1], like.shape[3]
+        if torch.is_grad_enabled():  # create_graph=True
+            return (*_differentiable_grads(ctx, grads, x, weight), None, None, None, None, None)
         sums = ProjectionGrads(x, w, ctx.needs_input_grad[:3], ctx.param_dtypes, ctx.fp32_products)
         for start in range(0, bw, ctx.chunk):
             rows = slice(start, min(start + ctx.chunk, bw))
@@ -87,6 +89,23 @@ class _QkvHeads(torch.autograd.Function):
                     parts[i].copy_(grad[rows])
             sums.add(rows, g.view(-1, 3 * c))
         return (*sums.result(), None, None, None, None, None)
+
+
+def _differentiable_grads(ctx, grads: Sequence[Optional[torch.Tensor]], x: torch.Tensor,
+                          weight: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """The gradients of ``x``, ``weight`` and the bias from those of ``(q, k, v)`` as differentiable functions
+    of them, for a backward with ``create_graph=True``: the projection's gradient whole, autograd recording
+    every operator."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    like = next(g for g in grads if g is not None)
+    grads = [torch.zeros_like(like) if g is None else g for g in grads]
+    grads[0] = grads[0] * ctx.scale
+    g = torch.stack(grads, 2).transpose(1, 3).reshape(-1, weight.shape[0])  # (B_ * N, 3C): (N, 3, nH, d) rows
+    rows = x.reshape(-1, x.shape[-1])
+    grad_x = (g @ weight.to(x.dtype)).view(x.shape) if need_x else None
+    grad_w = (g.t() @ rows).to(ctx.param_dtypes[0]) if need_w else None
+    grad_b = g.sum(0).to(ctx.param_dtypes[1]) if need_b and ctx.param_dtypes[1] is not None else None
+    return grad_x, grad_w, grad_b
 
 
 class ProjectionGrads:
