@@ -58,6 +58,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     assert len(agreement['max_abs_diff']) == 4 and max(agreement['max_abs_diff']) < 1e-4
     memory = {(m['model'], m['with_cp']): m for m in report['train_peak_memory_bytes']}
     assert set(memory) == {('mmswin-v1', False), ('mmswin-v1', True)}
+    assert {m['precision'] for m in memory.values()} == {'fp32'}  # the run's precisions
     for m in memory.values():
         # at least the gradients of Swin-T's 28.3M fp32 parameters are live at the peak
         assert m['tensor_bytes'] >= 28e6 * 4
@@ -105,7 +106,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     for cells in product_rows:
         alone = products[(cells[3], cells[2])]['alone_s']
         assert cells[7] == f"{rows[('mmdet-v1', cells[2])]['median_s'] / alone:.2f}x"
-    memory_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | mmswin-v1 |')]
+    memory_rows = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 | mmswin-v1 | ')]
     assert len(memory_rows) == 2 and memory_rows[0].count('MiB') == 3
     # operators per call, forward and backward: a training step runs more than a forward
     operators = {(p['model'], p['mode']): p['operators'] for p in report['profiles']}
@@ -164,6 +165,7 @@ def test_compile_needs_a_warmup_round():
     result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--compile',
                              '--warmup', '0'], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and '--compile needs --warmup of at least 1' in result.stderr
+
 
 def load_benchmark_tool(name: str = 'benchmark'):
     import importlib.util
@@ -234,6 +236,41 @@ def test_products_replayed_with_the_recorded_operands():
     result = benchmark.products_alone(step, torch.device('cpu'), repeats=2)
     assert result['calls'] == 4 and result['distinct'] == 3 and result['alone_s'] > 0
 
+
+def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):
+    """Every model's training memory is measured in each precision of the run, with and without
+    checkpointing, and recorded with its precision (timing and measuring replaced by stand-ins here)."""
+    benchmark = load_benchmark_tool()
+    measured = []
+
+    def memory(name, window, size, precision, device, with_cp=False):
+        measured.append((precision, name, with_cp))
+        return dict(tensor_bytes=2 ** 20 * (2 if precision == 'fp32' else 1) * (1 if with_cp else 3))
+
+    def group(names, *args):
+        return dict(times={name: [1.0] for name in names}, matmul_flops_per_s={'fp32': 1e9, 'bf16': 1e9})
+
+    monkeypatch.setattr(benchmark, 'peak_train_memory', memory)
+    monkeypatch.setattr(benchmark, 'measure_group_in_worker', group)
+    monkeypatch.setattr(benchmark, 'matmul_rate', lambda device, precision: 1e9)
+    out = tmp_path / 'report.json'
+    benchmark.main(['--sizes', '1x3x32x32', '--models', 'mmswin-v1', 'mmdet-v1', '--precisions', 'fp32', 'bf16',
+                    '--modes', 'inference', '--repeats', '1', '--out', str(out)])
+    runs = [(p, m, cp) for p in ('fp32', 'bf16') for m in ('mmswin-v1', 'mmdet-v1') for cp in (False, True)]
+    assert measured == runs
+    recorded = json.loads(out.read_text())['train_peak_memory_bytes']
+    assert [(m['precision'], m['model'], m['with_cp']) for m in recorded] == runs
+    table = load_benchmark_tool('benchmark_table').memory_table([json.loads(out.read_text())])
+    assert table[2:4] == ['| 1x3x32x32 | fp32 | mmswin-v1 | False | 6 MiB |  |  |',
+                          '| 1x3x32x32 | fp32 | mmswin-v1 | True | 2 MiB (67% less) |  |  |']
+    assert table[6:8] == ['| 1x3x32x32 | bf16 | mmswin-v1 | False | 3 MiB |  |  |',
+                          '| 1x3x32x32 | bf16 | mmswin-v1 | True | 1 MiB (67% less) |  |  |']
+    # reports from before the precision was recorded: their memory was measured in fp32
+    for m in recorded:
+        del m['precision']
+    assert load_benchmark_tool('benchmark_table').memory_table([dict(train_peak_memory_bytes=recorded[:2])])[2:] == [
+        '| 1x3x32x32 | fp32 | mmswin-v1 | False | 6 MiB |  |  |',
+        '| 1x3x32x32 | fp32 | mmswin-v1 | True | 2 MiB (67% less) |  |  |']
 
 
 def test_operator_count_leaves_out_views_and_allocations():

@@ -9,13 +9,14 @@ models are called in turn, one at a time (warm-up first): alternation spreads th
 all of them, and separate processes keep one model's memory use from changing the page faults that the
 next one meets in the C allocator. Medians and ratios are reported (the ratio of the medians, and the
 ratios of the rounds, whose calls are minutes closer than the medians' may be; on CPU with the page faults and
-system CPU time per call), with the peak memory of a training step (CUDA max allocated; on CPU the peak
-of live tensors and the RSS growth of a separate worker process per model, with glibc's default settings
+system CPU time per call), with the peak memory of a training step in each precision (CUDA max allocated;
+on CPU the peak of live tensors and the RSS growth of a separate worker process per model, with glibc's default settings
 and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on the
 same device right before each group. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for
 every model of a size, so FLOP/s compare like with like.
 """
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -688,12 +689,12 @@ def main(argv=None) -> dict:
                         dict(size=size, precision=precision, model=name, cosine=cosine))
                 write_report(report, args.out)
         if not args.no_memory:
-            for name in args.memory_models or names:
+            for precision, name in itertools.product(precisions, args.memory_models or names):
                 for with_cp in ([False, True] if name.startswith(('mmswin', 'mmdet')) else [False]):
-                    mem = peak_train_memory(name, args.window, size, 'fp32', device, with_cp=with_cp) or {}
+                    mem = peak_train_memory(name, args.window, size, precision, device, with_cp=with_cp) or {}
                     report.setdefault('train_peak_memory_bytes', []).append(
-                        dict(size=size, model=name, with_cp=with_cp, **mem))
-                    print(f'{"x".join(map(str, size)):>14} memory {name:>14} with_cp={with_cp!s:>5}: '
+                        dict(size=size, precision=precision, model=name, with_cp=with_cp, **mem))
+                    print(f'{"x".join(map(str, size)):>14} {precision:>4} memory {name:>14} with_cp={with_cp!s:>5}: '
                           + ', '.join(f'{key.replace("_bytes", "")} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
                           flush=True)
                     write_report(report, args.out)

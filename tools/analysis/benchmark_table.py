@@ -82,15 +82,17 @@ def memory_table(reports: List[dict]) -> List[str]:
     rows = [m for report in reports for m in report.get('train_peak_memory_bytes', [])]
     if not rows:
         return []
-    by_key: Dict[tuple, dict] = {(_size(m['size']), m['model'], m['with_cp']): m for m in rows}
+    # (reports written before the tool measured memory in each precision measured it in fp32)
+    by_key: Dict[tuple, dict] = {(_size(m['size']), m.get('precision', 'fp32'), m['model'], m['with_cp']): m
+                                 for m in rows}
     columns = ('tensor_bytes', 'rss_bytes_unpooled', 'rss_bytes')
-    lines = ['| input | model | with_cp | peak live tensors | RSS growth, unpooled malloc '
+    lines = ['| input | precision | model | with_cp | peak live tensors | RSS growth, unpooled malloc '
              '| RSS growth, default malloc |',
-             '| --- | --- | --- | ---: | ---: | ---: |']
-    for (size, model, with_cp), m in by_key.items():
-        base = by_key.get((size, model, False), {})
+             '| --- | --- | --- | --- | ---: | ---: | ---: |']
+    for (size, precision, model, with_cp), m in by_key.items():
+        base = by_key.get((size, precision, model, False), {})
         cells = [_memory_cell(m.get(key), base.get(key) if with_cp else None) for key in columns]
-        lines.append(f"| {size} | {model} | {with_cp} | {' | '.join(cells)} |")
+        lines.append(f"| {size} | {precision} | {model} | {with_cp} | {' | '.join(cells)} |")
     return lines
 
 
