@@ -214,6 +214,33 @@ def test_every_model_is_timed_in_a_process_of_its_own(monkeypatch):
         benchmark.time_in_workers(['resnet'], 7, [1, 3, 32, 32], 'fp32', 'train', 'cpu', repeats=1, warmup=0)
 
 
+def test_training_step_starts_from_fixed_output_gradients():
+    """The timed training step backpropagates fixed gradients of the outputs (their shapes and dtypes),
+    the same in every call, and leaves no parameter gradient behind."""
+    benchmark = load_benchmark_tool()
+
+    seen = []
+
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 4), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            out = self.a(x)
+            out.register_hook(seen.append)  # the gradient that reaches this output
+            return out, self.b(x).float()
+
+    model = TwoOutputs()
+    step = benchmark.step_fn(model, torch.randn(5, 6), 'train', 'bf16')
+    for _ in range(2):
+        step()
+        assert all(p.grad is None for p in model.parameters())
+    first, second = seen
+    assert first.shape == (5, 4) and first.dtype == torch.bfloat16  # the linear's output under bf16 autocast
+    assert torch.equal(first, second) and first.std() > 0.5
+
+
 def test_products_replayed_with_the_recorded_operands():
     """The replay finds every matrix product of a step with its operator, shapes, strides and dtypes."""
     benchmark = load_benchmark_tool()
