@@ -266,7 +266,8 @@ def test_products_replayed_with_the_recorded_operands():
 
 def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):
     """Every model's training memory is measured in each precision of the run, with and without
-    checkpointing, and recorded with its precision (timing and measuring replaced by stand-ins here)."""
+    checkpointing, and recorded with its precision; the run's allocator settings are recorded (timing and
+    measuring replaced by stand-ins here)."""
     benchmark = load_benchmark_tool()
     measured = []
 
@@ -280,11 +281,17 @@ def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, 'peak_train_memory', memory)
     monkeypatch.setattr(benchmark, 'measure_group_in_worker', group)
     monkeypatch.setattr(benchmark, 'matmul_rate', lambda device, precision: 1e9)
+    for key in [k for k in os.environ if k.startswith('MALLOC_')]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv('THP_MEM_ALLOC_ENABLE', '1')
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '131072')
     out = tmp_path / 'report.json'
     benchmark.main(['--sizes', '1x3x32x32', '--models', 'mmswin-v1', 'mmdet-v1', '--precisions', 'fp32', 'bf16',
                     '--modes', 'inference', '--repeats', '1', '--out', str(out)])
     runs = [(p, m, cp) for p in ('fp32', 'bf16') for m in ('mmswin-v1', 'mmdet-v1') for cp in (False, True)]
     assert measured == runs
+    # the allocator settings of the run (they change the page faults) are recorded
+    assert json.loads(out.read_text())['malloc_env'] == {'THP_MEM_ALLOC_ENABLE': '1', 'MALLOC_TRIM_THRESHOLD_': '131072'}
     recorded = json.loads(out.read_text())['train_peak_memory_bytes']
     assert [(m['precision'], m['model'], m['with_cp']) for m in recorded] == runs
     table = load_benchmark_tool('benchmark_table').memory_table([json.loads(out.read_text())])

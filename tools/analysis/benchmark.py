@@ -645,8 +645,10 @@ def main(argv=None) -> dict:
         # mmswin's compiled kernels (bf16 inference attention), where built and the CPU runs them
         report['fused_cpu_kernels'] = kernels_available()
         report['cpu'] = torch._C._cpu._get_cpu_capability().get('cpu_name')
-        # allocator settings change CPU timings (fresh pages of large tensors cost page faults)
-        report['malloc_env'] = {k: v for k, v in os.environ.items() if k.startswith('MALLOC_')}
+        # allocator settings change CPU timings (fresh pages of large tensors cost page faults): glibc's, and
+        # PyTorch's transparent huge pages for large CPU tensors
+        report['malloc_env'] = {k: v for k, v in os.environ.items()
+                                if k.startswith('MALLOC_') or k == 'THP_MEM_ALLOC_ENABLE'}
     peer = PEER
     for size in args.sizes:
         flops = {1: flops_of(size, args.window, 1), 2: flops_of(size, args.window, 2)}
