@@ -1,6 +1,6 @@
 """Markdown tables from the JSON reports of tools/analysis/benchmark.py.
 
-    python tools/analysis/benchmark_table.py docs/benchmark.json
+    python tools/analysis/benchmark_table.py docs/reports/benchmark.json
 
 Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
 ratios to mmdet and V2/V1), the ratios to mmdet round by round, on CPU the page faults and system time per call, the headroom over mmdet that the dense matmul rate leaves, the training
