@@ -5,6 +5,7 @@ import os
 import statistics
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,8 @@ def test_every_model_is_timed_in_a_process_of_its_own(monkeypatch):
 
 def test_training_step_starts_from_fixed_output_gradients():
     """The timed training step backpropagates fixed gradients of the outputs (their shapes and dtypes),
-    the same in every call, and leaves no parameter gradient behind."""
+    the same in every call, with the outputs already released (as after a neck's backward), and leaves no
+    parameter gradient behind."""
     benchmark = load_benchmark_tool()
 
     seen = []
@@ -228,7 +230,9 @@ def test_training_step_starts_from_fixed_output_gradients():
 
         def forward(self, x):
             out = self.a(x)
-            out.register_hook(seen.append)  # the gradient that reaches this output
+            alive = weakref.ref(out)
+            # the gradient that reaches this output, and whether the output was still alive then
+            out.register_hook(lambda grad: seen.append((grad, alive() is not None)))
             return out, self.b(x).float()
 
     model = TwoOutputs()
@@ -236,9 +240,10 @@ def test_training_step_starts_from_fixed_output_gradients():
     for _ in range(2):
         step()
         assert all(p.grad is None for p in model.parameters())
-    first, second = seen
+    (first, first_alive), (second, second_alive) = seen
     assert first.shape == (5, 4) and first.dtype == torch.bfloat16  # the linear's output under bf16 autocast
     assert torch.equal(first, second) and first.std() > 0.5
+    assert not first_alive and not second_alive
 
 
 def test_products_replayed_with_the_recorded_operands():

@@ -32,6 +32,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.autograd.graph import get_gradient_edge  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ARCH = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))  # Swin-T
@@ -93,7 +94,9 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str) 
     would hand them to the backbone: drawn once, after the first call's forward (a warm-up round), and
     reused. No loss is computed: a loss such as ``sum(o.float().mean())`` adds work of its own to every
     model alike (fp32 copies of the outputs and output-sized gradients, about 75 ms of a bf16 training step
-    at 800x1216 on the development CPU), which is not the backbone's."""
+    at 800x1216 on the development CPU), which is not the backbone's. The outputs themselves are let go
+    before the backward (it starts from their autograd edges), as a neck's backward would have released
+    them by the time the backbone's runs: they do not count in the step's peak memory."""
     device = x.device
     grads: List[torch.Tensor] = []
 
@@ -107,7 +110,9 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str) 
         if not grads:
             generator = torch.Generator(device=device).manual_seed(2)
             grads.extend(torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator) for o in outs)
-        torch.autograd.backward(outs, grads)
+        edges = [get_gradient_edge(o) for o in outs]
+        del outs
+        torch.autograd.backward(edges, grads)
         model.zero_grad(set_to_none=True)
 
     return inference if mode == 'inference' else train
