@@ -363,6 +363,16 @@ def clear_geometry_caches() -> None:
             fn.cache_clear()
 
 
+def count_attend_calls(model, monkeypatch) -> list:
+    """The windows of every call of the model's attention in one piece (``attend``), as they come."""
+    calls = []
+    attention_cls = type(model.layers[0].blocks[0].attn)
+    attend = attention_cls.attend
+    monkeypatch.setattr(attention_cls, 'attend',
+                        lambda self, *a, **k: calls.append(a[0].shape[0]) or attend(self, *a, **k))
+    return calls
+
+
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 @pytest.mark.parametrize('dtype,chunk', [(None, 16), (None, 50), (None, 200), (torch.bfloat16, 50),
                                          (torch.bfloat16, 200)])
@@ -382,11 +392,8 @@ def test_chunked_inference_equals_whole(cls, dtype, chunk, monkeypatch):
     monkeypatch.setattr(layers, 'CHUNK_TOKENS', 10 ** 9)
     whole = run()
     monkeypatch.setattr(layers, 'CHUNK_TOKENS', chunk)
-    calls = []
+    calls = count_attend_calls(model, monkeypatch)
     attention_cls = type(model.layers[0].blocks[0].attn)
-    attend = attention_cls.attend
-    monkeypatch.setattr(attention_cls, 'attend',
-                        lambda self, *a, **k: calls.append(a[0].shape[0]) or attend(self, *a, **k))
     attend_rows = attention_cls.attend_rows  # windows given by their real tokens (bf16, compiled kernels)
 
     def count_windows(self, x, slots, window, *args):
@@ -403,6 +410,41 @@ def test_chunked_inference_equals_whole(cls, dtype, chunk, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         else:
             torch.testing.assert_close(a, b)  # bf16: within a unit in the last place
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('chunk', [16, 50])
+def test_chunked_training_attention_equals_whole(cls, chunk, monkeypatch):
+    """CPU training outside the compiled kernels (fp32 here) attends chunks of windows of each image and
+    joins their outputs: outputs and every gradient are those of one piece (the same products; weight
+    gradients summed over the chunks), and the attention is called once per chunk."""
+    torch.manual_seed(0)
+    model = with_visible_bias(cls(**TINY, window_size=4)).train()
+    x = torch.randn(2, 3, 70, 90)
+    grads = None
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        outs = model(x)
+        torch.autograd.backward(outs, grads or [torch.ones_like(o) for o in outs])
+        return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', 10 ** 9)
+    torch.manual_seed(1)
+    grads = [torch.randn_like(o) for o in model(x)]
+    whole, whole_grads = run()
+    monkeypatch.setattr(layers, 'CHUNK_TOKENS', chunk)
+    calls = count_attend_calls(model, monkeypatch)
+    chunked, chunked_grads = run()
+    # windows of one image per chunk, at most chunk // 16 of them
+    assert max(calls) == max(1, chunk // 16) and len(calls) > 2 * sum(TINY['depths'])
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert chunked_grads.keys() == whole_grads.keys()
+    for name, grad in chunked_grads.items():
+        # fp32 sums taken in another order: within a few units in the last place of the largest entry
+        expected = whole_grads[name]
+        assert (grad - expected).abs().max() <= 1e-5 * expected.abs().max(), name
 
 
 @pytest.mark.parametrize('hw,window,shift', [((15, 22), (7, 7), (3, 3)), ((14, 14), (7, 7), (0, 0)),

@@ -133,7 +133,10 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, window: Size2,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attention over windows.
+        """Attention over windows, on the CPU in chunks of windows of one image (about
+        :data:`~.layers.CHUNK_TOKENS` tokens): in inference written into one output; where autograd records,
+        joined with ``torch.cat``, so that the queries, keys, logits and their gradients of a chunk are never
+        whole-stage tensors (at detection sizes the C allocator maps those afresh on every step, page by page).
 
         Args:
             x: ``(B * nW, N, C)`` tokens, windows of one image contiguous.
@@ -145,11 +148,14 @@ class WindowAttention(nn.Module):
         """
         bw, n, _ = x.shape
         per_chunk = max(1, layers.chunk_tokens(x) // n)
-        if bw <= per_chunk or torch.compiler.is_compiling() or needs_grad(x, *self.parameters()):
+        if bw <= per_chunk or torch.compiler.is_compiling():
             return self.attend(x, window, mask)
+        parts = ((rows, self.attend(x[rows], window, None if mask is None else mask[mask_rows]))
+                 for rows, mask_rows in image_chunks(bw, bw if mask is None else mask.shape[0], per_chunk))
+        if needs_grad(x, *self.parameters()):
+            return torch.cat([part for _, part in parts])
         out = None
-        for rows, mask_rows in image_chunks(bw, bw if mask is None else mask.shape[0], per_chunk):
-            part = self.attend(x[rows], window, None if mask is None else mask[mask_rows])
+        for rows, part in parts:
             if out is None:
                 out = part.new_empty(bw, n, part.shape[-1])
             out[rows] = part
