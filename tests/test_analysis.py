@@ -54,6 +54,9 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
             assert row['speedup_vs_mmdet-v1'] > 0
     assert rows[('mmswin-v2', 'train')]['slowdown_vs_mmswin-v1'] > 0
     assert report['matmul_flops_per_s']['fp32'] > 1e9
+    if os.path.exists('/proc/cpuinfo'):  # the CPU's part, which its name alone does not tell
+        assert report['cpu_id'] == load_benchmark_tool().cpu_identity(Path('/proc/cpuinfo').read_text())
+        assert {'vendor', 'family', 'model'} <= set(report['cpu_id'])
     # mmswin-v1 with mmdet's weights gives mmdet's outputs
     (agreement,) = report['max_abs_diff_vs_mmdet']
     assert len(agreement['max_abs_diff']) == 4 and max(agreement['max_abs_diff']) < 1e-4
@@ -69,6 +72,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
 
     table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert f"repeats per model{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul" in table
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
     assert len([line for line in lines if line.count(' | ') == 9]) == 6  # speed: 3 models x 2 modes
@@ -183,6 +187,33 @@ def test_round_ratios_of_reports_without_them():
     report = dict(results=[dict(group, model='mmswin-v1', times_s=[1.0, 2.0, 1.0]),
                            dict(group, model='mmdet-v1', times_s=[2.0, 3.0, 4.0])])
     assert table.round_table([report])[2:] == ['| 1x3x64x64 | bf16 | train | mmswin-v1 | 2.00x | 1.50x | 4.00x |']
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu avx512_bf16
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+"""
+
+
+def test_reports_name_the_cpu_part():
+    # the first processor's vendor, family, model and stepping, from Linux's /proc/cpuinfo
+    identity = load_benchmark_tool().cpu_identity(CPUINFO)
+    assert identity == dict(vendor='AuthenticAMD', family=25, model=17, stepping=1)
+    assert load_benchmark_tool().cpu_identity('') == {}
+    table = load_benchmark_tool('benchmark_table')
+    assert table.cpu_text(dict(cpu='AMD EPYC', cpu_id=identity)) == (
+        ', on AMD EPYC (AuthenticAMD family 25 model 17 stepping 1)')
+    # reports written before the part was recorded, and reports of a GPU
+    assert table.cpu_text(dict(cpu='AMD EPYC')) == ', on AMD EPYC'
+    assert table.cpu_text(dict(device='cuda')) == ''
 
 
 def test_timing_counts_page_faults_per_call():

@@ -498,6 +498,24 @@ def plot_sweep(sweep: Dict[str, Dict[str, Dict[int, float]]], path: str, device:
 
 
 # ---------------------------------------------------------------------------------------- main
+def cpu_identity(cpuinfo: str) -> Dict[str, object]:
+    """Vendor, family, model and stepping of the first processor listed in ``cpuinfo``, the text of Linux's
+    ``/proc/cpuinfo`` (the fields it lacks are left out). The name alone does not tell hosts apart: two
+    machines of this project named ``AMD EPYC`` multiply in bf16 at about 1000 and 400 GFLOP/s."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends
+        key, _, value = line.partition(':')
+        fields[key.strip()] = value.strip()
+    identity = {}
+    for name, key in (('vendor', 'vendor_id'), ('family', 'cpu family'), ('model', 'model'),
+                      ('stepping', 'stepping')):
+        if key in fields:
+            identity[name] = int(fields[key]) if fields[key].isdigit() else fields[key]
+    return identity
+
+
 def parse_size(text: str) -> List[int]:
     size = [int(v) for v in text.lower().split('x')]
     if len(size) != 4:
@@ -650,6 +668,9 @@ def main(argv=None) -> dict:
         # mmswin's compiled kernels (bf16 inference attention), where built and the CPU runs them
         report['fused_cpu_kernels'] = kernels_available()
         report['cpu'] = torch._C._cpu._get_cpu_capability().get('cpu_name')
+        if osp.exists('/proc/cpuinfo'):
+            with open('/proc/cpuinfo') as f:
+                report['cpu_id'] = cpu_identity(f.read())
         # allocator settings change CPU timings (fresh pages of large tensors cost page faults): glibc's, and
         # PyTorch's transparent huge pages for large CPU tensors
         report['malloc_env'] = {k: v for k, v in os.environ.items()

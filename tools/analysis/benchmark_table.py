@@ -177,6 +177,17 @@ def profile_table(reports: List[dict], top: int = 4) -> List[str]:
     return lines
 
 
+def cpu_text(report: dict) -> str:
+    """``, on <name> (<vendor> family F model M stepping S)`` for a CPU report: its name and, where recorded,
+    the part (reports written before the tool recorded it have the name only)."""
+    if 'cpu' not in report:
+        return ''
+    identity = report.get('cpu_id') or {}
+    part = ' '.join(f'{key} {identity[key]}' for key in ('family', 'model', 'stepping') if key in identity)
+    part = ' '.join(filter(None, (identity.get('vendor'), part)))
+    return f", on {report['cpu']}" + (f' ({part})' if part else '')
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('reports', nargs='+', help='JSON reports of tools/analysis/benchmark.py')
@@ -190,7 +201,8 @@ def main(argv=None) -> str:
              f"window {first['window']}.", '']
     for path, report in zip(args.reports, reports):
         rates = ', '.join(f'{p} {r / 1e9:.1f} GFLOP/s' for p, r in sorted(report['matmul_flops_per_s'].items()))
-        parts.append(f'- `{path}`: {report["repeats"]} timed repeats per model; dense matmul at the start {rates}')
+        parts.append(f'- `{path}`: {report["repeats"]} timed repeats per model{cpu_text(report)}; dense matmul at '
+                     f'the start {rates}')
         per_group: Dict[str, List[float]] = {}
         for row in report['results']:
             for p, r in row.get('matmul_flops_per_s', {}).items():
