@@ -54,6 +54,9 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
             assert row['speedup_vs_mmdet-v1'] > 0
     assert rows[('mmswin-v2', 'train')]['slowdown_vs_mmswin-v1'] > 0
     assert report['matmul_flops_per_s']['fp32'] > 1e9
+    for row in rows.values():  # the rate around each group, and the higher of the two for the shares
+        before, after = row['matmul_flops_per_s_before']['fp32'], row['matmul_flops_per_s_after']['fp32']
+        assert row['matmul_flops_per_s'] == {'fp32': max(before, after)} and min(before, after) > 1e9
     if os.path.exists('/proc/cpuinfo'):  # the CPU's part, which its name alone does not tell
         assert report['cpu_id'] == load_benchmark_tool().cpu_identity(Path('/proc/cpuinfo').read_text())
         assert {'vendor', 'family', 'model'} <= set(report['cpu_id'])
@@ -73,6 +76,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert f"repeats per model{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul" in table
+    assert load_benchmark_tool('benchmark_table').rate_lines(report)[0] in table.splitlines()
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
     assert len([line for line in lines if line.count(' | ') == 9]) == 6  # speed: 3 models x 2 modes
@@ -216,6 +220,37 @@ def test_reports_name_the_cpu_part():
     assert table.cpu_text(dict(device='cuda')) == ''
 
 
+def test_shares_use_the_higher_matmul_rate_around_a_group(monkeypatch):
+    """The dense matmul is measured right before a group's timing and right after it; the shares of the
+    matmul rate use the higher of the two (a slow moment before the group would overstate them)."""
+    benchmark = load_benchmark_tool()
+    phase = ['before']
+    measured = {'before': {'fp32': 2e9, 'bf16': 5e9}, 'after': {'fp32': 3e9, 'bf16': 4e9}}
+
+    def timing(names, *args):
+        phase[0] = 'after'
+        return dict(times={name: [1.0] for name in names}, page_faults={}, system_s={})
+
+    monkeypatch.setattr(benchmark, 'matmul_rate', lambda device, precision: measured[phase[0]][precision])
+    monkeypatch.setattr(benchmark, 'time_in_workers', timing)
+    group = benchmark.measure_group(['mmswin-v1'], 7, [1, 3, 32, 32], 'bf16', 'train', 'cpu', 1, 0, False)
+    assert group['matmul_flops_per_s_before'] == measured['before']
+    assert group['matmul_flops_per_s_after'] == measured['after']
+    assert group['matmul_flops_per_s'] == {'fp32': 3e9, 'bf16': 5e9}
+    rows = [dict(matmul_flops_per_s=group['matmul_flops_per_s'], matmul_flops_per_s_before=measured['before'],
+                 matmul_flops_per_s_after=measured['after']),
+            dict(matmul_flops_per_s={'fp32': 1e9, 'bf16': 6e9}, matmul_flops_per_s_before={'fp32': 1e9, 'bf16': 6e9},
+                 matmul_flops_per_s_after={'fp32': 0.5e9, 'bf16': 1e9})]
+    assert load_benchmark_tool('benchmark_table').rate_lines(dict(results=rows)) == [
+        '- measured again right before each group: bf16 5.0-6.0, fp32 1.0-2.0 GFLOP/s; right after it: '
+        'bf16 1.0-4.0, fp32 0.5-3.0 GFLOP/s; the shares use the higher of each group\'s two: bf16 5.0-6.0, '
+        'fp32 1.0-3.0 GFLOP/s']
+    # reports written before the rate was measured after the groups too
+    old = [dict(matmul_flops_per_s={'fp32': 1e9})]
+    assert load_benchmark_tool('benchmark_table').rate_lines(dict(results=old)) == [
+        '- measured again before each group (the rates the shares use): fp32 1.0-1.0 GFLOP/s']
+
+
 def test_timing_counts_page_faults_per_call():
     """The page faults of a timed call: writing 64 MiB of freshly mapped anonymous memory faults in its
     pages, at least one per 2 MiB even with transparent huge pages."""
@@ -312,7 +347,9 @@ def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):
         return dict(tensor_bytes=2 ** 20 * (2 if precision == 'fp32' else 1) * (1 if with_cp else 3))
 
     def group(names, *args):
-        return dict(times={name: [1.0] for name in names}, matmul_flops_per_s={'fp32': 1e9, 'bf16': 1e9})
+        rates = {'fp32': 1e9, 'bf16': 1e9}
+        return dict(times={name: [1.0] for name in names}, matmul_flops_per_s=rates,
+                    matmul_flops_per_s_before=rates, matmul_flops_per_s_after=rates)
 
     monkeypatch.setattr(benchmark, 'peak_train_memory', memory)
     monkeypatch.setattr(benchmark, 'measure_group_in_worker', group)

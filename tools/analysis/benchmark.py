@@ -10,10 +10,11 @@ all of them, and separate processes keep one model's memory use from changing th
 next one meets in the C allocator. Medians and ratios are reported (the ratio of the medians, and the
 ratios of the rounds, whose calls are minutes closer than the medians' may be; on CPU with the page faults and
 system CPU time per call), with the peak memory of a training step in each precision (CUDA max allocated;
-on CPU the peak of live tensors and the RSS growth of a separate worker process per model, with glibc's default settings
-and with freed memory returned at once) and the FLOP/s reached against a dense matmul measured on the
-same device right before each group. FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for
-every model of a size, so FLOP/s compare like with like.
+on CPU the peak of live tensors and the RSS growth of a separate worker process per model, with glibc's
+default settings and with freed memory returned at once) and the FLOP/s reached against a dense matmul
+measured on the same device right before and right after each group (the higher of the two). FLOPs are
+mmswin's count (tools/analysis/get_flops.py), the same for every model of a size, so FLOP/s compare like
+with like.
 """
 import argparse
 import itertools
@@ -589,12 +590,16 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     difference of mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's
     outputs with its fp32 outputs."""
     import mmswin  # noqa: F401
-    # the device's rate right before the timing: this machine's speed drifts over minutes
-    group = dict(matmul_flops_per_s={p: matmul_rate(torch.device(device), p) for p in {'fp32', precision}})
-    # compilation takes the first warm-up round
-    timing = time_in_workers(names, window, size, precision, mode, device, repeats,
-                             warmup + (1 if compile_models else 0), compile_models)
     device = torch.device(device)
+    # The device's rate right before the timing and right after: this machine's speed drifts over minutes.
+    # The shares use the higher of the two, as a rate measured in a slow moment would overstate them.
+    before = {p: matmul_rate(device, p) for p in sorted({'fp32', precision})}
+    # compilation takes the first warm-up round
+    timing = time_in_workers(names, window, size, precision, mode, str(device), repeats,
+                             warmup + (1 if compile_models else 0), compile_models)
+    after = {p: matmul_rate(device, p) for p in before}
+    group = dict(matmul_flops_per_s={p: max(before[p], after[p]) for p in before},
+                 matmul_flops_per_s_before=before, matmul_flops_per_s_after=after)
     group['times'] = timing['times']
     if device.type == 'cpu':
         group['page_faults'], group['system_s'] = timing['page_faults'], timing['system_s']
@@ -691,6 +696,8 @@ def main(argv=None) -> dict:
                     row = dict(size=size, precision=precision, mode=mode, model=name, median_s=median,
                                times_s=times[name], images_per_s=size[0] / median,
                                flops_per_s=2 * work / median, matmul_flops_per_s=rates,
+                               matmul_flops_per_s_before=group['matmul_flops_per_s_before'],
+                               matmul_flops_per_s_after=group['matmul_flops_per_s_after'],
                                fraction_of_matmul=2 * work / median / rate)
                     for key in ('page_faults', 'system_s'):
                         if name in group.get(key, {}):

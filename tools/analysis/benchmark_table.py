@@ -188,6 +188,29 @@ def cpu_text(report: dict) -> str:
     return f", on {report['cpu']}" + (f' ({part})' if part else '')
 
 
+def _rate_spans(rows: List[dict], key: str) -> str:
+    """``bf16 402.2-431.3, fp32 178.5-205.9``: the range of the rates under ``key`` of the rows, in GFLOP/s."""
+    per_precision: Dict[str, List[float]] = {}
+    for row in rows:
+        for p, r in row.get(key, {}).items():
+            per_precision.setdefault(p, []).append(r / 1e9)
+    return ', '.join(f'{p} {min(v):.1f}-{max(v):.1f}' for p, v in sorted(per_precision.items()))
+
+
+def rate_lines(report: dict) -> List[str]:
+    """The dense matmul rates measured around the groups of ``report``: right before each one, and in newer
+    reports also right after it (the shares then use the higher of the two)."""
+    rows = report['results']
+    if not any('matmul_flops_per_s' in row for row in rows):
+        return []
+    if not any('matmul_flops_per_s_after' in row for row in rows):
+        return [f"- measured again before each group (the rates the shares use): "
+                f"{_rate_spans(rows, 'matmul_flops_per_s')} GFLOP/s"]
+    return [f"- measured again right before each group: {_rate_spans(rows, 'matmul_flops_per_s_before')} GFLOP/s; "
+            f"right after it: {_rate_spans(rows, 'matmul_flops_per_s_after')} GFLOP/s; the shares use the higher "
+            f"of each group's two: {_rate_spans(rows, 'matmul_flops_per_s')} GFLOP/s"]
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('reports', nargs='+', help='JSON reports of tools/analysis/benchmark.py')
@@ -203,13 +226,7 @@ def main(argv=None) -> str:
         rates = ', '.join(f'{p} {r / 1e9:.1f} GFLOP/s' for p, r in sorted(report['matmul_flops_per_s'].items()))
         parts.append(f'- `{path}`: {report["repeats"]} timed repeats per model{cpu_text(report)}; dense matmul at '
                      f'the start {rates}')
-        per_group: Dict[str, List[float]] = {}
-        for row in report['results']:
-            for p, r in row.get('matmul_flops_per_s', {}).items():
-                per_group.setdefault(p, []).append(r / 1e9)
-        if per_group:
-            spans = ', '.join(f'{p} {min(v):.1f}-{max(v):.1f}' for p, v in sorted(per_group.items()))
-            parts.append(f'- measured again before each group (the rates the shares use): {spans} GFLOP/s')
+        parts += rate_lines(report)
     parts.append('')
     for table in (speed_table(reports), round_table(reports), kernel_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
                   agreement_table(reports),
