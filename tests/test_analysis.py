@@ -75,7 +75,10 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
 
     table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert f"repeats per model{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul" in table
+    # every turn of a model starts with an untimed call (the tool's default)
+    assert report['settle_calls'] == 1 and report['calls_per_turn'] == 1
+    assert (f"2 timed repeats per model, each turn after 1 untimed call"
+            f"{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul") in table
     assert load_benchmark_tool('benchmark_table').rate_lines(report)[0] in table.splitlines()
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
@@ -160,8 +163,15 @@ def test_benchmark_tool_plots_throughput_per_precision(tmp_path):
     subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x32x32',
                     '--models', 'mmswin-v1', '--precisions', 'fp32', 'bf16', '--modes', 'inference',
                     '--repeats', '1', '--warmup', '0', '--no-memory', '--plot', str(plot), '--plot-sizes', '32', '48',
-                    '--out', str(out)], capture_output=True, text=True, check=True, cwd=ROOT)
-    sweep = json.loads(out.read_text())['throughput_sweep']
+                    '--calls-per-turn', '2', '--settle-calls', '0', '--out', str(out)],
+                   capture_output=True, text=True, check=True, cwd=ROOT)
+    report = json.loads(out.read_text())
+    # one round of two calls in a row per model, all timed
+    assert report['calls_per_turn'] == 2 and report['settle_calls'] == 0
+    assert all(len(row['times_s']) == 2 for row in report['results'])
+    tables = load_benchmark_tool('benchmark_table')
+    assert f'1 round of 2 timed calls in a row per model{tables.cpu_text(report)}; dense matmul' in tables.main([str(out)])
+    sweep = report['throughput_sweep']
     assert set(sweep) == {'fp32', 'bf16'}
     for per_model in sweep.values():
         assert set(per_model) == {'mmswin-v1'}
@@ -174,6 +184,14 @@ def test_compile_needs_a_warmup_round():
     result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--compile',
                              '--warmup', '0'], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and '--compile needs --warmup of at least 1' in result.stderr
+
+
+def test_calls_per_turn_must_be_positive():
+    for flag, value, message in (('--calls-per-turn', '0', 'at least 1, got 0'),
+                                 ('--settle-calls', '-1', 'at least 0, got -1')):
+        result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), flag, value],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 2 and f'{flag} must be {message}' in result.stderr
 
 
 def load_benchmark_tool(name: str = 'benchmark'):
@@ -277,6 +295,14 @@ def test_every_model_is_timed_in_a_process_of_its_own(monkeypatch):
     assert set(pids) == {'mmswin-v1', 'mmdet-v1'} and len(set(pids.values()) | {os.getpid()}) == 3
     for key in ('times', 'page_faults', 'system_s'):
         assert {name: len(values) for name, values in timing[key].items()} == {'mmswin-v1': 3, 'mmdet-v1': 3}
+    # turns of several calls in a row, the first untimed: the timed ones in round order
+    timing = benchmark.time_in_workers(['mmswin-v1', 'mmdet-v1'], 7, [1, 3, 32, 32], 'fp32', 'inference', 'cpu',
+                                       repeats=2, warmup=1, calls_per_turn=3, settle_calls=1)
+    assert {name: len(values) for name, values in timing['times'].items()} == {'mmswin-v1': 6, 'mmdet-v1': 6}
+    assert list(benchmark.call_order(['a', 'b'], 2)) == [(0, 'a', True), (0, 'b', True), (1, 'a', True),
+                                                         (1, 'b', True)]
+    assert list(benchmark.call_order(['a', 'b'], 2, 2, 1)) == [
+        (r, n, timed) for r in (0, 1) for n in 'ab' for timed in (False, True, True)]
     with pytest.raises(RuntimeError, match="(?s)benchmark worker of resnet failed:.*unknown model 'resnet'"):
         benchmark.time_in_workers(['resnet'], 7, [1, 3, 32, 32], 'fp32', 'train', 'cpu', repeats=1, warmup=0)
 

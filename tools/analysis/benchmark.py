@@ -27,7 +27,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
@@ -165,14 +165,29 @@ def _reply(name: str, conn, proc) -> object:
     return value
 
 
+def call_order(names: List[str], rounds: int, calls_per_turn: int = 1,
+               settle_calls: int = 0) -> Iterator[Tuple[int, str, bool]]:
+    """``(round, model, timed)`` of every call: in each round, each model in turn for ``settle_calls``
+    untimed calls and then ``calls_per_turn`` timed ones."""
+    for round_ in range(rounds):
+        for name in names:
+            for call in range(settle_calls + calls_per_turn):
+                yield round_, name, call >= settle_calls
+
+
 def time_in_workers(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
-                    repeats: int, warmup: int, compile_models: bool = False) -> dict:
-    """Times of one step of every model, each model in its own process, called in turn (one at a time,
-    ``warmup`` rounds first): alternation spreads the machine's drift over all models, and separate
+                    repeats: int, warmup: int, compile_models: bool = False, calls_per_turn: int = 1,
+                    settle_calls: int = 0) -> dict:
+    """Times of one step of every model, each model in its own process, the models taking turns
+    (``warmup`` rounds of turns first, then ``repeats``) of ``settle_calls`` untimed calls and
+    ``calls_per_turn`` timed ones. Alternation spreads the machine's drift over all models, and separate
     processes keep one model's allocations from changing the C allocator's state (and so the page faults)
-    that the next one meets. With ``compile_models`` every model also runs compiled, named
-    ``<model>+compile``, in a process of its own. Returns ``times`` (seconds per call), ``page_faults`` and
-    ``system_s`` (per call) and ``pids``, each by model."""
+    that the next one meets. The first call after another process's turn can pay for the switch: on a CPU,
+    a training step's page faults can take twice the system time then, which a model in a training loop of
+    its own does not pay; an untimed call leaves it out. With ``compile_models`` every model also runs
+    compiled, named ``<model>+compile``, in a process of its own. Returns ``times`` (seconds per timed call,
+    in round order: call ``i`` of a round at ``round * calls_per_turn + i``), ``page_faults`` and
+    ``system_s`` (per timed call) and ``pids``, each by model."""
     ctx = mp.get_context('spawn')
     specs = [(name, False) for name in names] + ([(name, True) for name in names] if compile_models else [])
     workers = {}
@@ -186,13 +201,13 @@ def time_in_workers(names: List[str], window: int, size: List[int], precision: s
             workers[name + (COMPILED if compile_model else '')] = (conn, proc)
         result = dict(pids={name: _reply(name, *w) for name, w in workers.items()},
                       times={}, page_faults={}, system_s={})
-        for round_ in range(warmup + repeats):
-            for name, (conn, proc) in workers.items():
-                conn.send(True)
-                elapsed, faults, system_s = _reply(name, conn, proc)
-                if round_ >= warmup:
-                    for key, value in zip(('times', 'page_faults', 'system_s'), (elapsed, faults, system_s)):
-                        result[key].setdefault(name, []).append(value)
+        for round_, name, timed in call_order(list(workers), warmup + repeats, calls_per_turn, settle_calls):
+            conn, proc = workers[name]
+            conn.send(True)
+            elapsed, faults, system_s = _reply(name, conn, proc)
+            if round_ >= warmup and timed:
+                for key, value in zip(('times', 'page_faults', 'system_s'), (elapsed, faults, system_s)):
+                    result[key].setdefault(name, []).append(value)
         return result
     finally:
         for conn, proc in workers.values():
@@ -459,14 +474,15 @@ def cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> L
 
 # ---------------------------------------------------------------------------------------- plot
 def throughput_sweep(names: List[str], window: int, sides: List[int], device: str, repeats: int, warmup: int,
-                     precisions: Sequence[str] = ('fp32',)) -> Dict[str, Dict[str, Dict[int, float]]]:
+                     precisions: Sequence[str] = ('fp32',),
+                     calls_per_turn: int = 1, settle_calls: int = 0) -> Dict[str, Dict[str, Dict[int, float]]]:
     """Images per second of inference on ``side x side`` images (batch 1), per precision, model and side
     (timed as in :func:`time_in_workers`)."""
     sweep = {precision: {name: {} for name in names} for precision in precisions}
     for precision in precisions:
         for side in sides:
             timing = time_in_workers(names, window, [1, 3, side, side], precision, 'inference', device, repeats,
-                                     warmup)
+                                     warmup, calls_per_turn=calls_per_turn, settle_calls=settle_calls)
             for name, times in timing['times'].items():
                 sweep[precision][name][side] = 1.0 / statistics.median(times)
     return sweep
@@ -535,6 +551,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--window', type=int, default=7, help='window of every model (same work for all)')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--calls-per-turn', type=int, default=1,
+                        help='timed calls of each model in a row before the next model takes its turn: '
+                        '--repeats rounds of them')
+    parser.add_argument('--settle-calls', type=int, default=1,
+                        help='untimed calls at the start of each turn, after the other models\' turns (the '
+                        'switch between processes can slow the first call: 0 times it)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-memory', action='store_true', help='skip the memory measurements')
     parser.add_argument('--memory-models', nargs='+', default=None, help='models to measure memory of '
@@ -552,6 +574,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compile and args.warmup < 1:
         parser.error('--compile needs --warmup of at least 1 (the first call compiles)')
+    if args.calls_per_turn < 1:
+        parser.error(f'--calls-per-turn must be at least 1, got {args.calls_per_turn}')
+    if args.settle_calls < 0:
+        parser.error(f'--settle-calls must be at least 0, got {args.settle_calls}')
     return args
 
 
@@ -583,7 +609,8 @@ def build_models(names: List[str], window: int, device: torch.device) -> Dict[st
 
 
 def measure_group(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
-                  repeats: int, warmup: int, profile: bool, compile_models: bool = False) -> dict:
+                  repeats: int, warmup: int, profile: bool, compile_models: bool = False,
+                  calls_per_turn: int = 1, settle_calls: int = 0) -> dict:
     """Times of every model at one size, precision and mode (:func:`time_in_workers`; with
     ``compile_models`` also of each one compiled, and in inference the cosine of the compiled outputs to the
     eager ones); with ``profile`` the top operators and the operator count of each eager model; for fp32 inference the output
@@ -596,7 +623,7 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     before = {p: matmul_rate(device, p) for p in sorted({'fp32', precision})}
     # compilation takes the first warm-up round
     timing = time_in_workers(names, window, size, precision, mode, str(device), repeats,
-                             warmup + (1 if compile_models else 0), compile_models)
+                             warmup + (1 if compile_models else 0), compile_models, calls_per_turn, settle_calls)
     after = {p: matmul_rate(device, p) for p in before}
     group = dict(matmul_flops_per_s={p: max(before[p], after[p]) for p in before},
                  matmul_flops_per_s_before=before, matmul_flops_per_s_after=after)
@@ -663,7 +690,8 @@ def main(argv=None) -> dict:
     names = args.models or available_models()
     precisions = args.precisions or (['fp32', 'fp16', 'bf16'] if device.type == 'cuda' else ['fp32', 'bf16'])
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                  window=args.window, arch='Swin-T', repeats=args.repeats, results=[],
+                  window=args.window, arch='Swin-T', repeats=args.repeats, calls_per_turn=args.calls_per_turn,
+                  settle_calls=args.settle_calls, results=[],
                   matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', *precisions}})
     if device.type == 'cpu':
         from mmswin.models.matmul import cpu_has_bf16_arithmetic
@@ -686,7 +714,8 @@ def main(argv=None) -> dict:
         for precision in precisions:
             for mode in args.modes:
                 group = measure_group_in_worker(names, args.window, size, precision, mode, str(device),
-                                                args.repeats, args.warmup, args.profile, args.compile)
+                                                args.repeats, args.warmup, args.profile, args.compile,
+                                                args.calls_per_turn, args.settle_calls)
                 times = group['times']
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 rates = group['matmul_flops_per_s']
@@ -745,7 +774,7 @@ def main(argv=None) -> dict:
                     write_report(report, args.out)
     if args.plot:
         report['throughput_sweep'] = throughput_sweep(names, args.window, args.plot_sizes, str(device), args.repeats,
-                                                      args.warmup, precisions)
+                                                      args.warmup, precisions, args.calls_per_turn, args.settle_calls)
         plot_sweep(report['throughput_sweep'], args.plot, report['device'])
         print(f'plot written to {args.plot}')
     write_report(report, args.out)

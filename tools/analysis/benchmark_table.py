@@ -224,7 +224,15 @@ def main(argv=None) -> str:
              f"window {first['window']}.", '']
     for path, report in zip(args.reports, reports):
         rates = ', '.join(f'{p} {r / 1e9:.1f} GFLOP/s' for p, r in sorted(report['matmul_flops_per_s'].items()))
-        parts.append(f'- `{path}`: {report["repeats"]} timed repeats per model{cpu_text(report)}; dense matmul at '
+        turn = report.get('calls_per_turn', 1)
+        calls = (f'{report["repeats"]} timed repeats' if turn == 1 else
+                 f'{report["repeats"]} round{"s" if report["repeats"] != 1 else ""} of {turn} timed calls in a row')
+        settle = report.get('settle_calls', 0)
+        if settle:
+            calls += f' per model, each turn after {settle} untimed call{"s" if settle != 1 else ""}'
+        else:
+            calls += ' per model'
+        parts.append(f'- `{path}`: {calls}{cpu_text(report)}; dense matmul at '
                      f'the start {rates}')
         parts += rate_lines(report)
     parts.append('')
