@@ -120,18 +120,20 @@ MMSWIN_AVX512_BF16 inline float squared_length(const uint16_t* x, int64_t d) {
 }
 
 // The register block of every product: acc[r][v] = sum over pairs p of a[r, p] . b[p, v0 + v] for R rows of
-// a (bf16 pairs, row stride a_stride) and V vectors of 16 columns of b (bf16 pairs, row stride b_stride),
-// in fp32.
+// a (bf16 pairs, row stride a_stride, pair stride a_step) and V vectors of 16 columns of b (bf16 pairs, row
+// stride b_stride), in fp32. A left operand stored transposed (a_stride 1, a_step its row length) is read
+// as it is: a word is broadcast from wherever it lies.
 template <int R, int V>
 MMSWIN_AVX512_BF16 inline void dot_block(const uint32_t* a, int64_t a_stride, const uint32_t* b,
-                                         int64_t b_stride, int64_t pairs, int64_t v0, __m512 (&acc)[R][V]) {
+                                         int64_t b_stride, int64_t pairs, int64_t v0, __m512 (&acc)[R][V],
+                                         int64_t a_step = 1) {
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     __m512i bv[V];
     for (int v = 0; v < V; ++v) bv[v] = _mm512_loadu_si512(b + p * b_stride + (v0 + v) * 16);
     for (int r = 0; r < R; ++r) {
-      const __m512i ar = _mm512_set1_epi32(static_cast<int>(a[r * a_stride + p]));
+      const __m512i ar = _mm512_set1_epi32(static_cast<int>(a[r * a_stride + p * a_step]));
       for (int v = 0; v < V; ++v) acc[r][v] = dot_pairs(acc[r][v], ar, bv[v]);
     }
   }

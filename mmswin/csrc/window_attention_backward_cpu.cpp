@@ -52,15 +52,11 @@ constexpr int kRows = 4;  // rows per register block (even: two rows make the wo
 // accumulators in flight, enough to hide the dot-product instruction's latency (8 are not).
 constexpr int kGradRows = 8;
 
-// The row stride of the transposed pairs of rows: ceil(N / 2) rounded up to whole vectors.
-inline int64_t padded_pairs(int64_t n) { return ((n + 1) / 2 + 15) / 16 * 16; }
-
-// Per-task scratch; npad = N rounded up to 16, pairs = ceil(N / 2), ppad = pairs rounded up to 16.
+// Per-task scratch; npad = N rounded up to 16, pairs = ceil(N / 2).
 struct Scratch {
   std::vector<uint32_t> keys, values;              // k and v as columns, (d/2, npad)
   std::vector<uint32_t> q_pairs, k_pairs, g_pairs;  // q, k and dO as pairs of rows, (pairs, d)
   std::vector<uint32_t> probs_w, grads_w;          // P and dS rq as words of pairs of rows, (pairs, npad)
-  std::vector<uint32_t> probs_t, grads_t;          // their transposes, (npad, ppad)
   std::vector<uint16_t> grads;                     // dS rk, (N, npad) bf16
   std::vector<float> logits, dp, probs;            // kRows rows of npad, fp32
   std::vector<float> q_scale, k_scale, q_corr, k_corr, row_a, col_b;  // cosine attention, per row and column
@@ -70,9 +66,8 @@ struct Scratch {
   std::vector<float> token_lse;
   Scratch(int64_t n, int64_t npad, int64_t d)
       : keys(d / 2 * npad), values(d / 2 * npad), q_pairs((n + 1) / 2 * d), k_pairs((n + 1) / 2 * d),
-        g_pairs((n + 1) / 2 * d), probs_w((n + 1) / 2 * npad), grads_w((n + 1) / 2 * npad),
-        probs_t(npad * padded_pairs(n)), grads_t(npad * padded_pairs(n)),
-        grads(n * npad), logits(kRows * npad), dp(kRows * npad), probs(kRows * npad), q_scale(n),
+        g_pairs((n + 1) / 2 * d), probs_w((n + 1) / 2 * npad), grads_w((n + 1) / 2 * npad), grads(n * npad),
+        logits(kRows * npad), dp(kRows * npad), probs(kRows * npad), q_scale(n),
         k_scale(npad), q_corr(n), k_corr(n), row_a(n), col_b(npad), tokens(n * 3 * d), token_grads(n * d),
         dqkv(n * 3 * d), token_lse(n) {}
 };
@@ -182,13 +177,14 @@ MMSWIN_AVX512_BF16 void logit_grads(const Task& t, int64_t i0, Scratch& s) {
 }
 
 // out[r, c0*16 : (c0+C)*16] = factor[r] * (a[r] . b) - corr[r] * x[r] in bf16 for R rows and C vectors of 16
-// channels (no second term without corr); a and b as in dot_block, b with row stride d.
+// channels (no second term without corr); a (row stride a_stride, pair stride a_step) and b as in dot_block, b
+// with row stride d.
 template <int R, int C>
-MMSWIN_AVX512_BF16 inline void row_grads(const uint32_t* a, int64_t a_stride, const uint32_t* b, int64_t d,
-                                         int64_t pairs, int64_t c0, const float* factor, const float* corr,
+MMSWIN_AVX512_BF16 inline void row_grads(const uint32_t* a, int64_t a_stride, int64_t a_step, const uint32_t* b,
+                                         int64_t d, int64_t pairs, int64_t c0, const float* factor, const float* corr,
                                          const uint16_t* x, int64_t x_stride, uint16_t* out, int64_t out_stride) {
   __m512 acc[R][C];
-  dot_block<R, C>(a, a_stride, b, d, pairs, c0, acc);
+  dot_block<R, C>(a, a_stride, b, d, pairs, c0, acc, a_step);
   for (int r = 0; r < R; ++r) {
     const __m512 f = _mm512_set1_ps(factor[r]);
     for (int cv = 0; cv < C; ++cv) {
@@ -201,24 +197,25 @@ MMSWIN_AVX512_BF16 inline void row_grads(const uint32_t* a, int64_t a_stride, co
 }
 
 template <int R>
-MMSWIN_AVX512_BF16 void block_grads(const uint32_t* a, int64_t a_stride, const uint32_t* b, int64_t d,
-                                    int64_t pairs, const float* factor, const float* corr, const uint16_t* x,
-                                    int64_t x_stride, uint16_t* out, int64_t out_stride) {
+MMSWIN_AVX512_BF16 void block_grads(const uint32_t* a, int64_t a_stride, int64_t a_step, const uint32_t* b,
+                                    int64_t d, int64_t pairs, const float* factor, const float* corr,
+                                    const uint16_t* x, int64_t x_stride, uint16_t* out, int64_t out_stride) {
   int64_t c0 = 0;
   for (; c0 + 2 <= d / 16; c0 += 2)
-    row_grads<R, 2>(a, a_stride, b, d, pairs, c0, factor, corr, x, x_stride, out, out_stride);
-  if (c0 < d / 16) row_grads<R, 1>(a, a_stride, b, d, pairs, c0, factor, corr, x, x_stride, out, out_stride);
+    row_grads<R, 2>(a, a_stride, a_step, b, d, pairs, c0, factor, corr, x, x_stride, out, out_stride);
+  if (c0 < d / 16)
+    row_grads<R, 1>(a, a_stride, a_step, b, d, pairs, c0, factor, corr, x, x_stride, out, out_stride);
 }
 
 // block_grads over rows 0 .. n-1 of a in blocks of kGradRows (then 4, 2, 1); row i's factor and corr at
 // factor[i], corr[i].
-MMSWIN_AVX512_BF16 void all_grads(int64_t n, const uint32_t* a, int64_t a_stride, const uint32_t* b, int64_t d,
-                                  int64_t pairs, const float* factor, const float* corr, const uint16_t* x,
+MMSWIN_AVX512_BF16 void all_grads(int64_t n, const uint32_t* a, int64_t a_stride, int64_t a_step, const uint32_t* b,
+                                  int64_t d, int64_t pairs, const float* factor, const float* corr, const uint16_t* x,
                                   int64_t x_stride, uint16_t* out, int64_t out_stride) {
   auto at = [&](int64_t row) { return corr != nullptr ? corr + row : nullptr; };
   auto rows = [&](auto block, int64_t i) {
-    block_grads<decltype(block)::value>(a + i * a_stride, a_stride, b, d, pairs, factor + i, at(i), x + i * x_stride,
-                                        x_stride, out + i * out_stride, out_stride);
+    block_grads<decltype(block)::value>(a + i * a_stride, a_stride, a_step, b, d, pairs, factor + i, at(i),
+                                        x + i * x_stride, x_stride, out + i * out_stride, out_stride);
   };
   int64_t i = 0;
   for (; i + kGradRows <= n; i += kGradRows) rows(std::integral_constant<int, kGradRows>{}, i);
@@ -261,9 +258,6 @@ MMSWIN_AVX512_BF16 float head_grads(const Task& t, Scratch& s) {
     case 1: logit_grads<1>(t, i, s); break;
     default: break;
   }
-  const int64_t ppad = padded_pairs(n);
-  transpose_words(s.probs_w.data(), npad, pairs, npad, ppad, s.probs_t.data(), ppad);
-  transpose_words(s.grads_w.data(), npad, pairs, npad, ppad, s.grads_t.data(), ppad);
   // Per-row factors and correction terms of the products, in the fp32 rows that are free now.
   float* q_factor = s.logits.data();  // kRows * npad >= n floats each
   float* k_factor = s.dp.data();
@@ -285,12 +279,14 @@ MMSWIN_AVX512_BF16 float head_grads(const Task& t, Scratch& s) {
     q_corr = s.q_corr.data();
     k_corr = s.k_corr.data();
   }
-  // dv = P^T dO, dk = scale (dS rq)^T q (- b rk^2 k), dq = scale (dS rk) k (- a rq^2 q)
-  all_grads(n, s.probs_t.data(), ppad, s.g_pairs.data(), d, pairs, unit, nullptr, nullptr, 0, t.dq + 2 * c,
+  // dv = P^T dO, dk = scale (dS rq)^T q (- b rk^2 k), dq = scale (dS rk) k (- a rq^2 q). Row j of P^T and of
+  // (dS rq)^T is column j of the words of pairs of rows: read in place, pair p at p * npad.
+  all_grads(n, s.probs_w.data(), 1, npad, s.g_pairs.data(), d, pairs, unit, nullptr, nullptr, 0, t.dq + 2 * c,
             stride);
-  all_grads(n, s.grads_t.data(), ppad, s.q_pairs.data(), d, pairs, k_factor, k_corr, k, stride, t.dq + c, stride);
-  all_grads(n, reinterpret_cast<const uint32_t*>(s.grads.data()), npad / 2, s.k_pairs.data(), d, pairs, q_factor,
-            q_corr, t.q, stride, t.dq, stride);
+  all_grads(n, s.grads_w.data(), 1, npad, s.q_pairs.data(), d, pairs, k_factor, k_corr, k, stride, t.dq + c,
+            stride);
+  all_grads(n, reinterpret_cast<const uint32_t*>(s.grads.data()), npad / 2, 1, s.k_pairs.data(), d, pairs,
+            q_factor, q_corr, t.q, stride, t.dq, stride);
   return a_sum;
 }
 
