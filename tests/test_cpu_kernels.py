@@ -931,3 +931,31 @@ def test_gelu_backward_sums_do_not_depend_on_the_threads():
 def test_bad_gelu_backward_input_is_named(h, grad, message):
     with pytest.raises(RuntimeError, match=f'gelu_backward: {message}'):
         cpu_kernels.kernels().gelu_backward(grad, h, True)
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', [(1,), (15,), (17,), (96, 288), (3072, 768), (3, 5, 7)])
+def test_accumulate_adds_bf16_to_fp32_as_pytorch_does(shape):
+    """The chunk sums of the weight gradients: total += part in one pass, the values of PyTorch's mixed-dtype
+    add_ bit for bit (a bf16 value is exact in fp32), tails of fewer than 16 values included, in place."""
+    g = torch.Generator().manual_seed(0)
+    total = torch.randn(shape, generator=g)
+    part = torch.randn(shape, generator=g).bfloat16()
+    expected = total.clone().add_(part)
+    out = cpu_kernels.kernels().accumulate_(total, part)
+    assert out.data_ptr() == total.data_ptr() and torch.equal(total, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize('total,part,message', [
+    (torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.bfloat16), 'total must be'),
+    (torch.zeros(16, 4).t(), torch.zeros(4, 16, dtype=torch.bfloat16), r'total must be .*\(not contiguous\)'),
+    (torch.zeros(4, 16), torch.zeros(4, 16), 'part must be a contiguous bf16'),
+    (torch.zeros(4, 16), torch.zeros(4, 32, dtype=torch.bfloat16), r"part must be .* of total's shape \[4, 16\]"),
+    (torch.zeros(4, 16), torch.zeros(16, 4, dtype=torch.bfloat16).t(), r'part must be .*\(not contiguous\)'),
+])
+def test_bad_accumulate_input_is_named(total, part, message):
+    before = total.clone()
+    with pytest.raises(RuntimeError, match=f'accumulate_: {message}'):
+        cpu_kernels.kernels().accumulate_(total, part)
+    assert torch.equal(total, before)

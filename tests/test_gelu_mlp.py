@@ -7,6 +7,7 @@ import torch
 from mmswin.models import cpu_kernels
 from mmswin.models import gelu_mlp as gelu_mlp_module
 from mmswin.models import layers
+from mmswin.models.chunk_sums import add_chunk
 from mmswin.models.layers import Mlp
 
 
@@ -88,6 +89,9 @@ def test_chunked_values_and_gradients(dtype, gelu_kernel, monkeypatch):
     kernels = cpu_kernels.kernels()
 
     class Recording:
+        def __getattr__(self, name):  # the other kernels as they are
+            return getattr(kernels, name)
+
         def gelu_backward(self, grad_act, h, column_sums):
             kernel_calls.append(h.shape[0])
             return kernels.gelu_backward(grad_act, h, column_sums)
@@ -178,3 +182,23 @@ def test_chunk_products_write_into_out_the_values_they_return(fp32_products, dty
     result = torch.full((9, 6), 7.0, dtype=dtype)
     chunk_mm(x, w.t(), fp32_products, out=result[4:9])
     assert torch.equal(result[4:9], chunk_mm(x, w.t(), fp32_products)) and (result[:4] == 7).all()
+
+
+@pytest.mark.parametrize('use_kernels', [False, True])
+def test_chunk_sums_take_the_kernels_for_bf16_parts_of_fp32_sums(use_kernels, monkeypatch):
+    """add_chunk: the first chunk becomes the sum in the sum's dtype, later ones are added in place; a bf16
+    part of an fp32 sum goes through the kernels where they are used (no fp32 copy of it), to PyTorch's
+    values bit for bit."""
+    if use_kernels and not cpu_kernels.kernels_available():
+        pytest.skip('the compiled kernels need Linux on x86 with AVX512-BF16')
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'auto' if use_kernels else 'native')
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(300, 96, generator=g).bfloat16() for _ in range(3)]
+    total = add_chunk(None, parts[0], torch.float32)
+    assert total.dtype == torch.float32 and torch.equal(total, parts[0].float())
+    with torch.profiler.profile() as prof:
+        for part in parts[1:]:
+            assert add_chunk(total, part, torch.float32) is total
+    names = {e.name for e in prof.events()}
+    assert ('aten::_to_copy' not in names) == use_kernels and ('aten::add_' in names) != use_kernels
+    assert torch.equal(total, parts[0].float() + parts[1].float() + parts[2].float())

@@ -82,6 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
     const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& lse, int64_t heads, const at::Tensor& bias,
     const c10::optional<at::Tensor>& mask, const at::Tensor& scale, bool cosine, bool need_bias, bool need_scale);
 
+// total (fp32) += part (bf16, total's shape), in place.
+at::Tensor& accumulate_(at::Tensor& total, const at::Tensor& part);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& h,
                                                              bool column_sums);
 

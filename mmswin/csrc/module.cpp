@@ -75,6 +75,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GELU of h and the gradient of h from the GELU's gradient grad, and the fp32 column sums of the latter if "
         "column_sums (bf16, CPU training)",
         py::arg("grad"), py::arg("h"), py::arg("column_sums"));
+  m.def("accumulate_", &mmswin::accumulate_,
+        "Adds part (bf16) to total (fp32, part's shape) in place: the fp32 sum of bf16 chunks (CPU training)",
+        py::arg("total"), py::arg("part"));
   m.def("layer_norm", &mmswin::layer_norm, "Layer norm over the last axis (bf16, CPU inference)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("layer_norm_with_stats", &mmswin::layer_norm_with_stats,

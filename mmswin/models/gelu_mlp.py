@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .matmul import add_chunk, autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm
+from .chunk_sums import add_chunk
+from .matmul import autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm
 
 
 class _GeluMlp(torch.autograd.Function):

@@ -152,16 +152,6 @@ def chunk_mm(a: torch.Tensor, b: torch.Tensor, fp32_products: bool,
     return a @ b if out is None else torch.mm(a, b, out=out)
 
 
-def add_chunk(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``total + part`` in ``dtype`` for sums over chunks (weight and bias gradients): the first chunk
-    becomes the sum (in ``dtype``, a fresh tensor), later ones are added in place. No zero-filled
-    accumulator and no add for the first chunk; on a GPU, where everything is one chunk, that is two
-    kernels fewer per gradient."""
-    if total is None:
-        return part.to(dtype)
-    return total.add_(part)
-
-
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and initialisation) whose product goes through :func:`linear`."""
 

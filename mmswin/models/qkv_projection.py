@@ -11,9 +11,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .chunk_sums import add_chunk
 from .layers import needs_grad
-from .matmul import (add_chunk, autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm,
-                     linear)
+from .matmul import autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm, linear
 
 Heads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
