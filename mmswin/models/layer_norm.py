@@ -6,12 +6,13 @@ the mean squared deviation of each row in fp32 with AVX-512 while the row stays 
 ``(x * rstd - mean * rstd) * weight + bias`` as PyTorch does, rounding once. Where autograd records, the
 forward also keeps each row's mean and ``1 / std`` (fp32), and the backward computes the input's gradient
 row by row and the weight's and bias's as fp32 sums (PyTorch's bf16 backward runs about three times
-slower). Same parameters, same checkpoints; elsewhere (fp32, torch.compile, other devices, no kernels)
-``nn.LayerNorm``.
+slower). Same parameters, same checkpoints; fp16 on the CPU is normalised in fp32 (for finite second
+derivatives); elsewhere (fp32, torch.compile, other devices, no kernels) ``nn.LayerNorm``.
 """
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -58,6 +59,13 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last axis, through the kernels for bf16 CPU inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16 and x.device.type == 'cpu':
+            # PyTorch's fp16 layer norm on the CPU takes its second derivative in fp16, where the terms in
+            # 1 / std^3 overflow for rows of small spread (V2's post-norms of the attention branch): the norm
+            # in fp32, as CUDA autocast runs it, rounded to fp16 once (PyTorch's fp16 norm, also computed in
+            # fp32 inside, agrees to one unit in the last place).
+            weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
         if not self.takes_kernel(x):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
