@@ -1,4 +1,5 @@
 """The training MLP: same values and gradients as layer-by-layer autograd, one hidden tensor saved."""
+import contextlib
 import copy
 
 import pytest
@@ -9,6 +10,9 @@ from mmswin.models import gelu_mlp as gelu_mlp_module
 from mmswin.models import layers
 from mmswin.models.chunk_sums import add_chunk
 from mmswin.models.layers import Mlp
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.kernels_available(),
+                                   reason='the compiled kernels need Linux on x86 with AVX512-BF16')
 
 
 def run(mlp: Mlp, x: torch.Tensor, grad: torch.Tensor, layer_by_layer: bool, dtype=None):
@@ -79,6 +83,7 @@ def test_chunked_values_and_gradients(dtype, gelu_kernel, monkeypatch):
         pytest.skip('the compiled kernels need Linux on x86 with AVX512-BF16')
     if not gelu_kernel:
         monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
+    monkeypatch.setattr(gelu_mlp_module, '_threads_share_chunks', lambda chunks: False)  # chunk by chunk
     monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64 + 63)  # 32 tokens of the 64-wide hidden
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
@@ -110,6 +115,121 @@ def test_chunked_values_and_gradients(dtype, gelu_kernel, monkeypatch):
     for a, b in zip([chunked[0], chunked[1], *chunked[2]], [reference[0], reference[1], *reference[2]]):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def chunk_by_chunk(grad_out, x, hidden, w1, w2):
+    """The MLP's backward chunk by chunk in PyTorch's products and the kernels' GELU: the gradient of ``x``
+    and fc1's weight and bias and fc2's weight gradients, each the fp32 sum of its chunks in order."""
+    grad_x, parts, start = [], ([], [], []), 0
+    for h in hidden:
+        g, rows = grad_out[start:start + len(h)], x[start:start + len(h)]
+        start += len(h)
+        act, grad_h, sum_h = cpu_kernels.kernels().gelu_backward(g @ w2, h, True)
+        grad_x.append(grad_h @ w1)
+        for part, value in zip(parts, (grad_h.t() @ rows, sum_h, g.t() @ act)):
+            part.append(value.float())
+    sums = []
+    for part in parts:
+        total = part[0]
+        for value in part[1:]:
+            total = total + value
+        sums.append(total)
+    return (torch.cat(grad_x), *sums)
+
+
+def mlp_backward_inputs(chunks, c=16, width=64):
+    g = torch.Generator().manual_seed(0)
+    tokens = sum(chunks)
+    grad_out, x = (torch.randn(tokens, c, generator=g).bfloat16() for _ in range(2))
+    hidden = [(torch.randn(n, width, generator=g) * 2).bfloat16() for n in chunks]
+    w1, w2 = (torch.randn(*shape, generator=g).div(8).bfloat16() for shape in ((width, c), (c, width)))
+    return grad_out, x, hidden, w1, w2
+
+
+@needs_kernels
+@pytest.mark.parametrize('n', [1, 2, 3])
+def test_threads_sharing_the_chunks_give_the_chunk_by_chunk_gradients(n):
+    """The kernels' backward with whole chunks per thread: the gradients of the chunk-by-chunk pass bit for
+    bit, on any number of threads, ragged chunks included."""
+    inputs = mlp_backward_inputs([7, 30, 1, 22, 64])
+    expected = chunk_by_chunk(*inputs)
+    with threads(n):
+        grads = cpu_kernels.kernels().gelu_mlp_backward(*inputs, True, True, True, True)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected))
+
+
+@needs_kernels
+@pytest.mark.parametrize('need', [(True, False, False, False), (False, True, False, True), (False, False, True, False)])
+def test_threads_sharing_the_chunks_give_only_what_is_needed(need):
+    inputs = mlp_backward_inputs([5, 9])
+    expected = chunk_by_chunk(*inputs)
+    grads = cpu_kernels.kernels().gelu_mlp_backward(*inputs, *need)
+    for wanted, grad, value in zip(need, grads, expected):
+        assert torch.equal(grad, value) if wanted else grad is None
+
+
+@needs_kernels
+@pytest.mark.parametrize('arg,value,message', [
+    ('grad_out', torch.zeros(14, 16), "grad_out must be a contiguous bf16 CPU tensor of x's shape"),
+    ('grad_out', torch.zeros(14, 8, dtype=torch.bfloat16), "grad_out must be .* of x's shape"),
+    ('x', torch.zeros(14, 16), r'x must be a contiguous \(tokens, C\) bf16'),
+    ('hidden', [torch.zeros(5, 64, dtype=torch.bfloat16), torch.zeros(9, 32, dtype=torch.bfloat16)],
+     r'hidden\[1\] must be a contiguous \(rows, 64\) bf16'),
+    ('hidden', [torch.zeros(5, 64, dtype=torch.bfloat16)], 'the hidden chunks hold 5 rows, x has 14'),
+    ('w1', torch.zeros(64, 8, dtype=torch.bfloat16), r'w1 must be a contiguous \(H, 16\) bf16'),
+    ('w2', torch.zeros(64, 16, dtype=torch.bfloat16), r'w2 must be a contiguous \(16, 64\) bf16'),
+])
+def test_bad_mlp_backward_input_is_named(arg, value, message):
+    inputs = dict(zip(('grad_out', 'x', 'hidden', 'w1', 'w2'), mlp_backward_inputs([5, 9])))
+    inputs[arg] = value
+    with pytest.raises(RuntimeError, match=f'gelu_mlp_backward: {message}'):
+        cpu_kernels.kernels().gelu_mlp_backward(**inputs, need_x=True, need_w1=True, need_b1=True, need_w2=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize('n,chunks', [(2, [25] * 6), (3, [32] * 4 + [22])])
+def test_threads_share_equal_chunks_in_training(n, chunks, monkeypatch):
+    """With at least two chunks per thread, the forward makes the chunks equal and their number a multiple
+    of the thread count, and the backward is one call of the kernels, with the gradients that the
+    chunk-by-chunk pass gives over the same chunks; with fewer, the chunks are as before."""
+    monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64)  # 150 tokens: 5 chunks of at most 32
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x, grad = torch.randn(3, 50, 16), torch.randn(3, 50, 16)
+    kernels, calls = cpu_kernels.kernels(), []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def gelu_mlp_backward(self, grad_out, x, hidden, *args):
+            calls.append([len(h) for h in hidden])
+            return kernels.gelu_mlp_backward(grad_out, x, hidden, *args)
+
+    monkeypatch.setattr(cpu_kernels, 'kernels', Recording)
+    with threads(n), torch.autocast('cpu', dtype=torch.bfloat16):
+        saved = saved_activations(mlp, x.clone().requires_grad_())
+    hidden = [t for t in saved if t.shape[-1] == 64 and t.shape != mlp.fc2.weight.shape]  # not fc2's bf16 weight
+    with threads(n):
+        assert [len(t) for t in hidden] == chunks
+        shared = run(mlp, x, grad, layer_by_layer=False, dtype=torch.bfloat16)
+        assert calls == ([chunks] if n == 2 else [])
+        monkeypatch.setattr(gelu_mlp_module, '_chunk_tokens', lambda tokens, chunk: chunks[0])
+        monkeypatch.setattr(gelu_mlp_module, '_threads_share_chunks', lambda count: False)
+        one_by_one = run(copy.deepcopy(mlp), x, grad, layer_by_layer=False, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip([shared[0], shared[1], *shared[2]],
+                                                 [one_by_one[0], one_by_one[1], *one_by_one[2]]))
 
 
 def test_bf16_weight_gradients_are_the_fp32_sums_of_the_chunk_products(monkeypatch):

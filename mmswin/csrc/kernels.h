@@ -5,6 +5,7 @@
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MMSWIN_X86 1
@@ -87,6 +88,13 @@ at::Tensor& accumulate_(at::Tensor& total, const at::Tensor& part);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& h,
                                                              bool column_sums);
+
+// The gradients of x (bf16; undefined unless need_x), fc1's weight and bias and fc2's weight (fp32 sums over the
+// chunks; undefined where not needed) of CPU bf16 training's MLP fc2(gelu(fc1(x))) from grad_out, with fc1's
+// output kept as the chunks of rows `hidden`; the chunks are shared out among the threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& hidden, const at::Tensor& w1,
+    const at::Tensor& w2, bool need_x, bool need_w1, bool need_b1, bool need_w2);
 
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps);

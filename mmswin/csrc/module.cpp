@@ -75,6 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GELU of h and the gradient of h from the GELU's gradient grad, and the fp32 column sums of the latter if "
         "column_sums (bf16, CPU training)",
         py::arg("grad"), py::arg("h"), py::arg("column_sums"));
+  m.def("gelu_mlp_backward", &mmswin::gelu_mlp_backward,
+        "Gradients of x (bf16), fc1's weight and bias and fc2's weight (fp32) of the MLP fc2(gelu(fc1(x))) from "
+        "fc1's output kept as chunks of rows, the chunks shared out among the threads (bf16, CPU training)",
+        py::arg("grad_out"), py::arg("x"), py::arg("hidden"), py::arg("w1"), py::arg("w2"), py::arg("need_x"),
+        py::arg("need_w1"), py::arg("need_b1"), py::arg("need_w2"));
   m.def("accumulate_", &mmswin::accumulate_,
         "Adds part (bf16) to total (fp32, part's shape) in place: the fp32 sum of bf16 chunks (CPU training)",
         py::arg("total"), py::arg("part"));

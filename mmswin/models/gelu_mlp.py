@@ -11,9 +11,11 @@ products, the weight and bias gradients summed over the chunks in fp32 and retur
 own dtype (under autocast, fp32 parameters get the fp32 sums, not their bf16 rounding). In CPU bf16, the
 backward's GELU, its gradient and the gradient's sum for fc1's bias are one pass of the compiled kernels
 (:mod:`.cpu_kernels`) where they are used, instead of three of PyTorch's, to bf16's rounding of the same
-values.
+values. There, with at least two chunks per thread, the backward is one call of the kernels that shares
+whole chunks out among the threads (each product on one thread), and the forward makes the chunks equal
+and their number a multiple of the thread count.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,42 +56,56 @@ class _GeluMlp(torch.autograd.Function):
         params, hidden = saved[:3], saved[3:]  # (w1, b1, w2) as given, fc1's output chunks
         if torch.is_grad_enabled():  # create_graph=True
             return (*_differentiable_grads(ctx, grad_out, x, *params), None, None, None)
-        fp32, approximate = ctx.fp32_products, ctx.approximate
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        need_b1 = need_b1 and ctx.has_bias[0]
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        # Weight gradients are sums over tokens: accumulated over the chunks in fp32.
-        sums = torch.promote_types(w1.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
-        need_b1 = need_b1 and ctx.has_bias[0]
-        grad_w1 = grad_w2 = grad_b1 = None
-        grad_x = x2.new_empty(x2.shape) if need_x else None
-        in_kernels = approximate == 'none' and _gelu_in_kernels(hidden[0])
-        start = 0
-        for h in hidden:
-            rows = slice(start, start + h.shape[0])
-            start += h.shape[0]
-            g_out = grad_out[rows]
-            grad_act = chunk_mm(g_out, w2, fp32)
-            if in_kernels:  # the activation, its gradient and their bias sum in one pass
-                act, grad_h, grad_h_sum = cpu_kernels.kernels().gelu_backward(grad_act, h, need_b1)
-            else:
-                act = F.gelu(h, approximate=approximate) if need_w2 else None
-                grad_h = torch.ops.aten.gelu_backward(grad_act, h, approximate=approximate)
-                # The kernel sums bf16/fp16 in fp32 already; dtype=float32 would first copy grad_h whole.
-                grad_h_sum = grad_h.sum(0) if need_b1 else None
-            if need_w2:
-                grad_w2 = add_chunk(grad_w2, chunk_mm(g_out.t(), act, fp32), sums)
-            if need_w1:
-                grad_w1 = add_chunk(grad_w1, chunk_mm(grad_h.t(), x2[rows], fp32), sums)
-            if need_b1:
-                grad_b1 = add_chunk(grad_b1, grad_h_sum, sums)
-            if grad_x is not None:
-                chunk_mm(grad_h, w1, fp32, out=grad_x[rows])
+        in_kernels = ctx.approximate == 'none' and _gelu_in_kernels(hidden[0].device.type, hidden[0].dtype)
+        if in_kernels and not ctx.fp32_products and _threads_share_chunks(len(hidden)):
+            grad_x, grad_w1, grad_b1, grad_w2 = cpu_kernels.kernels().gelu_mlp_backward(
+                grad_out.contiguous(), x2.contiguous(), hidden, w1, w2, need_x, need_w1, need_b1, need_w2)
+        else:
+            grad_x, grad_w1, grad_b1, grad_w2 = _chunk_by_chunk(
+                ctx, grad_out, x2, hidden, w1, w2, in_kernels, (need_x, need_w1, need_b1, need_w2))
         grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None
         grads = [None if g is None else g.to(dtype)
                  for g, dtype in zip((grad_w1, grad_b1, grad_w2, grad_b2), ctx.param_dtypes)]
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, *grads, None, None, None
+
+
+def _chunk_by_chunk(ctx, grad_out: torch.Tensor, x: torch.Tensor, hidden: List[torch.Tensor], w1: torch.Tensor,
+                    w2: torch.Tensor, in_kernels: bool, need: Tuple[bool, ...]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The gradients of ``x: (tokens, C)`` and of fc1's weight and bias and fc2's weight, from ``grad_out:
+    (tokens, C)`` and fc1's output kept as the chunks ``hidden``, one chunk after the other; the weight and
+    bias gradients are accumulated over the chunks in fp32 (fp64 stays fp64)."""
+    need_x, need_w1, need_b1, need_w2 = need
+    fp32 = ctx.fp32_products
+    sums = torch.promote_types(w1.dtype, torch.float32)
+    grad_w1 = grad_w2 = grad_b1 = None
+    grad_x = x.new_empty(x.shape) if need_x else None
+    start = 0
+    for h in hidden:
+        rows = slice(start, start + h.shape[0])
+        start += h.shape[0]
+        g_out = grad_out[rows]
+        grad_act = chunk_mm(g_out, w2, fp32)
+        if in_kernels:  # the activation, its gradient and their bias sum in one pass
+            act, grad_h, grad_h_sum = cpu_kernels.kernels().gelu_backward(grad_act, h, need_b1)
+        else:
+            act = F.gelu(h, approximate=ctx.approximate) if need_w2 else None
+            grad_h = torch.ops.aten.gelu_backward(grad_act, h, approximate=ctx.approximate)
+            # The kernel sums bf16/fp16 in fp32 already; dtype=float32 would first copy grad_h whole.
+            grad_h_sum = grad_h.sum(0) if need_b1 else None
+        if need_w2:
+            grad_w2 = add_chunk(grad_w2, chunk_mm(g_out.t(), act, fp32), sums)
+        if need_w1:
+            grad_w1 = add_chunk(grad_w1, chunk_mm(grad_h.t(), x[rows], fp32), sums)
+        if need_b1:
+            grad_b1 = add_chunk(grad_b1, grad_h_sum, sums)
+        if grad_x is not None:
+            chunk_mm(grad_h, w1, fp32, out=grad_x[rows])
+    return grad_x, grad_w1, grad_b1, grad_w2
 
 
 def _differentiable_grads(ctx, grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
@@ -112,10 +128,27 @@ def _differentiable_grads(ctx, grad_out: torch.Tensor, x: torch.Tensor, w1: torc
     return (grad_x, *(None if g is None else g.to(t) for g, t in zip(grads[1:], ctx.param_dtypes)))
 
 
-def _gelu_in_kernels(h: torch.Tensor) -> bool:
-    """Whether the backward takes the compiled kernels' GELU for fc1's output ``h``: bf16 on the CPU, not
-    under torch.compile (which traces the backward too), and the kernels in use."""
-    return (h.device.type == 'cpu' and h.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+def _threads_share_chunks(chunks: int) -> bool:
+    """Whether the backward gives whole chunks to each thread: at least two each. With fewer (the last
+    stage's tokens in two chunks on two threads), splitting each product between the threads is faster."""
+    return chunks >= 2 * torch.get_num_threads()
+
+
+def _chunk_tokens(tokens: int, chunk: int) -> int:
+    """Tokens per chunk of ``tokens``, at most ``chunk``: where the threads will share the chunks out, the
+    number of chunks rounded up to a multiple of the thread count, and the chunks equal, so that each
+    thread gets the same work."""
+    chunks = -(-tokens // chunk)
+    if not _threads_share_chunks(chunks):
+        return chunk
+    threads = torch.get_num_threads()
+    return -(-tokens // (-(-chunks // threads) * threads))
+
+
+def _gelu_in_kernels(device: str, dtype: torch.dtype) -> bool:
+    """Whether the backward takes the compiled kernels' GELU for fc1's output on ``device`` in ``dtype``:
+    bf16 on the CPU, not under torch.compile (which traces the backward too), and the kernels in use."""
+    return (device == 'cpu' and dtype == torch.bfloat16 and not torch.compiler.is_compiling()
             and cpu_kernels.use_kernels())
 
 
@@ -123,11 +156,14 @@ def gelu_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approx
              chunk_elements: int = 4096 * 384) -> torch.Tensor:
     """``fc2(gelu(fc1(x)))`` for ``x: (..., C_in)`` under the current autocast state, storing only
     ``fc1``'s output for backward. The hidden tensors are computed ``chunk_elements // hidden`` tokens at
-    a time, in the forward and in the backward pass."""
+    a time (or in equal chunks a little smaller, where the threads share them out), in the forward and in
+    the backward pass."""
     chunk = max(1, chunk_elements // fc1.out_features)
     device = x.device.type
     fp32_products = bf16_products_in_fp32(x)
     dtype = autocast_dtype(x)
+    if approximate == 'none' and not fp32_products and _gelu_in_kernels(device, dtype):
+        chunk = _chunk_tokens(x.numel() // x.shape[-1], chunk)
     with autocast_off(device):
         return _GeluMlp.apply(x.to(dtype), fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate,
                               fp32_products, chunk)
