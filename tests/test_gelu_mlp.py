@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmswin.models import cpu_kernels
 from mmswin.models import gelu_mlp as gelu_mlp_module
@@ -302,6 +303,23 @@ def test_chunk_products_write_into_out_the_values_they_return(fp32_products, dty
     result = torch.full((9, 6), 7.0, dtype=dtype)
     chunk_mm(x, w.t(), fp32_products, out=result[4:9])
     assert torch.equal(result[4:9], chunk_mm(x, w.t(), fp32_products)) and (result[:4] == 7).all()
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason='oneDNN has no bf16 linear on this CPU')
+@pytest.mark.parametrize('setting,fused', [('auto', True), ('onednn', True), ('native', False)])
+def test_bf16_chunk_products_with_a_bias_fuse_it(setting, fused, monkeypatch):
+    """A bf16 product with a bias returned fresh takes oneDNN's linear with the bias fused (unless
+    ``MMSWIN_BF16_MATMUL=native``), to the values of ``F.linear`` bit for bit, rows of any count."""
+    from mmswin.models.matmul import chunk_linear
+    monkeypatch.setenv('MMSWIN_BF16_MATMUL', setting)
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 37, 4096):
+        x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((rows, 96), (288, 96), (288,)))
+        with torch.profiler.profile() as prof:
+            out = chunk_linear(x, w, b, False)
+        assert ('mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}) == fused
+        assert torch.equal(out, F.linear(x, w, b))
 
 
 @pytest.mark.parametrize('use_kernels', [False, True])

@@ -206,10 +206,12 @@ def test_onednn_fused_linear_rounds_the_exact_result_once(gelu, monkeypatch):
 
 @pytest.mark.skipif(not onednn_bf16_linear_available(), reason='oneDNN has no bf16 linear on this CPU')
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
-def test_onednn_fused_linear_in_inference_only(cls, monkeypatch):
+def test_onednn_fused_linear_in_inference_and_training_passes(cls, monkeypatch):
     """Every linear layer of bf16 inference takes the fused op, whose outputs match those of PyTorch's
     kernels (the same products; the GELU is fused, one rounding instead of two). It has no backward:
-    training keeps PyTorch's kernels."""
+    in training only the forward products with a bias inside mmswin's own autograd functions (the qkv
+    projection and fc1) take it, with the bias alone fused, to the values and gradients of PyTorch's
+    kernels bit for bit."""
     model, x = perturbed_model_and_input(cls)
 
     def run(mode: str, grad: bool) -> tuple:
@@ -235,8 +237,9 @@ def test_onednn_fused_linear_in_inference_only(cls, monkeypatch):
     # that the runs differ in the setting of the linear layers only.
     monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
     trained, trained_grads, count = run('onednn', True)
+    assert count == 2 * sum(TINY['depths'])  # qkv and fc1 of each block, in one chunk each
+    reference, reference_grads, count = run('native', True)
     assert count == 0
-    reference, reference_grads, _ = run('native', True)
     for a, b in zip(trained, reference):
         assert torch.equal(a, b)
     assert trained_grads.keys() == reference_grads.keys()

@@ -11,7 +11,8 @@ PyTorch's kernels unchanged.
 
 CPUs with bf16 instructions run linear layers in bf16 inference through oneDNN's linear with the bias
 (and the MLP's GELU) applied to the fp32 accumulator before rounding: no separate pass to broadcast the
-bias into the output or to apply the GELU, one rounding instead of two.
+bias into the output or to apply the GELU, one rounding instead of two. The training passes' own
+forward products with a bias (:func:`chunk_linear`) take the same op, to the same values as ``addmm``.
 
 ``MMSWIN_BF16_MATMUL=native`` uses PyTorch's kernels as they are, ``=fp32`` forces the substitution and
 ``=onednn`` the fused linear (for tests).
@@ -127,16 +128,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return torch.ops.aten.gelu_(out, approximate=gelu)  # in place: no second (..., hidden) tensor
 
 
+def _bias_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether :func:`chunk_linear` of these bf16 CPU tensors takes oneDNN's linear with the bias applied to
+    the fp32 accumulator (``addmm`` first copies the bias into every row of the output, then adds the
+    product to it; the values are the same): bf16 hardware, ``MMSWIN_BF16_MATMUL`` ``auto`` or ``onednn``,
+    nothing recorded for autograd, not under torch.compile."""
+    if x.device.type != 'cpu' or not x.dtype == weight.dtype == bias.dtype == torch.bfloat16:
+        return False
+    mode = bf16_matmul_setting()
+    if mode not in ('auto', 'onednn') or (mode == 'auto' and not cpu_has_bf16_arithmetic()):
+        return False
+    if torch.compiler.is_compiling() or not _onednn_has_fused_linear():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)))
+
+
 def chunk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fp32_products: bool,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear`` of 2-D tensors of one dtype, as the hand-written backward passes use it: with
     ``fp32_products``, the fp32 product of the (bf16) values rounded back to their dtype. With ``out``
     (contiguous, e.g. a chunk of rows of a larger result), the product is written there and returned,
-    with no copy from a fresh tensor."""
+    with no copy from a fresh tensor. A bf16 product with a bias on the CPU takes oneDNN's linear with the
+    bias fused (:func:`_bias_fused`) where it applies."""
     if fp32_products:
         y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
         return y if out is None else out.copy_(y)
     if out is None:
+        if bias is not None and _bias_fused(x, weight, bias):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
         return F.linear(x, weight, bias)
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
