@@ -84,7 +84,8 @@ def test_chunked_values_and_gradients(dtype, gelu_kernel, monkeypatch):
         pytest.skip('the compiled kernels need Linux on x86 with AVX512-BF16')
     if not gelu_kernel:
         monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
-    monkeypatch.setattr(gelu_mlp_module, '_threads_share_chunks', lambda chunks: False)  # chunk by chunk
+    monkeypatch.setattr(cpu_kernels, 'threads_share', lambda chunks: False)  # chunk by chunk,
+    monkeypatch.setattr(cpu_kernels, 'shared_chunk', lambda tokens, chunk: chunk)  # in unequal chunks
     monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64 + 63)  # 32 tokens of the 64-wide hidden
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
@@ -199,11 +200,12 @@ def test_bad_mlp_backward_input_is_named(arg, value, message):
 
 
 @needs_kernels
-@pytest.mark.parametrize('n,chunks', [(2, [25] * 6), (3, [32] * 4 + [22])])
-def test_threads_share_equal_chunks_in_training(n, chunks, monkeypatch):
-    """With at least two chunks per thread, the forward makes the chunks equal and their number a multiple
-    of the thread count, and the backward is one call of the kernels, with the gradients that the
-    chunk-by-chunk pass gives over the same chunks; with fewer, the chunks are as before."""
+@pytest.mark.parametrize('n', [1, 2, 3, 5])
+def test_threads_share_equal_chunks_in_training(n, monkeypatch):
+    """From four chunks on, the forward makes the chunks equal and their number a multiple of four, on
+    any number of threads; with at least two per thread, the backward is one call of the kernels, with the
+    gradients that the chunk-by-chunk pass gives over the same chunks, bit for bit."""
+    chunks = [19] * 7 + [17]
     monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64)  # 150 tokens: 5 chunks of at most 32
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
@@ -225,9 +227,9 @@ def test_threads_share_equal_chunks_in_training(n, chunks, monkeypatch):
     with threads(n):
         assert [len(t) for t in hidden] == chunks
         shared = run(mlp, x, grad, layer_by_layer=False, dtype=torch.bfloat16)
-        assert calls == ([chunks] if n == 2 else [])
-        monkeypatch.setattr(gelu_mlp_module, '_chunk_tokens', lambda tokens, chunk: chunks[0])
-        monkeypatch.setattr(gelu_mlp_module, '_threads_share_chunks', lambda count: False)
+        assert calls == ([chunks] if len(chunks) >= 2 * n else [])
+        monkeypatch.setattr(cpu_kernels, 'shared_chunk', lambda tokens, chunk: chunks[0])
+        monkeypatch.setattr(cpu_kernels, 'threads_share', lambda count: False)
         one_by_one = run(copy.deepcopy(mlp), x, grad, layer_by_layer=False, dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip([shared[0], shared[1], *shared[2]],
                                                  [one_by_one[0], one_by_one[1], *one_by_one[2]]))

@@ -7,24 +7,9 @@
 // the same on any number of threads.
 #include "kernels.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
-
 #include <cstdint>
 #include <tuple>
 #include <vector>
-
-namespace {
-
-// The fp32 sum over the chunks, in order, of parts (chunks, ...) bf16; undefined if there are none.
-at::Tensor sum_chunks(const at::Tensor& parts) {
-  if (parts.size(0) == 0) return at::Tensor();
-  at::Tensor total = parts[0].to(at::kFloat);
-  for (int64_t i = 1; i < parts.size(0); ++i) mmswin::accumulate_(total, parts[i]);
-  return total;
-}
-
-}  // namespace
 
 namespace mmswin {
 
@@ -63,31 +48,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward(
   at::Tensor parts_w1 = at::empty({need_w1 ? chunks : 0, width, c}, bf16);
   at::Tensor parts_w2 = at::empty({need_w2 ? chunks : 0, c, width}, bf16);
   std::vector<at::Tensor> sums_b1(need_b1 ? chunks : 0);
-  const at::ThreadLocalState state;  // grad mode and dispatch state of the caller, for every thread
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t rows = starts[i + 1] - starts[i];
-      const at::Tensor g = grad_out.narrow(0, starts[i], rows);
-      auto [act, grad_h, sum_h] = gelu_backward(at::mm(g, w2), hidden[i], need_b1);
-      if (need_w2) {
-        at::Tensor part = parts_w2[i];
-        at::mm_out(part, g.t(), act);
-      }
-      if (need_w1) {
-        at::Tensor part = parts_w1[i];
-        at::mm_out(part, grad_h.t(), x.narrow(0, starts[i], rows));
-      }
-      if (need_b1) sums_b1[i] = sum_h;
-      if (need_x) {
-        at::Tensor rows_x = grad_x.narrow(0, starts[i], rows);
-        at::mm_out(rows_x, grad_h, w1);
-      }
+  for_each_chunk(chunks, [&](int64_t i) {
+    const int64_t rows = starts[i + 1] - starts[i];
+    const at::Tensor g = grad_out.narrow(0, starts[i], rows);
+    auto [act, grad_h, sum_h] = gelu_backward(at::mm(g, w2), hidden[i], need_b1);
+    if (need_w2) {
+      at::Tensor part = parts_w2[i];
+      at::mm_out(part, g.t(), act);
+    }
+    if (need_w1) {
+      at::Tensor part = parts_w1[i];
+      at::mm_out(part, grad_h.t(), x.narrow(0, starts[i], rows));
+    }
+    if (need_b1) sums_b1[i] = sum_h;
+    if (need_x) {
+      at::Tensor rows_x = grad_x.narrow(0, starts[i], rows);
+      at::mm_out(rows_x, grad_h, w1);
     }
   });
-  at::Tensor grad_b1;
-  for (const at::Tensor& s : sums_b1) grad_b1 = grad_b1.defined() ? grad_b1.add_(s) : s;
-  return {grad_x, sum_chunks(parts_w1), grad_b1, sum_chunks(parts_w2)};
+  return {grad_x, sum_chunks(parts_w1), sum_in_order(sums_b1), sum_chunks(parts_w2)};
 }
 
 }  // namespace mmswin

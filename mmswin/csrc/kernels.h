@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
@@ -26,6 +28,25 @@ void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor&
 // partial (blocks, ...) fp32 summed over its first axis in order, from the first block on: the kernels' sums
 // over fixed blocks, the same on any number of threads.
 at::Tensor sum_blocks(const at::Tensor& partial);
+
+// parts (chunks, ...) bf16 summed over the chunks in order in fp32 (undefined if there are none): the weight
+// gradients of the passes that share chunks out among the threads, the same on any number of threads.
+at::Tensor sum_chunks(const at::Tensor& parts);
+
+// The sum in order of the fp32 parts (undefined if there are none), in place in the first.
+at::Tensor sum_in_order(const std::vector<at::Tensor>& parts);
+
+// fn(i) for each chunk i in [0, chunks), whole chunks shared out among the threads, each running with the
+// caller's grad mode and dispatch state; PyTorch's operators and the kernels called by fn run on that one
+// thread (nested parallel regions run inline).
+template <typename F>
+void for_each_chunk(int64_t chunks, const F& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = first; i < last; ++i) fn(i);
+  });
+}
 
 // The sizes of window attention's inputs: B*nW windows of N tokens, C = nH * d channels, nW mask windows
 // (0: no mask).
@@ -95,6 +116,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_backward(const at::Tensor& g
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& hidden, const at::Tensor& w1,
     const at::Tensor& w2, bool need_x, bool need_w1, bool need_b1, bool need_w2);
+
+// The gradients of x (B, L, C) (bf16; undefined unless need_x), the qkv projection's weight and bias, the
+// position bias and (cosine) the logit scales (fp32 sums over the chunks; undefined where not needed) of the
+// window attention of x's rows in window order projected by weight (3C, C), from grad (B, L, C). The forward
+// kept qkv and lse per image and chunk (window_attention_rows_with_lse); chunk k holds rows
+// [starts[k], starts[k + 1]) of each image, with its slots and (shifted windows) its mask rows masks[k].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projected_rows_attention_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const std::vector<at::Tensor>& qkv,
+    const std::vector<at::Tensor>& lse, const std::vector<int64_t>& starts, const std::vector<at::Tensor>& slots,
+    const std::vector<at::Tensor>& masks, const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
+    const at::Tensor& scale, bool cosine, bool need_x, bool need_weight, bool need_pad, bool need_bias,
+    bool need_scale);
 
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps);

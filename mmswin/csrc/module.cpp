@@ -39,6 +39,19 @@ at::Tensor sum_blocks(const at::Tensor& partial) {
   return total;
 }
 
+at::Tensor sum_chunks(const at::Tensor& parts) {
+  if (parts.size(0) == 0) return at::Tensor();
+  at::Tensor total = parts[0].to(at::kFloat);
+  for (int64_t i = 1; i < parts.size(0); ++i) accumulate_(total, parts[i]);
+  return total;
+}
+
+at::Tensor sum_in_order(const std::vector<at::Tensor>& parts) {
+  at::Tensor total;
+  for (const at::Tensor& part : parts) total = total.defined() ? total.add_(part) : part;
+  return total;
+}
+
 }  // namespace mmswin
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -80,6 +93,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fc1's output kept as chunks of rows, the chunks shared out among the threads (bf16, CPU training)",
         py::arg("grad_out"), py::arg("x"), py::arg("hidden"), py::arg("w1"), py::arg("w2"), py::arg("need_x"),
         py::arg("need_w1"), py::arg("need_b1"), py::arg("need_w2"));
+  m.def("projected_rows_attention_backward", &mmswin::projected_rows_attention_backward,
+        "Gradients of x (bf16), the qkv projection's weight and bias, the position bias and the logit scales (fp32) "
+        "of the window attention of x's rows projected to qkv, chunk by chunk as the forward kept each image's "
+        "qkv and lse, the chunks shared out among the threads (bf16, CPU training)",
+        py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("qkv"), py::arg("lse"), py::arg("starts"),
+        py::arg("slots"), py::arg("masks"), py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("scale"),
+        py::arg("cosine"), py::arg("need_x"), py::arg("need_weight"), py::arg("need_pad"), py::arg("need_bias"),
+        py::arg("need_scale"));
   m.def("accumulate_", &mmswin::accumulate_,
         "Adds part (bf16) to total (fp32, part's shape) in place: the fp32 sum of bf16 chunks (CPU training)",
         py::arg("total"), py::arg("part"));

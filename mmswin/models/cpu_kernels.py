@@ -5,6 +5,8 @@ with ``MMSWIN_BF16_MATMUL=native`` or ``=fp32``, the models take PyTorch's opera
 """
 from functools import lru_cache
 
+import torch
+
 from .matmul import bf16_matmul_setting
 
 
@@ -31,3 +33,21 @@ def kernels() -> object:
 def use_kernels() -> bool:
     """Whether the models take the kernels: available, and not turned off by ``MMSWIN_BF16_MATMUL``."""
     return bf16_matmul_setting() not in ('native', 'fp32') and kernels_available()
+
+
+def threads_share(chunks: int) -> bool:
+    """Whether a training pass over ``chunks`` chunks gives each thread whole chunks (the kernels' passes that
+    share chunks out, each chunk's products on one thread): at least two chunks per thread. With fewer, the
+    threads are better used splitting each product between them."""
+    return chunks >= 2 * torch.get_num_threads()
+
+
+def shared_chunk(total: int, chunk: int) -> int:
+    """Items (tokens) per chunk of ``total`` for a training pass in chunks of at most ``chunk`` whose
+    backward may share the chunks out among the threads: from four chunks on, equal chunks whose number is
+    a multiple of four, so that two or four threads get the same work. The chunks do not depend on the
+    thread count, and neither do the sums over them."""
+    chunks = -(-total // chunk)
+    if chunks < 4:
+        return chunk
+    return -(-total // (-(-chunks // 4) * 4))

@@ -220,7 +220,9 @@ class _ProjectedRowsAttention(torch.autograd.Function):
     """:func:`projected_rows_attention` where autograd records: per image and chunk, the qkv projection of
     the chunk's real tokens and the kernels' forward, keeping the projection and lse; the backward takes
     them in the same order, each one's kernel backward followed by its share of the projection's
-    gradients, the padding positions' k and v gradients going to the projection's bias."""
+    gradients, the padding positions' k and v gradients going to the projection's bias. With at least two
+    chunks per thread (:func:`.cpu_kernels.threads_share`), the backward is one call of the kernels that
+    gives each thread whole chunks, to the same values bit for bit."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], bias: torch.Tensor,
@@ -251,6 +253,16 @@ class _ProjectedRowsAttention(torch.autograd.Function):
         grad = grad.to(torch.bfloat16).contiguous()
         kernels = cpu_kernels.kernels()
         images, tokens, c = x.shape
+        if cpu_kernels.threads_share(images * len(ctx.chunks)):  # whole chunks per thread, in one call
+            need_x, need_w, need_b = ctx.needs_input_grad[:3]
+            grad_x, grad_w, grad_b, grad_bias, grad_scale = kernels.projected_rows_attention_backward(
+                grad, x, w, saved[0::2], saved[1::2], [places.start for places, _, _ in ctx.chunks] + [tokens],
+                [slots for _, slots, _ in ctx.chunks], [] if mask is None else [mask[rows] for *_, rows in ctx.chunks],
+                pad, ctx.heads, bias, scale, ctx.cosine, need_x, need_w, need_b and ctx.param_dtypes[1] is not None,
+                need_bias, need_scale)
+            grad_w, grad_b = (None if g is None else g.to(dtype)
+                              for g, dtype in zip((grad_w, grad_b), ctx.param_dtypes))
+            return grad_x, grad_w, grad_b, grad_bias, grad_scale, None, None, None, None
         # the tokens of all images as the rows of one (B * L, 1, C) input: a chunk's are a slice of them
         sums = ProjectionGrads(x.view(images * tokens, 1, c), w, ctx.needs_input_grad[:3], ctx.param_dtypes, False)
         grad_bias = grad_scale = None

@@ -13,7 +13,7 @@ backward's GELU, its gradient and the gradient's sum for fc1's bias are one pass
 (:mod:`.cpu_kernels`) where they are used, instead of three of PyTorch's, to bf16's rounding of the same
 values. There, with at least two chunks per thread, the backward is one call of the kernels that shares
 whole chunks out among the threads (each product on one thread), and the forward makes the chunks equal
-and their number a multiple of the thread count.
+and, from four on, their number a multiple of four (whatever the thread count).
 """
 from typing import List, Optional, Tuple
 
@@ -61,7 +61,7 @@ class _GeluMlp(torch.autograd.Function):
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         in_kernels = ctx.approximate == 'none' and _gelu_in_kernels(hidden[0].device.type, hidden[0].dtype)
-        if in_kernels and not ctx.fp32_products and _threads_share_chunks(len(hidden)):
+        if in_kernels and not ctx.fp32_products and cpu_kernels.threads_share(len(hidden)):
             grad_x, grad_w1, grad_b1, grad_w2 = cpu_kernels.kernels().gelu_mlp_backward(
                 grad_out.contiguous(), x2.contiguous(), hidden, w1, w2, need_x, need_w1, need_b1, need_w2)
         else:
@@ -128,23 +128,6 @@ def _differentiable_grads(ctx, grad_out: torch.Tensor, x: torch.Tensor, w1: torc
     return (grad_x, *(None if g is None else g.to(t) for g, t in zip(grads[1:], ctx.param_dtypes)))
 
 
-def _threads_share_chunks(chunks: int) -> bool:
-    """Whether the backward gives whole chunks to each thread: at least two each. With fewer (the last
-    stage's tokens in two chunks on two threads), splitting each product between the threads is faster."""
-    return chunks >= 2 * torch.get_num_threads()
-
-
-def _chunk_tokens(tokens: int, chunk: int) -> int:
-    """Tokens per chunk of ``tokens``, at most ``chunk``: where the threads will share the chunks out, the
-    number of chunks rounded up to a multiple of the thread count, and the chunks equal, so that each
-    thread gets the same work."""
-    chunks = -(-tokens // chunk)
-    if not _threads_share_chunks(chunks):
-        return chunk
-    threads = torch.get_num_threads()
-    return -(-tokens // (-(-chunks // threads) * threads))
-
-
 def _gelu_in_kernels(device: str, dtype: torch.dtype) -> bool:
     """Whether the backward takes the compiled kernels' GELU for fc1's output on ``device`` in ``dtype``:
     bf16 on the CPU, not under torch.compile (which traces the backward too), and the kernels in use."""
@@ -163,7 +146,7 @@ def gelu_mlp(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approx
     fp32_products = bf16_products_in_fp32(x)
     dtype = autocast_dtype(x)
     if approximate == 'none' and not fp32_products and _gelu_in_kernels(device, dtype):
-        chunk = _chunk_tokens(x.numel() // x.shape[-1], chunk)
+        chunk = cpu_kernels.shared_chunk(x.numel() // x.shape[-1], chunk)
     with autocast_off(device):
         return _GeluMlp.apply(x.to(dtype), fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate,
                               fp32_products, chunk)
