@@ -170,7 +170,8 @@ def test_benchmark_tool_plots_throughput_per_precision(tmp_path):
     assert report['calls_per_turn'] == 2 and report['settle_calls'] == 0
     assert all(len(row['times_s']) == 2 for row in report['results'])
     tables = load_benchmark_tool('benchmark_table')
-    assert f'1 round of 2 timed calls in a row per model{tables.cpu_text(report)}; dense matmul' in tables.main([str(out)])
+    expected = f'1 round of 2 timed calls in a row per model{tables.cpu_text(report)}; dense matmul'
+    assert expected in tables.main([str(out)])
     sweep = report['throughput_sweep']
     assert set(sweep) == {'fp32', 'bf16'}
     for per_model in sweep.values():
@@ -390,7 +391,8 @@ def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):
     runs = [(p, m, cp) for p in ('fp32', 'bf16') for m in ('mmswin-v1', 'mmdet-v1') for cp in (False, True)]
     assert measured == runs
     # the allocator settings of the run (they change the page faults) are recorded
-    assert json.loads(out.read_text())['malloc_env'] == {'THP_MEM_ALLOC_ENABLE': '1', 'MALLOC_TRIM_THRESHOLD_': '131072'}
+    malloc_env = {'THP_MEM_ALLOC_ENABLE': '1', 'MALLOC_TRIM_THRESHOLD_': '131072'}
+    assert json.loads(out.read_text())['malloc_env'] == malloc_env
     recorded = json.loads(out.read_text())['train_peak_memory_bytes']
     assert [(m['precision'], m['model'], m['with_cp']) for m in recorded] == runs
     table = load_benchmark_tool('benchmark_table').memory_table([json.loads(out.read_text())])

@@ -297,7 +297,8 @@ MMSWIN_AVX512_BF16 float window_rows_grads(Task t, const int64_t* slot, const ui
                                            const float* lse, int64_t heads, const uint16_t* pad, int64_t c,
                                            uint16_t* dqkv, float* pad_sums, Scratch& s) {
   const int64_t n = t.n, d = t.d;
-  if (mmswin::consecutive_slots(slot, n)) {  // no padding, the window's rows in order: the gradients from and to them in place
+  // No padding, the window's rows in order: the gradients from and to them in place.
+  if (mmswin::consecutive_slots(slot, n)) {
     t.q = qkv + slot[0] * 3 * c;
     t.g = grad + slot[0] * c;
     t.lse = lse + slot[0] * heads;

@@ -333,7 +333,8 @@ def peak_train_memory(name: str, window: int, size: List[int], precision: str, d
     """Bytes a training step adds at its peak: on CUDA the max allocated (``tensor_bytes``). On CPU, each
     in a fresh worker process: the peak of live tensors (``tensor_bytes``), the growth of the resident
     set under the environment's allocator settings (``rss_bytes``; with glibc's defaults it includes
-    what the allocator keeps for reuse) and with :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the resident set of live memory)."""
+    what the allocator keeps for reuse) and with :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the
+    resident set of live memory)."""
     if device.type == 'cuda':
         model = build_model(name, window, with_cp=with_cp).to(device)
         model.train()  # (mmdet's Swin returns None from train())
@@ -611,11 +612,11 @@ def build_models(names: List[str], window: int, device: torch.device) -> Dict[st
 def measure_group(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
                   repeats: int, warmup: int, profile: bool, compile_models: bool = False,
                   calls_per_turn: int = 1, settle_calls: int = 0) -> dict:
-    """Times of every model at one size, precision and mode (:func:`time_in_workers`; with
-    ``compile_models`` also of each one compiled, and in inference the cosine of the compiled outputs to the
-    eager ones); with ``profile`` the top operators and the operator count of each eager model; for fp32 inference the output
-    difference of mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's
-    outputs with its fp32 outputs."""
+    """Times of every model at one size, precision and mode (:func:`time_in_workers`; with ``compile_models`` also of
+    each one compiled, and in inference the cosine of the compiled outputs to the eager ones); with ``profile``
+    the top operators and the operator count of each eager model; for fp32 inference the output difference of
+    mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's outputs with its fp32
+    outputs."""
     import mmswin  # noqa: F401
     device = torch.device(device)
     # The device's rate right before the timing and right after: this machine's speed drifts over minutes.
@@ -768,8 +769,10 @@ def main(argv=None) -> dict:
                     mem = peak_train_memory(name, args.window, size, precision, device, with_cp=with_cp) or {}
                     report.setdefault('train_peak_memory_bytes', []).append(
                         dict(size=size, precision=precision, model=name, with_cp=with_cp, **mem))
+                    sizes = ', '.join(f'{key.replace("_bytes", "")} {value / 2 ** 20:.0f} MiB'
+                                      for key, value in mem.items())
                     print(f'{"x".join(map(str, size)):>14} {precision:>4} memory {name:>14} with_cp={with_cp!s:>5}: '
-                          + ', '.join(f'{key.replace("_bytes", "")} {value / 2 ** 20:.0f} MiB' for key, value in mem.items()),
+                          + sizes,
                           flush=True)
                     write_report(report, args.out)
     if args.plot:

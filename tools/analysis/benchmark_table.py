@@ -2,10 +2,11 @@
 
     python tools/analysis/benchmark_table.py docs/reports/benchmark.json
 
-Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate,
-ratios to mmdet and V2/V1), the ratios to mmdet round by round, on CPU the page faults and system time per call, the headroom over mmdet that the dense matmul rate leaves, the training
-memory table, bf16/fp16 agreement with fp32, and, when the reports hold profiles, the matrix products
-replayed alone, the operators per call and the top operators.
+Prints the speed table (medians, images/s, share of the device's fp32 and own-precision matmul rate, ratios to
+mmdet and V2/V1), the ratios to mmdet round by round, on CPU the page faults and system time per call, the
+headroom over mmdet that the dense matmul rate leaves, the training memory table, bf16/fp16 agreement with
+fp32, and, when the reports hold profiles, the matrix products replayed alone, the operators per call and the
+top operators.
 """
 import argparse
 import json
@@ -236,7 +237,8 @@ def main(argv=None) -> str:
                      f'the start {rates}')
         parts += rate_lines(report)
     parts.append('')
-    for table in (speed_table(reports), round_table(reports), kernel_table(reports), headroom_table(reports), products_table(reports), memory_table(reports),
+    for table in (speed_table(reports), round_table(reports), kernel_table(reports), headroom_table(reports),
+                  products_table(reports), memory_table(reports),
                   agreement_table(reports),
                   agreement_table(reports, 'compiled_cosine_to_eager', 'the eager model, same precision'),
                   mmdet_agreement(reports), profile_table(reports)):

@@ -10,13 +10,12 @@ writes, deterministically (same settings, same bytes) and in seconds, without do
     OUT_DIR/ade/ADEChallengeData2016/annotations/{training,validation}/ADE_..._00000001.png
     OUT_DIR/demo_data.json                                    the settings, written last
 
-Each scene is a textured, noisy background with 2 to 5 solid-coloured shapes (circle, square or
-rectangle, triangle, star) of random size, position and colour, tilted by up to 20 degrees; later
-shapes occlude earlier ones, and every shape keeps at least 70 % of its area visible. COCO annotations describe the visible part
-(polygons, ``area`` its pixel count, ``bbox`` its tight xywh box, ``iscrowd=0``). Segmentation labels
-follow ADE20K's convention for ``reduce_zero_label=True``: 0 is "unlabelled" (ignored; the generator
-does not use it), 1 is the background and 2..5 the shapes, i.e. classes ``SEG_CLASSES`` after the
-reduction.
+Each scene is a textured, noisy background with 2 to 5 solid-coloured shapes (circle, square or rectangle,
+triangle, star) of random size, position and colour, tilted by up to 20 degrees; later shapes occlude earlier
+ones, and every shape keeps at least 70 % of its area visible. COCO annotations describe the visible part
+(polygons, ``area`` its pixel count, ``bbox`` its tight xywh box, ``iscrowd=0``). Segmentation labels follow
+ADE20K's convention for ``reduce_zero_label=True``: 0 is "unlabelled" (ignored; the generator does not use
+it), 1 is the background and 2..5 the shapes, i.e. classes ``SEG_CLASSES`` after the reduction.
 
 Importable: ``make_demo_data(out_dir, num_train=..., ...)`` generates both datasets,
 ``render_scene(rng, size)`` draws one scene.
