@@ -199,12 +199,68 @@ def test_bad_mlp_backward_input_is_named(arg, value, message):
         cpu_kernels.kernels().gelu_mlp_backward(**inputs, need_x=True, need_w1=True, need_b1=True, need_w2=True)
 
 
+def mlp_forward_by_chunks(x, w1, b1, w2, b2, chunk, fused_bias):
+    """The training MLP's forward chunk by chunk in PyTorch's operators: the output and fc1's chunks."""
+    out, hidden = [], []
+    for part in x.split(chunk):
+        if b1 is not None and fused_bias:
+            h = torch.ops.mkldnn._linear_pointwise(part, w1, b1, 'none', [], '')
+        else:
+            h = F.linear(part, w1, b1)
+        act = F.gelu(h)
+        out.append(act @ w2.t() if b2 is None else torch.addmm(b2, act, w2.t()))
+        hidden.append(h)
+    return torch.cat(out), hidden
+
+
+def mlp_forward_inputs(tokens=150, c=16, width=64, bias=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, c, generator=g).bfloat16()
+    w1, w2 = (torch.randn(*shape, generator=g).div(4).bfloat16() for shape in ((width, c), (c, width)))
+    b1, b2 = ((torch.randn(n, generator=g).bfloat16() if bias else None) for n in (width, c))
+    return x, w1, b1, w2, b2
+
+
+@needs_kernels
+@pytest.mark.parametrize('n', [1, 2, 3])
+@pytest.mark.parametrize('bias,fused_bias', [(True, True), (True, False), (False, False)])
+def test_threads_sharing_the_chunks_give_the_chunk_by_chunk_forward(n, bias, fused_bias):
+    """The kernels' forward with whole chunks per thread: the output and fc1's chunks of the chunk-by-chunk
+    pass bit for bit, on any number of threads, the last chunk shorter; fc1 with its bias fused in oneDNN or
+    as F.linear."""
+    inputs = mlp_forward_inputs(bias=bias)
+    expected_out, expected_hidden = mlp_forward_by_chunks(*inputs, 19, fused_bias)
+    with threads(n):
+        out, hidden = cpu_kernels.kernels().gelu_mlp_forward(*inputs, 19, fused_bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (150, 16)
+    assert [len(h) for h in hidden] == [19] * 7 + [17]
+    assert torch.equal(out, expected_out)
+    assert all(torch.equal(a, b) for a, b in zip(hidden, expected_hidden))
+
+
+@needs_kernels
+@pytest.mark.parametrize('arg,value,message', [
+    ('x', torch.zeros(14, 16), r'x must be a contiguous \(tokens, C\) bf16'),
+    ('w1', torch.zeros(64, 8, dtype=torch.bfloat16), r'w1 must be a contiguous \(H, 16\) bf16'),
+    ('b1', torch.zeros(32, dtype=torch.bfloat16), r'b1 must be None or a contiguous \(64,\) bf16'),
+    ('w2', torch.zeros(16, 32, dtype=torch.bfloat16), r'w2 must be a contiguous \(C_out, 64\) bf16'),
+    ('b2', torch.zeros(16), r'b2 must be None or a contiguous \(16,\) bf16'),
+    ('chunk', 0, 'chunk must be positive, got 0'),
+])
+def test_bad_mlp_forward_input_is_named(arg, value, message):
+    inputs = dict(zip(('x', 'w1', 'b1', 'w2', 'b2'), mlp_forward_inputs(tokens=14)), chunk=5, fused_bias=True)
+    inputs[arg] = value
+    with pytest.raises(RuntimeError, match=f'gelu_mlp_forward: {message}'):
+        cpu_kernels.kernels().gelu_mlp_forward(**inputs)
+
+
 @needs_kernels
 @pytest.mark.parametrize('n', [1, 2, 3, 5])
 def test_threads_share_equal_chunks_in_training(n, monkeypatch):
     """From four chunks on, the forward makes the chunks equal and their number a multiple of four, on
-    any number of threads; with at least two per thread, the backward is one call of the kernels, with the
-    gradients that the chunk-by-chunk pass gives over the same chunks, bit for bit."""
+    any number of threads; with at least two per thread, the forward and the backward are one call of the
+    kernels each, with the outputs and gradients that the chunk-by-chunk passes give over the same chunks,
+    bit for bit."""
     chunks = [19] * 7 + [17]
     monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64)  # 150 tokens: 5 chunks of at most 32
     torch.manual_seed(0)
@@ -216,18 +272,26 @@ def test_threads_share_equal_chunks_in_training(n, monkeypatch):
         def __getattr__(self, name):
             return getattr(kernels, name)
 
+        def gelu_mlp_forward(self, *args):
+            out, hidden = kernels.gelu_mlp_forward(*args)
+            forward_calls.append([len(h) for h in hidden])
+            return out, hidden
+
         def gelu_mlp_backward(self, grad_out, x, hidden, *args):
             calls.append([len(h) for h in hidden])
             return kernels.gelu_mlp_backward(grad_out, x, hidden, *args)
 
+    forward_calls = []
     monkeypatch.setattr(cpu_kernels, 'kernels', Recording)
     with threads(n), torch.autocast('cpu', dtype=torch.bfloat16):
         saved = saved_activations(mlp, x.clone().requires_grad_())
     hidden = [t for t in saved if t.shape[-1] == 64 and t.shape != mlp.fc2.weight.shape]  # not fc2's bf16 weight
     with threads(n):
         assert [len(t) for t in hidden] == chunks
+        forward_calls.clear()
         shared = run(mlp, x, grad, layer_by_layer=False, dtype=torch.bfloat16)
         assert calls == ([chunks] if len(chunks) >= 2 * n else [])
+        assert forward_calls == calls
         monkeypatch.setattr(cpu_kernels, 'shared_chunk', lambda tokens, chunk: chunks[0])
         monkeypatch.setattr(cpu_kernels, 'threads_share', lambda count: False)
         one_by_one = run(copy.deepcopy(mlp), x, grad, layer_by_layer=False, dtype=torch.bfloat16)

@@ -1,17 +1,59 @@
-// The backward pass of CPU bf16 training's MLP, fc2(gelu(fc1(x))), over the chunks of tokens that the forward
-// kept fc1's output h in, the chunks shared out among the threads: each thread runs whole chunks (the four
-// products, each on one thread, and the GELU's gradient) instead of every product being split between all of
-// them. On two cores oneDNN scales these products 1.6-1.8x from one thread to two; whole chunks per thread
-// scale them as far as the chunks balance. The values are those of the chunk-by-chunk pass: each chunk's
-// weight gradients are its bf16 products, summed over the chunks in order in fp32 after the parallel part,
-// the same on any number of threads.
+// The forward and backward passes of CPU bf16 training's MLP, fc2(gelu(fc1(x))), over chunks of tokens, the
+// chunks shared out among the threads: each thread runs whole chunks (the forward's two products and GELU, the
+// backward's four products and the GELU's gradient, each product on one thread) instead of every product being
+// split between all of them. On two cores oneDNN scales these products 1.6-1.8x from one thread to two; whole
+// chunks per thread scale them as far as the chunks balance. The forward keeps fc1's output as its chunks. The
+// values are those of the chunk-by-chunk passes: each chunk's weight gradients are its bf16 products, summed
+// over the chunks in order in fp32 after the parallel part, the same on any number of threads.
 #include "kernels.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
 namespace mmswin {
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> gelu_mlp_forward(const at::Tensor& x, const at::Tensor& w1,
+                                                                 const c10::optional<at::Tensor>& b1,
+                                                                 const at::Tensor& w2,
+                                                                 const c10::optional<at::Tensor>& b2, int64_t chunk,
+                                                                 bool fused_bias) {
+  const char* fn = "gelu_mlp_forward";
+  TORCH_CHECK(kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 2, fn,
+              ": x must be a contiguous (tokens, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t tokens = x.size(0), c = x.size(1);
+  TORCH_CHECK(is_cpu_contiguous(w1, at::kBFloat16) && w1.dim() == 2 && w1.size(1) == c, fn,
+              ": w1 must be a contiguous (H, ", c, ") bf16 CPU tensor, got ", w1.sizes(), " ", w1.scalar_type());
+  const int64_t width = w1.size(0);
+  TORCH_CHECK(is_cpu_contiguous(w2, at::kBFloat16) && w2.dim() == 2 && w2.size(1) == width, fn,
+              ": w2 must be a contiguous (C_out, ", width, ") bf16 CPU tensor, got ", w2.sizes(), " ",
+              w2.scalar_type());
+  TORCH_CHECK(!b1.has_value() || (is_cpu_contiguous(*b1, at::kBFloat16) && b1->sizes() == at::IntArrayRef({width})),
+              fn, ": b1 must be None or a contiguous (", width, ",) bf16 CPU tensor");
+  TORCH_CHECK(!b2.has_value() || (is_cpu_contiguous(*b2, at::kBFloat16) &&
+                                  b2->sizes() == at::IntArrayRef({w2.size(0)})),
+              fn, ": b2 must be None or a contiguous (", w2.size(0), ",) bf16 CPU tensor");
+  TORCH_CHECK(chunk > 0, fn, ": chunk must be positive, got ", chunk);
+  const int64_t chunks = (tokens + chunk - 1) / chunk;
+  at::Tensor out = at::empty({tokens, w2.size(0)}, x.options());
+  std::vector<at::Tensor> hidden(chunks);
+  const at::Tensor w2t = w2.t();
+  for_each_chunk(chunks, [&](int64_t i) {
+    const int64_t first = i * chunk, rows = std::min(chunk, tokens - first);
+    const at::Tensor part = x.narrow(0, first, rows);
+    at::Tensor h = linear_rows(part, w1, b1, fused_bias);
+    at::Tensor rows_out = out.narrow(0, first, rows);
+    const at::Tensor act = at::gelu(h);
+    if (b2.has_value())
+      at::addmm_out(rows_out, *b2, act, w2t);
+    else
+      at::mm_out(rows_out, act, w2t);
+    hidden[i] = std::move(h);
+  });
+  return {out, hidden};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& hidden, const at::Tensor& w1,

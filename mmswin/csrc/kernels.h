@@ -25,6 +25,12 @@ bool is_cpu_contiguous(const at::Tensor& t, at::ScalarType dtype);
 // Checks that grad, the gradient of fn's input `name` (x), is a contiguous bf16 CPU tensor of x's shape.
 void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor& x, const char* name);
 
+// The product x (rows, C_in) weight^T (weight (C_out, C_in)) plus bias, bf16, as the models' chunk_linear
+// (mmswin/models/matmul.py) takes it: without a bias a plain product; with one, oneDNN's linear with the bias
+// applied to its fp32 accumulator where fused_bias, else PyTorch's linear.
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       bool fused_bias);
+
 // partial (blocks, ...) fp32 summed over its first axis in order, from the first block on: the kernels' sums
 // over fixed blocks, the same on any number of threads.
 at::Tensor sum_blocks(const at::Tensor& partial);
@@ -38,7 +44,8 @@ at::Tensor sum_in_order(const std::vector<at::Tensor>& parts);
 
 // fn(i) for each chunk i in [0, chunks), whole chunks shared out among the threads, each running with the
 // caller's grad mode and dispatch state; PyTorch's operators and the kernels called by fn run on that one
-// thread (nested parallel regions run inline).
+// thread (nested parallel regions run inline). The Python bindings of its callers release the GIL: the state
+// may hold Python objects (saved-tensor hooks, as torch.utils.checkpoint sets them), whose copies take it.
 template <typename F>
 void for_each_chunk(int64_t chunks, const F& fn) {
   const at::ThreadLocalState state;
@@ -110,12 +117,31 @@ at::Tensor& accumulate_(at::Tensor& total, const at::Tensor& part);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& h,
                                                              bool column_sums);
 
+// CPU bf16 training's MLP fc2(gelu(fc1(x))) over chunks of `chunk` rows of x (tokens, C), the chunks shared out
+// among the threads: the output (tokens, C_out) and fc1's output as its chunks, the values of the chunk-by-chunk
+// pass (fc1 with the bias fused in oneDNN where fused_bias).
+std::tuple<at::Tensor, std::vector<at::Tensor>> gelu_mlp_forward(const at::Tensor& x, const at::Tensor& w1,
+                                                                 const c10::optional<at::Tensor>& b1,
+                                                                 const at::Tensor& w2,
+                                                                 const c10::optional<at::Tensor>& b2, int64_t chunk,
+                                                                 bool fused_bias);
+
 // The gradients of x (bf16; undefined unless need_x), fc1's weight and bias and fc2's weight (fp32 sums over the
 // chunks; undefined where not needed) of CPU bf16 training's MLP fc2(gelu(fc1(x))) from grad_out, with fc1's
 // output kept as the chunks of rows `hidden`; the chunks are shared out among the threads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& hidden, const at::Tensor& w1,
     const at::Tensor& w2, bool need_x, bool need_w1, bool need_b1, bool need_w2);
+
+// The window attention of x's rows (B, L, C) in window order projected by weight (3C, C) and qkv_bias (3C,) (or
+// none) as linear_rows takes them, chunk k holding rows [starts[k], starts[k + 1]) of each image with its slots
+// and (shifted windows) its mask rows masks[k]: the output (B, L, C) and, per image and chunk, the projection
+// (1, rows, 3C) and lse (window_attention_rows_with_lse) that the backward takes.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> projected_rows_attention_forward(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& qkv_bias,
+    const std::vector<int64_t>& starts, const std::vector<at::Tensor>& slots, const std::vector<at::Tensor>& masks,
+    const at::Tensor& pad, int64_t heads, const at::Tensor& bias, const at::Tensor& scale, bool cosine,
+    bool fused_bias);
 
 // The gradients of x (B, L, C) (bf16; undefined unless need_x), the qkv projection's weight and bias, the
 // position bias and (cosine) the logit scales (fp32 sums over the chunks; undefined where not needed) of the

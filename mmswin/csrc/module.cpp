@@ -3,6 +3,8 @@
 
 #include "kernels.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 namespace mmswin {
 
 bool kernels_available() {
@@ -27,6 +29,18 @@ void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor&
   TORCH_CHECK(is_cpu_contiguous(grad, at::kBFloat16) && grad.sizes() == x.sizes(), fn,
               ": grad must be a contiguous bf16 CPU tensor of ", name, "'s shape ", x.sizes(), ", got ", grad.sizes(),
               " ", grad.scalar_type());
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       bool fused_bias) {
+  if (!bias.has_value()) return at::mm(x, weight.t());
+  if (!fused_bias) return at::linear(x, weight, bias);
+  static const auto fused =  // PyTorch's registration of oneDNN's linear with post-ops
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  return fused.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
 }
 
 at::Tensor sum_blocks(const at::Tensor& partial) {
@@ -88,11 +102,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GELU of h and the gradient of h from the GELU's gradient grad, and the fp32 column sums of the latter if "
         "column_sums (bf16, CPU training)",
         py::arg("grad"), py::arg("h"), py::arg("column_sums"));
+  m.def("gelu_mlp_forward", &mmswin::gelu_mlp_forward,
+        "The MLP fc2(gelu(fc1(x))) of x (tokens, C) and fc1's output as chunks of `chunk` rows, the chunks shared "
+        "out among the threads (bf16, CPU training)",
+        py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("chunk"),
+        py::arg("fused_bias"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("gelu_mlp_backward", &mmswin::gelu_mlp_backward,
         "Gradients of x (bf16), fc1's weight and bias and fc2's weight (fp32) of the MLP fc2(gelu(fc1(x))) from "
         "fc1's output kept as chunks of rows, the chunks shared out among the threads (bf16, CPU training)",
         py::arg("grad_out"), py::arg("x"), py::arg("hidden"), py::arg("w1"), py::arg("w2"), py::arg("need_x"),
-        py::arg("need_w1"), py::arg("need_b1"), py::arg("need_w2"));
+        py::arg("need_w1"), py::arg("need_b1"), py::arg("need_w2"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("projected_rows_attention_forward", &mmswin::projected_rows_attention_forward,
+        "The window attention of x's rows projected to qkv, in chunks of windows shared out among the threads, and "
+        "each image's and chunk's qkv and lse for the backward (bf16, CPU training)",
+        py::arg("x"), py::arg("weight"), py::arg("qkv_bias"), py::arg("starts"), py::arg("slots"), py::arg("masks"),
+        py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("scale"), py::arg("cosine"), py::arg("fused_bias"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("projected_rows_attention_backward", &mmswin::projected_rows_attention_backward,
         "Gradients of x (bf16), the qkv projection's weight and bias, the position bias and the logit scales (fp32) "
         "of the window attention of x's rows projected to qkv, chunk by chunk as the forward kept each image's "
@@ -100,7 +127,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("qkv"), py::arg("lse"), py::arg("starts"),
         py::arg("slots"), py::arg("masks"), py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("scale"),
         py::arg("cosine"), py::arg("need_x"), py::arg("need_weight"), py::arg("need_pad"), py::arg("need_bias"),
-        py::arg("need_scale"));
+        py::arg("need_scale"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("accumulate_", &mmswin::accumulate_,
         "Adds part (bf16) to total (fp32, part's shape) in place: the fp32 sum of bf16 chunks (CPU training)",
         py::arg("total"), py::arg("part"));

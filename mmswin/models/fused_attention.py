@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
-from .matmul import autocast_dtype, autocast_off, chunk_linear, linear
+from .matmul import autocast_dtype, autocast_off, bias_fused, chunk_linear, linear
 from .qkv_projection import ProjectionGrads
 from .windows import image_chunks
 
@@ -221,8 +221,8 @@ class _ProjectedRowsAttention(torch.autograd.Function):
     the chunk's real tokens and the kernels' forward, keeping the projection and lse; the backward takes
     them in the same order, each one's kernel backward followed by its share of the projection's
     gradients, the padding positions' k and v gradients going to the projection's bias. With at least two
-    chunks per thread (:func:`.cpu_kernels.threads_share`), the backward is one call of the kernels that
-    gives each thread whole chunks, to the same values bit for bit."""
+    chunks per thread (:func:`.cpu_kernels.threads_share`), the forward and the backward are one call of the
+    kernels each, giving each thread whole chunks, to the same values bit for bit."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], bias: torch.Tensor,
@@ -231,16 +231,22 @@ class _ProjectedRowsAttention(torch.autograd.Function):
         w, b = _bf16_projection(ctx, weight, qkv_bias)
         pad = w.new_zeros(w.shape[0]) if b is None else b
         kernels = cpu_kernels.kernels()
-        out = torch.empty_like(x)
-        saved = []
-        for image in range(x.shape[0]):
-            for places, slots, windows in chunks:
-                qkv = chunk_linear(x[image, places], w, b, False).unsqueeze(0)
-                part_mask = None if mask is None else mask[windows]
-                part, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, part_mask, scale,
-                                                                   cosine)
-                out[image, places] = part[0]
-                saved += [qkv, lse]
+        if cpu_kernels.threads_share(x.shape[0] * len(chunks)):  # whole chunks per thread, in one call
+            out, qkvs, lses = kernels.projected_rows_attention_forward(
+                x, w, b, *_chunk_layout(chunks, x.shape[1], mask), pad, heads, bias, scale, cosine,
+                b is not None and bias_fused(x, w, b))
+            saved = [t for pair in zip(qkvs, lses) for t in pair]
+        else:
+            out = torch.empty_like(x)
+            saved = []
+            for image in range(x.shape[0]):
+                for places, slots, windows in chunks:
+                    qkv = chunk_linear(x[image, places], w, b, False).unsqueeze(0)
+                    part_mask = None if mask is None else mask[windows]
+                    part, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, part_mask,
+                                                                       scale, cosine)
+                    out[image, places] = part[0]
+                    saved += [qkv, lse]
         ctx.save_for_backward(x, w, pad, bias, scale, mask, *saved)
         ctx.chunks, ctx.heads, ctx.cosine = chunks, heads, cosine
         return out
@@ -256,10 +262,8 @@ class _ProjectedRowsAttention(torch.autograd.Function):
         if cpu_kernels.threads_share(images * len(ctx.chunks)):  # whole chunks per thread, in one call
             need_x, need_w, need_b = ctx.needs_input_grad[:3]
             grad_x, grad_w, grad_b, grad_bias, grad_scale = kernels.projected_rows_attention_backward(
-                grad, x, w, saved[0::2], saved[1::2], [places.start for places, _, _ in ctx.chunks] + [tokens],
-                [slots for _, slots, _ in ctx.chunks], [] if mask is None else [mask[rows] for *_, rows in ctx.chunks],
-                pad, ctx.heads, bias, scale, ctx.cosine, need_x, need_w, need_b and ctx.param_dtypes[1] is not None,
-                need_bias, need_scale)
+                grad, x, w, saved[0::2], saved[1::2], *_chunk_layout(ctx.chunks, tokens, mask), pad, ctx.heads, bias,
+                scale, ctx.cosine, need_x, need_w, need_b and ctx.param_dtypes[1] is not None, need_bias, need_scale)
             grad_w, grad_b = (None if g is None else g.to(dtype)
                               for g, dtype in zip((grad_w, grad_b), ctx.param_dtypes))
             return grad_x, grad_w, grad_b, grad_bias, grad_scale, None, None, None, None
@@ -283,6 +287,13 @@ class _ProjectedRowsAttention(torch.autograd.Function):
         grad_x, grad_w, grad_b = sums.result()
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, grad_w, grad_b, grad_bias, grad_scale, None, None, None, None
+
+
+def _chunk_layout(chunks: tuple, tokens: int, mask: Optional[torch.Tensor]) -> tuple:
+    """The chunks of a map of ``tokens`` rows as the kernels' passes over them take them: each chunk's first
+    row and then ``tokens``, each chunk's slots, and each chunk's rows of ``mask`` (none without one)."""
+    return ([places.start for places, _, _ in chunks] + [tokens], [slots for _, slots, _ in chunks],
+            [] if mask is None else [mask[windows] for *_, windows in chunks])
 
 
 def projected_rows_attention(x: torch.Tensor, chunks: tuple, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor],

@@ -11,9 +11,9 @@ products, the weight and bias gradients summed over the chunks in fp32 and retur
 own dtype (under autocast, fp32 parameters get the fp32 sums, not their bf16 rounding). In CPU bf16, the
 backward's GELU, its gradient and the gradient's sum for fc1's bias are one pass of the compiled kernels
 (:mod:`.cpu_kernels`) where they are used, instead of three of PyTorch's, to bf16's rounding of the same
-values. There, with at least two chunks per thread, the backward is one call of the kernels that shares
-whole chunks out among the threads (each product on one thread), and the forward makes the chunks equal
-and, from four on, their number a multiple of four (whatever the thread count).
+values. There, with at least two chunks per thread, the forward and the backward are one call of the
+kernels each, sharing whole chunks out among the threads (each product on one thread), and the chunks
+are equal and, from four on, their number a multiple of four (whatever the thread count).
 """
 from typing import List, Optional, Tuple
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import cpu_kernels
 from .chunk_sums import add_chunk
-from .matmul import autocast_dtype, autocast_off, bf16_products_in_fp32, chunk_linear, chunk_mm
+from .matmul import autocast_dtype, autocast_off, bf16_products_in_fp32, bias_fused, chunk_linear, chunk_mm
 
 
 class _GeluMlp(torch.autograd.Function):
@@ -36,12 +36,16 @@ class _GeluMlp(torch.autograd.Function):
         params = (w1, b1, w2)
         w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in (w1, b1, w2, b2))
         rows = x.reshape(-1, x.shape[-1])
-        hidden = []
-        out = rows.new_empty(rows.shape[0], w2.shape[0])
-        for start in range(0, rows.shape[0], chunk):
-            h = chunk_linear(rows[start:start + chunk], w1, b1, fp32_products)
-            hidden.append(h)
-            chunk_linear(F.gelu(h, approximate=approximate), w2, b2, fp32_products, out=out[start:start + chunk])
+        if _shares_chunks(rows, approximate, fp32_products, chunk):  # whole chunks per thread, in one call
+            fused = b1 is not None and bias_fused(rows, w1, b1)
+            out, hidden = cpu_kernels.kernels().gelu_mlp_forward(rows.contiguous(), w1, b1, w2, b2, chunk, fused)
+        else:
+            hidden = []
+            out = rows.new_empty(rows.shape[0], w2.shape[0])
+            for start in range(0, rows.shape[0], chunk):
+                h = chunk_linear(rows[start:start + chunk], w1, b1, fp32_products)
+                hidden.append(h)
+                chunk_linear(F.gelu(h, approximate=approximate), w2, b2, fp32_products, out=out[start:start + chunk])
         # fc1's output is kept as its chunks: a whole (tokens, hidden) tensor would be mapped afresh by the
         # C allocator (page faults) at the first stage of detection inputs. The parameters as given are kept
         # for a backward with create_graph=True (they are alive anyway).
@@ -126,6 +130,14 @@ def _differentiable_grads(ctx, grad_out: torch.Tensor, x: torch.Tensor, w1: torc
              grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None)
     grad_x = None if grads[0] is None else grads[0].view(x.shape)
     return (grad_x, *(None if g is None else g.to(t) for g, t in zip(grads[1:], ctx.param_dtypes)))
+
+
+def _shares_chunks(rows: torch.Tensor, approximate: str, fp32_products: bool, chunk: int) -> bool:
+    """Whether the forward over ``rows: (tokens, C)`` in chunks of ``chunk`` tokens is one call of the kernels
+    that gives each thread whole chunks: the exact GELU in the kernels, bf16 products, and at least two
+    chunks per thread (:func:`.cpu_kernels.threads_share`)."""
+    return (approximate == 'none' and not fp32_products and _gelu_in_kernels(rows.device.type, rows.dtype)
+            and cpu_kernels.threads_share(-(-rows.shape[0] // chunk)))
 
 
 def _gelu_in_kernels(device: str, dtype: torch.dtype) -> bool:

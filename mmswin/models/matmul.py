@@ -128,7 +128,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return torch.ops.aten.gelu_(out, approximate=gelu)  # in place: no second (..., hidden) tensor
 
 
-def _bias_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+def bias_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether :func:`chunk_linear` of these bf16 CPU tensors takes oneDNN's linear with the bias applied to
     the fp32 accumulator (``addmm`` first copies the bias into every row of the output, then adds the
     product to it; the values are the same): bf16 hardware, ``MMSWIN_BF16_MATMUL`` ``auto`` or ``onednn``,
@@ -149,12 +149,12 @@ def chunk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     ``fp32_products``, the fp32 product of the (bf16) values rounded back to their dtype. With ``out``
     (contiguous, e.g. a chunk of rows of a larger result), the product is written there and returned,
     with no copy from a fresh tensor. A bf16 product with a bias on the CPU takes oneDNN's linear with the
-    bias fused (:func:`_bias_fused`) where it applies."""
+    bias fused (:func:`bias_fused`) where it applies."""
     if fp32_products:
         y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
         return y if out is None else out.copy_(y)
     if out is None:
-        if bias is not None and _bias_fused(x, weight, bias):
+        if bias is not None and bias_fused(x, weight, bias):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
         return F.linear(x, weight, bias)
     if bias is None:
