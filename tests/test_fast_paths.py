@@ -486,7 +486,7 @@ def test_in_place_inference_equals_out_of_place(cls, dtype, chunk, monkeypatch):
     """CPU inference writes each block's output into its input, chunk by chunk, with the values of the
     out-of-place blocks, bit for bit (padded and shifted maps, two images, chunks across windows)."""
     torch.manual_seed(0)
-    model = cls(**TINY, window_size=4).eval()
+    model = with_visible_bias(cls(**TINY, window_size=4)).eval()
     x = torch.randn(2, 3, 70, 90)
     monkeypatch.setattr(layers, 'CHUNK_TOKENS', chunk)
 
@@ -504,6 +504,46 @@ def test_in_place_inference_equals_out_of_place(cls, dtype, chunk, monkeypatch):
     reference = run()
     for a, b in zip(updated, reference):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not cpu_kernels.kernels_available(), reason='the compiled kernels need x86 with AVX512-BF16')
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('n', [1, 2, 3])
+def test_in_place_inference_mlp_shares_chunks_among_the_threads(cls, n, monkeypatch):
+    """In bf16 in-place inference, a block's MLP half with at least two chunks per thread is one call of the
+    kernels that gives each thread whole chunks, with the values of the Python chunk by chunk pass, bit for
+    bit."""
+    torch.manual_seed(0)
+    model = with_visible_bias(cls(**TINY, window_size=4)).eval()
+    x = torch.randn(2, 3, 70, 90)  # the first stage's 2 x 18 x 23 tokens: chunks of at least 128 tokens
+
+    def run():
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            return model(x)
+
+    kernels, calls = cpu_kernels.kernels(), []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def gelu_mlp_rows_(self, rows, *args):
+            calls.append((rows.shape, args[-1]))
+            return kernels.gelu_mlp_rows_(rows, *args)
+
+    monkeypatch.setattr(cpu_kernels, 'kernels', Recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        shared = run()
+        monkeypatch.setattr(type(model.layers[0].blocks[0]), 'mlp_in_kernels_', lambda self, rows: False)
+        one_by_one = run()
+    finally:
+        torch.set_num_threads(before)
+    chunk = {1: 414, 2: 207, 3: 138}[n]  # 828 tokens in two chunks per thread; later stages: too few tokens
+    assert calls == [(torch.Size([828, 16]), chunk)] * 2
+    for a, b in zip(shared, one_by_one):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])

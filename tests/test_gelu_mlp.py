@@ -1,4 +1,5 @@
-"""The training MLP: same values and gradients as layer-by-layer autograd, one hidden tensor saved."""
+"""The MLP: in training, same values and gradients as layer-by-layer autograd, one hidden tensor saved; in CPU
+bf16 inference, the kernels' in-place pass with the values of the chunk-by-chunk one."""
 import contextlib
 import copy
 
@@ -406,3 +407,78 @@ def test_chunk_sums_take_the_kernels_for_bf16_parts_of_fp32_sums(use_kernels, mo
     names = {e.name for e in prof.events()}
     assert ('aten::_to_copy' not in names) == use_kernels and ('aten::add_' in names) != use_kernels
     assert torch.equal(total, parts[0].float() + parts[1].float() + parts[2].float())
+
+
+def mlp_rows_by_chunks(x, w1, b1, w2, b2, norm_weight, norm_bias, eps, post_norm, chunk):
+    """Inference's in-place MLP half of a block, chunk by chunk in oneDNN's fused linear and the norm kernel: x
+    plus the branch, as a new tensor."""
+    out = x.clone()
+    norm = cpu_kernels.kernels().layer_norm
+    for part in out.split(chunk):
+        h = torch.ops.mkldnn._linear_pointwise(part if post_norm else norm(part, norm_weight, norm_bias, eps),
+                                               w1, b1, 'gelu', [], 'none')
+        branch = torch.ops.mkldnn._linear_pointwise(h, w2, b2, 'none', [], '')
+        part.add_(norm(branch, norm_weight, norm_bias, eps) if post_norm else branch)
+    return out
+
+
+def mlp_rows_inputs(tokens=150, affine=True):
+    x, w1, b1, w2, b2 = mlp_forward_inputs(tokens=tokens)
+    g = torch.Generator().manual_seed(1)
+    norm = (torch.randn(16, generator=g), torch.randn(16, generator=g)) if affine else (None, None)
+    return x, w1, b1, w2, b2, *norm, 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize('n', [1, 2, 3])
+@pytest.mark.parametrize('post_norm', [False, True])
+@pytest.mark.parametrize('affine', [True, False])
+def test_inference_mlp_rows_sharing_the_chunks_give_the_chunk_by_chunk_values(n, post_norm, affine):
+    """The kernels' in-place inference MLP with whole chunks per thread: x plus the branch of the chunk-by-chunk
+    pass bit for bit, the norm before fc1 (V1) or after fc2 (V2), on any number of threads, the last chunk
+    shorter."""
+    x, *args = mlp_rows_inputs(affine=affine)
+    expected = mlp_rows_by_chunks(x, *args, post_norm, 19)
+    assert not torch.equal(expected, x)
+    with threads(n):
+        out = cpu_kernels.kernels().gelu_mlp_rows_(x, *args, post_norm, 19)
+    assert out is x
+    assert torch.equal(x, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize('arg,value,message', [
+    ('x', torch.zeros(14, 16), r'x must be a contiguous \(tokens, C\) bf16'),
+    ('w1', torch.zeros(64, 8, dtype=torch.bfloat16), r'w1 must be a contiguous \(H, 16\) bf16'),
+    ('b1', torch.zeros(64), r'b1 must be None or a contiguous \(64,\) bf16'),
+    ('w2', torch.zeros(8, 64, dtype=torch.bfloat16), r"w2 must have x's 16 rows \(the output is added to x\)"),
+    ('b2', torch.zeros(8, dtype=torch.bfloat16), r'b2 must be None or a contiguous \(16,\) bf16'),
+    ('norm_weight', torch.zeros(16, dtype=torch.bfloat16), r'norm_weight must be None or a contiguous \(16,\) fp32'),
+    ('norm_bias', torch.zeros(8), r'norm_bias must be None or a contiguous \(16,\) fp32'),
+    ('eps', -1.0, 'eps must not be negative, got -1'),
+    ('chunk', 0, 'chunk must be positive, got 0'),
+])
+def test_bad_inference_mlp_rows_input_is_named(arg, value, message):
+    names = ('x', 'w1', 'b1', 'w2', 'b2', 'norm_weight', 'norm_bias', 'eps')
+    inputs = dict(zip(names, mlp_rows_inputs(tokens=14)), post_norm=False, chunk=5)
+    before = inputs['x'].clone()
+    inputs[arg] = value
+    with pytest.raises(RuntimeError, match=f'gelu_mlp_rows_: {message}'):
+        cpu_kernels.kernels().gelu_mlp_rows_(**inputs)
+    if arg != 'x':
+        assert torch.equal(inputs['x'], before)  # nothing written
+
+
+@pytest.mark.parametrize('total,chunk,n,expected', [
+    (60800, 4096, 2, 3800),  # 15 chunks of at most 4096: 16, a multiple of two
+    (60800, 4096, 3, 4054),  # 15, a multiple of three
+    (60800, 4096, 4, 3800),
+    (3800, 4096, 2, 950),  # at least two chunks per thread
+    (3800, 4096, 4, 475),
+    (400, 4096, 2, 200),  # chunks of at least 128 tokens: two
+    (400, 4096, 3, 134),
+    (100, 4096, 2, 100),  # one chunk
+])
+def test_inference_chunks_are_equal_and_shared_out_evenly(total, chunk, n, expected):
+    with threads(n):
+        assert cpu_kernels.inference_chunk(total, chunk) == expected

@@ -1,10 +1,12 @@
-// The forward and backward passes of CPU bf16 training's MLP, fc2(gelu(fc1(x))), over chunks of tokens, the
-// chunks shared out among the threads: each thread runs whole chunks (the forward's two products and GELU, the
-// backward's four products and the GELU's gradient, each product on one thread) instead of every product being
-// split between all of them. On two cores oneDNN scales these products 1.6-1.8x from one thread to two; whole
-// chunks per thread scale them as far as the chunks balance. The forward keeps fc1's output as its chunks. The
-// values are those of the chunk-by-chunk passes: each chunk's weight gradients are its bf16 products, summed
-// over the chunks in order in fp32 after the parallel part, the same on any number of threads.
+// The MLP's passes over chunks of tokens, the chunks shared out among the threads: each thread runs whole chunks
+// (each product on one thread) instead of every product being split between all of them. On two cores oneDNN
+// scales these products 1.6-1.8x from one thread to two; whole chunks per thread scale them as far as the chunks
+// balance.
+// - CPU bf16 training's forward and backward of fc2(gelu(fc1(x))): the forward's two products and GELU, the
+//   backward's four products and the GELU's gradient. The forward keeps fc1's output as its chunks. Each chunk's
+//   weight gradients are its bf16 products, summed over the chunks in order in fp32 after the parallel part.
+// - CPU bf16 inference's MLP half of a block, with its norm and residual sum, in place.
+// The values are those of the chunk-by-chunk passes, the same on any number of threads.
 #include "kernels.h"
 
 #include <algorithm>
@@ -14,28 +16,41 @@
 
 namespace mmswin {
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> gelu_mlp_forward(const at::Tensor& x, const at::Tensor& w1,
-                                                                 const c10::optional<at::Tensor>& b1,
-                                                                 const at::Tensor& w2,
-                                                                 const c10::optional<at::Tensor>& b2, int64_t chunk,
-                                                                 bool fused_bias) {
-  const char* fn = "gelu_mlp_forward";
+namespace {
+
+// Checks x (tokens, C) and the MLP's weights w1 (H, C) and w2 (C_out, H) and biases (or none), all contiguous bf16
+// CPU tensors, C_out = C where in_place, and chunk > 0, naming fn and the argument in its errors.
+void check_mlp(const char* fn, const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+               const at::Tensor& w2, const c10::optional<at::Tensor>& b2, int64_t chunk, bool in_place) {
   TORCH_CHECK(kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
   TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 2, fn,
               ": x must be a contiguous (tokens, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-  const int64_t tokens = x.size(0), c = x.size(1);
+  const int64_t c = x.size(1);
   TORCH_CHECK(is_cpu_contiguous(w1, at::kBFloat16) && w1.dim() == 2 && w1.size(1) == c, fn,
               ": w1 must be a contiguous (H, ", c, ") bf16 CPU tensor, got ", w1.sizes(), " ", w1.scalar_type());
   const int64_t width = w1.size(0);
   TORCH_CHECK(is_cpu_contiguous(w2, at::kBFloat16) && w2.dim() == 2 && w2.size(1) == width, fn,
               ": w2 must be a contiguous (C_out, ", width, ") bf16 CPU tensor, got ", w2.sizes(), " ",
               w2.scalar_type());
+  TORCH_CHECK(!in_place || w2.size(0) == c, fn, ": w2 must have x's ", c,
+              " rows (the output is added to x), got ", w2.sizes());
   TORCH_CHECK(!b1.has_value() || (is_cpu_contiguous(*b1, at::kBFloat16) && b1->sizes() == at::IntArrayRef({width})),
               fn, ": b1 must be None or a contiguous (", width, ",) bf16 CPU tensor");
   TORCH_CHECK(!b2.has_value() || (is_cpu_contiguous(*b2, at::kBFloat16) &&
                                   b2->sizes() == at::IntArrayRef({w2.size(0)})),
               fn, ": b2 must be None or a contiguous (", w2.size(0), ",) bf16 CPU tensor");
   TORCH_CHECK(chunk > 0, fn, ": chunk must be positive, got ", chunk);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> gelu_mlp_forward(const at::Tensor& x, const at::Tensor& w1,
+                                                                 const c10::optional<at::Tensor>& b1,
+                                                                 const at::Tensor& w2,
+                                                                 const c10::optional<at::Tensor>& b2, int64_t chunk,
+                                                                 bool fused_bias) {
+  check_mlp("gelu_mlp_forward", x, w1, b1, w2, b2, chunk, false);
+  const int64_t tokens = x.size(0);
   const int64_t chunks = (tokens + chunk - 1) / chunk;
   at::Tensor out = at::empty({tokens, w2.size(0)}, x.options());
   std::vector<at::Tensor> hidden(chunks);
@@ -53,6 +68,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gelu_mlp_forward(const at::Tenso
     hidden[i] = std::move(h);
   });
   return {out, hidden};
+}
+
+at::Tensor& gelu_mlp_rows_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                           const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+                           double eps, bool post_norm, int64_t chunk) {
+  const char* fn = "gelu_mlp_rows_";
+  check_mlp(fn, x, w1, b1, w2, b2, chunk, true);
+  const int64_t tokens = x.size(0), c = x.size(1);
+  for (const auto& [name, t] : {std::make_pair("norm_weight", &norm_weight), std::make_pair("norm_bias", &norm_bias)})
+    TORCH_CHECK(!t->has_value() || (is_cpu_contiguous(**t, at::kFloat) && (*t)->sizes() == at::IntArrayRef({c})),
+                fn, ": ", name, " must be None or a contiguous (", c, ",) fp32 CPU tensor");
+  TORCH_CHECK(eps >= 0, fn, ": eps must not be negative, got ", eps);
+  const int64_t chunks = (tokens + chunk - 1) / chunk;
+  for_each_chunk(chunks, [&](int64_t i) {
+    const int64_t first = i * chunk;
+    at::Tensor part = x.narrow(0, first, std::min(chunk, tokens - first));
+    const at::Tensor act = onednn_linear(post_norm ? part : layer_norm(part, norm_weight, norm_bias, eps), w1, b1,
+                                         true);
+    const at::Tensor branch = onednn_linear(act, w2, b2, false);
+    part.add_(post_norm ? layer_norm(branch, norm_weight, norm_bias, eps) : branch);
+  });
+  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward(

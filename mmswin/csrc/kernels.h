@@ -31,6 +31,11 @@ void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor&
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        bool fused_bias);
 
+// oneDNN's linear x (rows, C_in) weight^T plus bias (or none), bf16, with the bias (and, if gelu, the exact GELU)
+// applied to its fp32 accumulator: the models' linear (mmswin/models/matmul.py) in CPU bf16 inference.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool gelu);
+
 // partial (blocks, ...) fp32 summed over its first axis in order, from the first block on: the kernels' sums
 // over fixed blocks, the same on any number of threads.
 at::Tensor sum_blocks(const at::Tensor& partial);
@@ -125,6 +130,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gelu_mlp_forward(const at::Tenso
                                                                  const at::Tensor& w2,
                                                                  const c10::optional<at::Tensor>& b2, int64_t chunk,
                                                                  bool fused_bias);
+
+// CPU bf16 inference's MLP half of a Swin block, x += fc2(gelu(fc1(norm(x)))) (post_norm: x +=
+// norm(fc2(gelu(fc1(x))))) for x (tokens, C) in place, over chunks of `chunk` rows shared out among the threads:
+// the values of the chunk-by-chunk pass, the products by onednn_linear and the norm by layer_norm.
+at::Tensor& gelu_mlp_rows_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                           const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+                           double eps, bool post_norm, int64_t chunk);
 
 // The gradients of x (bf16; undefined unless need_x), fc1's weight and bias and fc2's weight (fp32 sums over the
 // chunks; undefined where not needed) of CPU bf16 training's MLP fc2(gelu(fc1(x))) from grad_out, with fc1's

@@ -31,16 +31,22 @@ void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor&
               " ", grad.scalar_type());
 }
 
-at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       bool fused_bias) {
-  if (!bias.has_value()) return at::mm(x, weight.t());
-  if (!fused_bias) return at::linear(x, weight, bias);
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool gelu) {
   static const auto fused =  // PyTorch's registration of oneDNN's linear with post-ops
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  return fused.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
+  return fused.call(x, weight, bias, gelu ? "gelu" : "none", c10::List<std::optional<at::Scalar>>(),
+                    c10::string_view(gelu ? "none" : ""));
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       bool fused_bias) {
+  if (!bias.has_value()) return at::mm(x, weight.t());
+  if (!fused_bias) return at::linear(x, weight, bias);
+  return onednn_linear(x, weight, bias, false);
 }
 
 at::Tensor sum_blocks(const at::Tensor& partial) {
@@ -107,6 +113,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out among the threads (bf16, CPU training)",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("chunk"),
         py::arg("fused_bias"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gelu_mlp_rows_", &mmswin::gelu_mlp_rows_,
+        "Adds the MLP branch fc2(gelu(fc1(norm(x)))) (post_norm: norm(fc2(gelu(fc1(x))))) to x (tokens, C) in place, "
+        "in chunks of `chunk` rows shared out among the threads (bf16, CPU inference)",
+        py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),
+        py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("chunk"),
         py::call_guard<py::gil_scoped_release>());
   m.def("gelu_mlp_backward", &mmswin::gelu_mlp_backward,
         "Gradients of x (bf16), fc1's weight and bias and fc2's weight (fp32) of the MLP fc2(gelu(fc1(x))) from "

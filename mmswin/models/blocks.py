@@ -11,7 +11,7 @@ from . import cpu_kernels, layers
 from .attention import CosineWindowAttention, WindowAttention
 from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
-from .matmul import Conv2d, Linear, autocast_dtype
+from .matmul import Conv2d, Linear, autocast_dtype, onednn_fused_linear
 from .windows import (Size2, WindowChunk, add_tokens_, gather_windows, pad_to_windows, permute_tokens,
                       scatter_windows, select_tokens, shift_mask, window_chunks, window_indices, window_partition,
                       window_reverse, window_rows)
@@ -29,6 +29,8 @@ class SwinBlock(nn.Module):
         act_cfg: Activation of the MLP.
         norm_cfg: Normalisation layers.
     """
+
+    res_post_norm = False  # the norms apply to the branches' outputs (V2), not to their inputs
 
     def __init__(self, dim: int, attn: WindowAttention, mlp_ratio: float = 4.0, drop: float = 0.0,
                  drop_path: float = 0.0, act_cfg: Optional[dict] = None,
@@ -142,10 +144,31 @@ class SwinBlock(nn.Module):
                 branch.index_fill_(1, chunk.padding, -0.0)
             add_tokens_(tokens, chunk.index, branch)
         rows = tokens.view(-1, c)
+        if self.mlp_in_kernels_(rows):
+            return x
         for start in range(0, rows.shape[0], layers.CHUNK_TOKENS):
             part = rows[start:start + layers.CHUNK_TOKENS]
             part.add_(self.mlp_branch(part))
         return x
+
+    def mlp_in_kernels_(self, rows: torch.Tensor) -> bool:
+        """The MLP half of :meth:`forward_in_place` on bf16 ``rows: (L, C)`` in one call of the kernels that
+        shares whole chunks of tokens out among the threads, with the same values, where the norm takes the
+        kernels, the products oneDNN's fused linear (:func:`.onednn_fused_linear`), and there are at least two
+        chunks per thread (:func:`.cpu_kernels.threads_share`). Returns whether it did; else nothing is done."""
+        mlp = self.mlp
+        if not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == 'none' and mlp.drop.p == 0):
+            return False
+        params = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        if not (isinstance(self.norm2, LayerNorm) and self.norm2.takes_kernel(rows)
+                and onednn_fused_linear(rows, *params)):
+            return False
+        chunk = cpu_kernels.inference_chunk(rows.shape[0], layers.CHUNK_TOKENS)
+        if not cpu_kernels.threads_share(-(-rows.shape[0] // chunk)):
+            return False
+        params = (None if p is None else p.to(torch.bfloat16) for p in params)
+        cpu_kernels.kernels().gelu_mlp_rows_(rows, *params, *self.norm2.kernel_args(), self.res_post_norm, chunk)
+        return True
 
     def chunks_in_kernels(self, tokens: torch.Tensor) -> bool:
         """Whether :meth:`forward_in_place` runs its window chunks through
@@ -179,6 +202,8 @@ class SwinBlock(nn.Module):
 
 class SwinBlockV2(SwinBlock):
     """Res-post-norm Swin block (V2): ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``."""
+
+    res_post_norm = True
 
     def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask: Optional[torch.Tensor],
                 overwrite: bool = False) -> torch.Tensor:

@@ -36,7 +36,7 @@ def use_kernels() -> bool:
 
 
 def threads_share(chunks: int) -> bool:
-    """Whether a training pass over ``chunks`` chunks gives each thread whole chunks (the kernels' passes that
+    """Whether a pass over ``chunks`` chunks gives each thread whole chunks (the kernels' passes that
     share chunks out, each chunk's products on one thread): at least two chunks per thread. With fewer, the
     threads are better used splitting each product between them."""
     return chunks >= 2 * torch.get_num_threads()
@@ -51,3 +51,16 @@ def shared_chunk(total: int, chunk: int) -> int:
     if chunks < 4:
         return chunk
     return -(-total // (-(-chunks // 4) * 4))
+
+
+def inference_chunk(total: int, chunk: int, least: int = 128) -> int:
+    """Items (tokens) per chunk of ``total`` for an inference pass in chunks of at most ``chunk`` that shares
+    them out among the threads (:func:`threads_share`): equal chunks, at least two per thread and their
+    number a multiple of the thread count, but not under ``least`` items (then fewer, down to one). An
+    inference pass's values do not depend on its chunks."""
+    threads = torch.get_num_threads()
+    chunks = max(-(-total // chunk), 2 * threads)
+    chunks = -(-chunks // threads) * threads
+    if total < chunks * least:
+        chunks = max(1, total // least // threads * threads)
+    return -(-total // chunks)
