@@ -77,10 +77,7 @@ at::Tensor& gelu_mlp_rows_(at::Tensor& x, const at::Tensor& w1, const c10::optio
   const char* fn = "gelu_mlp_rows_";
   check_mlp(fn, x, w1, b1, w2, b2, chunk, true);
   const int64_t tokens = x.size(0), c = x.size(1);
-  for (const auto& [name, t] : {std::make_pair("norm_weight", &norm_weight), std::make_pair("norm_bias", &norm_bias)})
-    TORCH_CHECK(!t->has_value() || (is_cpu_contiguous(**t, at::kFloat) && (*t)->sizes() == at::IntArrayRef({c})),
-                fn, ": ", name, " must be None or a contiguous (", c, ",) fp32 CPU tensor");
-  TORCH_CHECK(eps >= 0, fn, ": eps must not be negative, got ", eps);
+  check_norm(fn, norm_weight, norm_bias, eps, c);
   const int64_t chunks = (tokens + chunk - 1) / chunk;
   for_each_chunk(chunks, [&](int64_t i) {
     const int64_t first = i * chunk;

@@ -31,6 +31,11 @@ void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor&
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        bool fused_bias);
 
+// Checks a layer norm's affine parameters norm_weight and norm_bias over c channels (contiguous fp32 or none) and
+// eps >= 0, naming fn and the argument in its errors.
+void check_norm(const char* fn, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                double eps, int64_t c);
+
 // oneDNN's linear x (rows, C_in) weight^T plus bias (or none), bf16, with the bias (and, if gelu, the exact GELU)
 // applied to its fp32 accumulator: the models' linear (mmswin/models/matmul.py) in CPU bf16 inference.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -102,6 +107,11 @@ WindowShapes check_window_rows(const char* fn, const at::Tensor& qkv, const at::
                                int64_t heads, const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
                                const at::Tensor& scale);
 
+// The same for qkv's sizes given apart: `images` images of `rows` rows of c3 = 3C channels.
+WindowShapes check_window_slots(const char* fn, int64_t images, int64_t rows, int64_t c3, const at::Tensor& slots,
+                                const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
+                                const c10::optional<at::Tensor>& mask, const at::Tensor& scale);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_rows_backward(
     const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& lse, const at::Tensor& slots,
     const at::Tensor& pad, int64_t heads, const at::Tensor& bias, const c10::optional<at::Tensor>& mask,
@@ -167,6 +177,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projected
     const std::vector<at::Tensor>& masks, const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
     const at::Tensor& scale, bool cosine, bool need_x, bool need_weight, bool need_pad, bool need_bias,
     bool need_scale);
+
+// CPU bf16 inference's attention half of a Swin block, for x (B, L, C) in place: per chunk k of windows, the rows
+// rows[k] of x (its real tokens in window order, each row of x named at most once over all chunks) gathered
+// (normalised unless post_norm), projected to qkv (qkv_weight (3C, C), qkv_bias (3C,) or none), attended as
+// window_attention_rows takes slots[k], pad, heads, bias, the mask rows masks[k] (none where masks is empty),
+// scale and cosine, projected by proj_weight (C, C) and proj_bias (C,) or none, and added back to the same
+// rows (normalised if post_norm). The chunks are shared out among the threads; the values are those of the
+// chunk-by-chunk pass, the products by onednn_linear.
+at::Tensor& window_attention_rows_(at::Tensor& x, const std::vector<at::Tensor>& rows,
+                                   const std::vector<at::Tensor>& slots, const std::vector<at::Tensor>& masks,
+                                   const c10::optional<at::Tensor>& norm_weight,
+                                   const c10::optional<at::Tensor>& norm_bias, double eps, bool post_norm,
+                                   const at::Tensor& qkv_weight, const c10::optional<at::Tensor>& qkv_bias,
+                                   const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
+                                   const at::Tensor& scale, bool cosine, const at::Tensor& proj_weight,
+                                   const c10::optional<at::Tensor>& proj_bias);
 
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps);

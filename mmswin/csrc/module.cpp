@@ -31,6 +31,14 @@ void check_gradient_of(const char* fn, const at::Tensor& grad, const at::Tensor&
               " ", grad.scalar_type());
 }
 
+void check_norm(const char* fn, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                double eps, int64_t c) {
+  for (const auto& [name, t] : {std::make_pair("norm_weight", &weight), std::make_pair("norm_bias", &bias)})
+    TORCH_CHECK(!t->has_value() || (is_cpu_contiguous(**t, at::kFloat) && (*t)->sizes() == at::IntArrayRef({c})),
+                fn, ": ", name, " must be None or a contiguous (", c, ",) fp32 CPU tensor");
+  TORCH_CHECK(eps >= 0, fn, ": eps must not be negative, got ", eps);
+}
+
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool gelu) {
   static const auto fused =  // PyTorch's registration of oneDNN's linear with post-ops
@@ -131,6 +139,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each image's and chunk's qkv and lse for the backward (bf16, CPU training)",
         py::arg("x"), py::arg("weight"), py::arg("qkv_bias"), py::arg("starts"), py::arg("slots"), py::arg("masks"),
         py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("scale"), py::arg("cosine"), py::arg("fused_bias"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("window_attention_rows_", &mmswin::window_attention_rows_,
+        "Adds the window attention branch of x (B, L, C) to x in place: per chunk of windows, its rows gathered "
+        "(normalised unless post_norm), projected to qkv, attended, projected by proj and added back (normalised if "
+        "post_norm), the chunks shared out among the threads (bf16, CPU inference)",
+        py::arg("x"), py::arg("rows"), py::arg("slots"), py::arg("masks"), py::arg("norm_weight"),
+        py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("qkv_weight"), py::arg("qkv_bias"),
+        py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("scale"), py::arg("cosine"),
+        py::arg("proj_weight"), py::arg("proj_bias"),
         py::call_guard<py::gil_scoped_release>());
   m.def("projected_rows_attention_backward", &mmswin::projected_rows_attention_backward,
         "Gradients of x (bf16), the qkv projection's weight and bias, the position bias and the logit scales (fp32) "

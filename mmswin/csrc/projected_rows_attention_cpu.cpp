@@ -1,10 +1,12 @@
-// The forward and backward passes of CPU bf16 training's window attention with its qkv projection, over chunks of
-// windows of each image, the chunks shared out among the threads: each thread runs whole chunks instead of
-// every step being split between all of them. The forward projects a chunk's real tokens (one product on one
-// thread) and attends its windows, keeping the chunk's projection and log-sum-exp; the backward runs the
-// attention's backward, then the projection's two products and bias sum. The values are those of the
-// chunk-by-chunk passes: each chunk's weight and bias gradients are summed over the chunks in order in fp32
-// after the parallel part, the same on any number of threads.
+// CPU bf16 window attention with its qkv projection over chunks of windows of each image, the chunks shared out
+// among the threads: each thread runs whole chunks (each product on one thread) instead of every step being split
+// between all of them.
+// - Training's forward projects a chunk's real tokens and attends its windows, keeping the chunk's projection and
+//   log-sum-exp; the backward runs the attention's backward, then the projection's two products and bias sum.
+//   Each chunk's weight and bias gradients are summed over the chunks in order in fp32 after the parallel part.
+// - Inference's attention half of a block runs in place on the map's tokens: a chunk's rows gathered (and
+//   normalised), projected, attended, projected again and added back (normalised), the chunks' rows disjoint.
+// The values are those of the chunk-by-chunk passes, the same on any number of threads.
 #include "kernels.h"
 
 #include <cstdint>
@@ -43,7 +45,67 @@ c10::optional<at::Tensor> chunk_mask(const std::vector<at::Tensor>& masks, int64
   return masks.empty() ? c10::nullopt : c10::optional<at::Tensor>(masks[k]);
 }
 
+// Checks a projection's weight (out, in) and bias (out,) or none: contiguous bf16 CPU tensors.
+void check_projection(const char* fn, const char* weight_name, const char* bias_name, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, int64_t out, int64_t in) {
+  TORCH_CHECK(is_cpu_contiguous(weight, at::kBFloat16) && weight.sizes() == at::IntArrayRef({out, in}), fn, ": ",
+              weight_name, " must be a contiguous (", out, ", ", in, ") bf16 CPU tensor, got ", weight.sizes(), " ",
+              weight.scalar_type());
+  TORCH_CHECK(!bias.has_value() || (is_cpu_contiguous(*bias, at::kBFloat16) && bias->sizes() == at::IntArrayRef({out})),
+              fn, ": ", bias_name, " must be None or a contiguous (", out, ",) bf16 CPU tensor");
+}
+
 }  // namespace
+
+at::Tensor& window_attention_rows_(at::Tensor& x, const std::vector<at::Tensor>& rows,
+                                   const std::vector<at::Tensor>& slots, const std::vector<at::Tensor>& masks,
+                                   const c10::optional<at::Tensor>& norm_weight,
+                                   const c10::optional<at::Tensor>& norm_bias, double eps, bool post_norm,
+                                   const at::Tensor& qkv_weight, const c10::optional<at::Tensor>& qkv_bias,
+                                   const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
+                                   const at::Tensor& scale, bool cosine, const at::Tensor& proj_weight,
+                                   const c10::optional<at::Tensor>& proj_bias) {
+  const char* fn = "window_attention_rows_";
+  TORCH_CHECK(kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 3, fn,
+              ": x must be a contiguous (B, L, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t images = x.size(0), tokens = x.size(1), c = x.size(2);
+  check_norm(fn, norm_weight, norm_bias, eps, c);
+  check_projection(fn, "qkv_weight", "qkv_bias", qkv_weight, qkv_bias, 3 * c, c);
+  check_projection(fn, "proj_weight", "proj_bias", proj_weight, proj_bias, c, c);
+  const int64_t chunks = static_cast<int64_t>(slots.size());
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == chunks, fn, ": rows and slots must hold one tensor per chunk, got ",
+              rows.size(), " and ", chunks);
+  TORCH_CHECK(masks.empty() || static_cast<int64_t>(masks.size()) == chunks, fn, ": masks must be empty or one per "
+              "chunk (", chunks, "), got ", masks.size());
+  // Every check before any row is written: the chunks update x in parallel, each only its own rows.
+  std::vector<char> named(tokens, 0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    const at::Tensor& index = rows[k];
+    TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 &&
+                    index.is_contiguous(),
+                fn, ": rows[", k, "] must be a contiguous (R,) int64 CPU tensor, got ", index.sizes(), " ",
+                index.scalar_type());
+    const int64_t* idx = index.data_ptr<int64_t>();
+    for (int64_t m = 0; m < index.numel(); ++m) {
+      TORCH_CHECK(idx[m] >= 0 && idx[m] < tokens, fn, ": rows[", k, "][", m, "] = ", idx[m], " is not a row of x's ",
+                  tokens);
+      TORCH_CHECK(!named[idx[m]], fn, ": rows name row ", idx[m], " of x twice (again in chunk ", k, ")");
+      named[idx[m]] = 1;
+    }
+    check_window_slots(fn, images, index.numel(), 3 * c, slots[k], pad, heads, bias, chunk_mask(masks, k), scale);
+  }
+  for_each_chunk(chunks, [&](int64_t k) {
+    const int64_t r = rows[k].numel();
+    const at::Tensor gathered = gather_rows(x, rows[k], norm_weight, norm_bias, eps, !post_norm);
+    const at::Tensor qkv =
+        onednn_linear(gathered.view({images * r, c}), qkv_weight, qkv_bias, false).view({images, r, 3 * c});
+    const at::Tensor out = window_attention_rows(qkv, slots[k], pad, heads, bias, chunk_mask(masks, k), scale, cosine);
+    const at::Tensor branch = onednn_linear(out.view({images * r, c}), proj_weight, proj_bias, false);
+    add_rows_(x, rows[k], branch.view({images, r, c}), norm_weight, norm_bias, eps, post_norm);
+  });
+  return x;
+}
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> projected_rows_attention_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& qkv_bias,

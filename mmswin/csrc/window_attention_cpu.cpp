@@ -399,14 +399,19 @@ WindowShapes check_window_rows(const char* fn, const at::Tensor& qkv, const at::
   TORCH_CHECK(kernels_available(), fn, " needs an x86 CPU with AVX512-BF16");
   TORCH_CHECK(is_cpu_contiguous(qkv, at::kBFloat16) && qkv.dim() == 3,
               fn, ": qkv must be a contiguous (B, R, 3C) bf16 CPU tensor, got ", qkv.sizes(), " ", qkv.scalar_type());
+  return check_window_slots(fn, qkv.size(0), qkv.size(1), qkv.size(2), slots, pad, heads, bias, mask, scale);
+}
+
+WindowShapes check_window_slots(const char* fn, int64_t images, int64_t rows, int64_t c3, const at::Tensor& slots,
+                                const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
+                                const c10::optional<at::Tensor>& mask, const at::Tensor& scale) {
   TORCH_CHECK(bias.dim() == 3, fn, ": bias must be a contiguous (nH, N, N) fp32 CPU tensor, got ", bias.sizes());
-  const int64_t n = bias.size(1), rows = qkv.size(1);
+  const int64_t n = bias.size(1);
   TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == at::kLong && slots.dim() == 1 &&
                   slots.is_contiguous() && n >= 1 && slots.numel() % n == 0,
               fn, ": slots must be a contiguous (nW * N,) int64 CPU tensor with N=", n, ", got ", slots.sizes(), " ",
               slots.scalar_type());
-  const WindowShapes w = check_window_sizes(fn, qkv.size(0) * (slots.numel() / n), n, qkv.size(2), heads, bias,
-                                            mask, scale);
+  const WindowShapes w = check_window_sizes(fn, images * (slots.numel() / n), n, c3, heads, bias, mask, scale);
   TORCH_CHECK(is_cpu_contiguous(pad, at::kBFloat16) && pad.dim() == 1 && pad.size(0) == 3 * w.c,
               fn, ": pad must be a contiguous (3C,) = (", 3 * w.c, ",) bf16 CPU tensor, got ", pad.sizes(), " ",
               pad.scalar_type());

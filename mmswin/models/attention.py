@@ -195,6 +195,18 @@ class WindowAttention(nn.Module):
                                                               self.cosine)
         return self.proj_drop(self.proj(out))
 
+    def rows_kernel_args(self, window: Size2) -> tuple:
+        """The arguments of the kernels' in-place inference attention (``window_attention_rows_``) from the
+        qkv weight on, for windows of ``window``: the projections' weights and biases in bf16, the projection
+        of a padding position's zero token, the heads, the ``(nH, N, N)`` bias and the heads' logit scales in
+        fp32, whether the attention is cosine, as :meth:`attend_rows` gives them to the kernels."""
+        bf16 = [None if t is None else t.detach().to(torch.bfloat16).contiguous()
+                for t in (self.qkv.weight, self.qkv_bias(), self.proj.weight, self.proj.bias)]
+        pad = bf16[1] if bf16[1] is not None else bf16[0].new_zeros(bf16[0].shape[0])
+        bias = self.attention_bias(window, torch.float32)[0].contiguous()
+        scale = self.head_logit_scales().to(torch.float32).contiguous()
+        return bf16[0], bf16[1], pad, self.num_heads, bias, scale, self.cosine, bf16[2], bf16[3]
+
     def attend_token_rows(self, x: torch.Tensor, chunks: tuple, window: Size2,
                           mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`attend_rows` of a whole map, with autograd or without: ``x: (B, L, C)`` its tokens in window

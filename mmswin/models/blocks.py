@@ -131,7 +131,8 @@ class SwinBlock(nn.Module):
         tokens = x.view(b, h * w, c)
         fused = self.chunks_in_kernels(tokens)
         per_chunk = max(1, layers.CHUNK_TOKENS // (b * n))  # windows of each image per chunk
-        chunks = window_chunks((h, w), window, shift, per_chunk, x.device)
+        shared = fused and self.attention_in_kernels_(tokens, (h, w), window, shift, mask, per_chunk)
+        chunks = () if shared else window_chunks((h, w), window, shift, per_chunk, x.device)
         for i, chunk in enumerate(chunks):
             chunk_mask = None if mask is None else mask[i * per_chunk:(i + 1) * per_chunk]
             if fused:
@@ -150,6 +151,30 @@ class SwinBlock(nn.Module):
             part = rows[start:start + layers.CHUNK_TOKENS]
             part.add_(self.mlp_branch(part))
         return x
+
+    def attention_in_kernels_(self, tokens: torch.Tensor, hw: Size2, window: Size2, shift: Size2,
+                              mask: Optional[torch.Tensor], per_chunk: int) -> bool:
+        """The attention half of :meth:`forward_in_place` on the bf16 map ``tokens: (B, H * W, C)`` in one call
+        of the kernels that shares whole chunks of windows out among the threads, with the values of
+        :meth:`window_chunk_in_kernels_` chunk by chunk, where the kernels take the attention, the products
+        oneDNN's fused linear, and there are at least two chunks (of at most ``per_chunk`` windows) per thread.
+        Returns whether it did; else nothing is done."""
+        attn = self.attn
+        if not attn.attends_rows(tokens, window) or not onednn_fused_linear(
+                tokens, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias):
+            return False
+        n = window[0] * window[1]
+        windows = -(-hw[0] // window[0]) * -(-hw[1] // window[1])
+        per_chunk = cpu_kernels.inference_chunk(windows, per_chunk, least=-(-512 // (tokens.shape[0] * n)))
+        if not cpu_kernels.threads_share(-(-windows // per_chunk)):
+            return False
+        chunks = window_chunks(hw, window, shift, per_chunk, tokens.device)
+        masks = [] if mask is None else [mask[i * per_chunk:(i + 1) * per_chunk].to(torch.float32).contiguous()
+                                         for i in range(len(chunks))]
+        norm = self.norm1.kernel_args()
+        cpu_kernels.kernels().window_attention_rows_(tokens, [c.real for c in chunks], [c.slots for c in chunks],
+                                                     masks, *norm, self.res_post_norm, *attn.rows_kernel_args(window))
+        return True
 
     def mlp_in_kernels_(self, rows: torch.Tensor) -> bool:
         """The MLP half of :meth:`forward_in_place` on bf16 ``rows: (L, C)`` in one call of the kernels that
