@@ -481,4 +481,4 @@ def test_bad_inference_mlp_rows_input_is_named(arg, value, message):
 ])
 def test_inference_chunks_are_equal_and_shared_out_evenly(total, chunk, n, expected):
     with threads(n):
-        assert cpu_kernels.inference_chunk(total, chunk) == expected
+        assert cpu_kernels.inference_chunk(total, chunk, 128) == expected

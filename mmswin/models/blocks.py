@@ -124,7 +124,9 @@ class SwinBlock(nn.Module):
         the residual sum. Windows share no token, so updating one chunk leaves the inputs of the others
         as they were: the values are those of :meth:`forward`. In bf16 with the compiled kernels, a chunk's
         gather is fused with its norm and its residual sum is one more kernel
-        (:meth:`window_chunk_in_kernels_`), with the same values.
+        (:meth:`window_chunk_in_kernels_`), with the same values; where there are at least two chunks per
+        thread, each half is one call of the kernels that gives each thread whole chunks
+        (:meth:`attention_in_kernels_`, :meth:`mlp_in_kernels_`).
         """
         b, h, w, c = x.shape
         n = window[0] * window[1]
@@ -165,7 +167,8 @@ class SwinBlock(nn.Module):
             return False
         n = window[0] * window[1]
         windows = -(-hw[0] // window[0]) * -(-hw[1] // window[1])
-        per_chunk = cpu_kernels.inference_chunk(windows, per_chunk, least=-(-512 // (tokens.shape[0] * n)))
+        least = -(-layers.SHARED_ATTENTION_TOKENS // (tokens.shape[0] * n))
+        per_chunk = cpu_kernels.inference_chunk(windows, per_chunk, least)
         if not cpu_kernels.threads_share(-(-windows // per_chunk)):
             return False
         chunks = window_chunks(hw, window, shift, per_chunk, tokens.device)
@@ -188,7 +191,7 @@ class SwinBlock(nn.Module):
         if not (isinstance(self.norm2, LayerNorm) and self.norm2.takes_kernel(rows)
                 and onednn_fused_linear(rows, *params)):
             return False
-        chunk = cpu_kernels.inference_chunk(rows.shape[0], layers.CHUNK_TOKENS)
+        chunk = cpu_kernels.inference_chunk(rows.shape[0], layers.CHUNK_TOKENS, layers.SHARED_MLP_TOKENS)
         if not cpu_kernels.threads_share(-(-rows.shape[0] // chunk)):
             return False
         params = (None if p is None else p.to(torch.bfloat16) for p in params)

@@ -53,7 +53,7 @@ def shared_chunk(total: int, chunk: int) -> int:
     return -(-total // (-(-chunks // 4) * 4))
 
 
-def inference_chunk(total: int, chunk: int, least: int = 128) -> int:
+def inference_chunk(total: int, chunk: int, least: int) -> int:
     """Items (tokens) per chunk of ``total`` for an inference pass in chunks of at most ``chunk`` that shares
     them out among the threads (:func:`threads_share`): equal chunks, at least two per thread and their
     number a multiple of the thread count, but not under ``least`` items (then fewer, down to one). An

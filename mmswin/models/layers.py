@@ -15,6 +15,10 @@ CHUNK_TOKENS = 4096
 # Elements of the MLP's hidden activation per chunk in training: Swin-T's first stage in chunks of
 # CHUNK_TOKENS tokens, later (wider) stages in proportionally fewer.
 MLP_CHUNK_ELEMENTS = CHUNK_TOKENS * 384
+# Fewest tokens per chunk where CPU bf16 inference gives each thread whole chunks of the MLP and of the window
+# attention: Swin-T's stage 4 at 800x1216 (24 windows) got slower in four chunks of attention.
+SHARED_MLP_TOKENS = 128
+SHARED_ATTENTION_TOKENS = 512
 
 
 def chunk_tokens(x: torch.Tensor) -> int:
