@@ -145,7 +145,7 @@ def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(c
     model = with_spread_norms(cls(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0,
                                   window_size=4)).eval()
     x = torch.randn(2, 3, 230, 226)  # the first stage's 2 x 58 x 57 tokens: 15 x 15 windows per image
-    kernels, calls = cpu_kernels.kernels(), []
+    kernels, calls, real = cpu_kernels.kernels(), [], []
 
     class Recording:
         def __getattr__(self, name):
@@ -153,6 +153,7 @@ def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(c
 
         def window_attention_rows_(self, x, rows, *args):
             calls.append((tuple(x.shape), len(rows)))
+            real.append([r.numel() for r in rows])
             return kernels.window_attention_rows_(x, rows, *args)
 
     monkeypatch.setattr(cpu_kernels, 'kernels', Recording)
@@ -170,5 +171,8 @@ def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(c
     first = [((2, 58 * 57, 16), 2 * n)] * 2
     second = {1: [((2, 29 * 29, 32), 2)] * 2, 2: [], 3: []}[n]
     assert calls == first + second
+    # chunks of about the same number of real tokens (within a window's 16), not of windows: the last row and
+    # column of windows hold padding
+    assert all(max(sizes) - min(sizes) <= 2 * 16 for sizes in real)
     for a, b in zip(shared, one_by_one):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmswin.models.attention import WindowAttention
 from mmswin.models.blocks import SwinBlock
-from mmswin.models.windows import relative_position_index, shift_mask, window_partition
+from mmswin.models.windows import balanced_bounds, relative_position_index, shift_mask, window_chunks, window_partition
 
 
 def reference(x, window, shift, fn):
@@ -87,3 +87,44 @@ def test_relative_position_index_official_order():
     idx = relative_position_index((2, 2))
     # tokens (0,0),(0,1),(1,0),(1,1); offset (dh, dw) -> (dh + 1) * 3 + (dw + 1)
     assert idx.tolist() == [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
+
+
+@pytest.mark.parametrize('real,chunks,bounds', [
+    ([49] * 8 + [7] * 4, 3, (0, 3, 6, 12)),  # shares of 140 and 280: nearest 147 and 294, after 3 and 6 windows
+    ([49] * 8 + [7] * 4, 1, (0, 12)),
+    ([3, 1, 1, 1], 4, (0, 1, 2, 3, 4)),  # one window each
+    ([10, 1, 1, 1, 1], 2, (0, 1, 5)),
+    ([1, 1, 1, 1, 10], 2, (0, 4, 5)),
+    ([100, 1, 1, 1], 3, (0, 1, 2, 4)),  # the first share lands on window 0's end; each chunk keeps a window
+])
+def test_balanced_bounds(real, chunks, bounds):
+    assert balanced_bounds(torch.tensor(real), chunks) == bounds
+
+
+@pytest.mark.parametrize('hw,window,shift,per_chunk', [((50, 76), (7, 7), (3, 3), 22), ((100, 152), (7, 7), (0, 0), 83),
+                                                       ((58, 57), (4, 4), (2, 2), 38), ((10, 13), (4, 4), (2, 2), 5)])
+def test_balanced_window_chunks(hw, window, shift, per_chunk):
+    """Balanced chunks: as many as chunks of ``per_chunk`` windows, the same positions in the same order, each
+    chunk's padding, slots and rows those of its windows, and their real tokens within one window of an equal
+    share (the last of the equal chunks holds the padded bottom row of windows)."""
+    cpu, n = torch.device('cpu'), window[0] * window[1]
+    equal = window_chunks(hw, window, shift, per_chunk, cpu)
+    balanced = window_chunks(hw, window, shift, per_chunk, cpu, balance=True)
+    assert len(balanced) == len(equal)
+    for name in ('index', 'rows', 'real'):
+        assert torch.equal(torch.cat([getattr(c, name) for c in balanced]), torch.cat([getattr(c, name) for c in equal]))
+    assert [(c.windows.start, c.windows.stop) for c in equal] == [
+        (i * per_chunk, min((i + 1) * per_chunk, equal[-1].windows.stop)) for i in range(len(equal))]
+    assert balanced[0].windows.start == 0 and balanced[-1].windows.stop == equal[-1].windows.stop
+    for a, b in zip(balanced, balanced[1:]):
+        assert a.windows.stop == b.windows.start
+    for chunk in balanced:
+        assert chunk.index.numel() == (chunk.windows.stop - chunk.windows.start) * n
+        assert torch.equal(chunk.rows >= 0, chunk.slots >= 0)
+        assert torch.equal(chunk.real, chunk.rows[chunk.rows >= 0])
+        assert torch.equal(chunk.slots[chunk.slots >= 0], torch.arange(chunk.real.numel()))
+        padding = torch.tensor([], dtype=torch.long) if chunk.padding is None else chunk.padding
+        assert torch.equal(padding, (chunk.rows < 0).nonzero().view(-1))
+    share = sum(c.real.numel() for c in equal) / len(equal)
+    assert all(abs(c.real.numel() - share) <= n for c in balanced)
+    assert max(abs(c.real.numel() - share) for c in equal) > n  # the equal chunks were not balanced

@@ -135,8 +135,8 @@ class SwinBlock(nn.Module):
         per_chunk = max(1, layers.CHUNK_TOKENS // (b * n))  # windows of each image per chunk
         shared = fused and self.attention_in_kernels_(tokens, (h, w), window, shift, mask, per_chunk)
         chunks = () if shared else window_chunks((h, w), window, shift, per_chunk, x.device)
-        for i, chunk in enumerate(chunks):
-            chunk_mask = None if mask is None else mask[i * per_chunk:(i + 1) * per_chunk]
+        for chunk in chunks:
+            chunk_mask = None if mask is None else mask[chunk.windows]
             if fused:
                 self.window_chunk_in_kernels_(tokens, chunk, window, chunk_mask)
                 continue
@@ -159,8 +159,9 @@ class SwinBlock(nn.Module):
         """The attention half of :meth:`forward_in_place` on the bf16 map ``tokens: (B, H * W, C)`` in one call
         of the kernels that shares whole chunks of windows out among the threads, with the values of
         :meth:`window_chunk_in_kernels_` chunk by chunk, where the kernels take the attention, the products
-        oneDNN's fused linear, and there are at least two chunks (of at most ``per_chunk`` windows) per thread.
-        Returns whether it did; else nothing is done."""
+        oneDNN's fused linear, and there are at least two chunks (as many as of at most ``per_chunk`` windows,
+        each of about the same number of real tokens) per thread. Returns whether it did; else nothing is
+        done."""
         attn = self.attn
         if not attn.attends_rows(tokens, window) or not onednn_fused_linear(
                 tokens, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias):
@@ -171,9 +172,8 @@ class SwinBlock(nn.Module):
         per_chunk = cpu_kernels.inference_chunk(windows, per_chunk, least)
         if not cpu_kernels.threads_share(-(-windows // per_chunk)):
             return False
-        chunks = window_chunks(hw, window, shift, per_chunk, tokens.device)
-        masks = [] if mask is None else [mask[i * per_chunk:(i + 1) * per_chunk].to(torch.float32).contiguous()
-                                         for i in range(len(chunks))]
+        chunks = window_chunks(hw, window, shift, per_chunk, tokens.device, balance=True)
+        masks = [] if mask is None else [mask[c.windows].to(torch.float32).contiguous() for c in chunks]
         norm = self.norm1.kernel_args()
         cpu_kernels.kernels().window_attention_rows_(tokens, [c.real for c in chunks], [c.slots for c in chunks],
                                                      masks, *norm, self.res_post_norm, *attn.rows_kernel_args(window))

@@ -108,14 +108,32 @@ class WindowChunk(NamedTuple):
     rows: torch.Tensor  # index with -1 at the padding positions
     real: torch.Tensor  # (R,) the rows of the real positions, in window order
     slots: torch.Tensor  # (M,) each position's place in ``real``, -1 at the padding positions
+    windows: slice  # the chunk's windows (the rows of the shift mask they take)
 
 
-def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int,
-                  device: torch.device) -> Tuple[WindowChunk, ...]:
+def window_chunks(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int, device: torch.device,
+                  balance: bool = False) -> Tuple[WindowChunk, ...]:
     """The gather of :func:`window_indices` in chunks of ``windows_per_chunk`` windows, for maps read and
     updated in place (:class:`WindowChunk`: the forms of PyTorch's gathers and of the compiled kernels).
-    Cached per size."""
-    return _window_chunks(*hw, *window, *shift, windows_per_chunk, str(device))
+    With ``balance``, as many chunks, each of about the same number of real tokens (:func:`balanced_bounds`)
+    instead of windows. Cached per size."""
+    return _window_chunks(*hw, *window, *shift, windows_per_chunk, balance, str(device))
+
+
+def balanced_bounds(real: torch.Tensor, chunks: int) -> Tuple[int, ...]:
+    """The first window of each of ``chunks`` chunks of consecutive windows, and the number of windows, for
+    about the same sum of ``real: (nW,)`` (each window's real tokens) in each chunk: each bound where the
+    running sum comes nearest to its share, every chunk at least one window.
+
+    The chunks of the map's last row (and column) of windows hold fewer real tokens where padding fills them,
+    and the passes over a chunk's real tokens take time in proportion to their number: with as many windows
+    per chunk, the thread that runs the last chunk finishes first and waits."""
+    total, windows = real.cumsum(0), real.numel()
+    bounds = [0]
+    for k in range(1, chunks):
+        nearest = int((total - total[-1] * k / chunks).abs().argmin()) + 1
+        bounds.append(min(max(nearest, bounds[-1] + 1), windows - (chunks - k)))
+    return (*bounds, windows)
 
 
 class WindowRows(NamedTuple):
@@ -136,11 +154,11 @@ def window_rows(hw: Size2, window: Size2, shift: Size2, windows_per_chunk: int, 
 @geometry_cache(maxsize=64)
 def _window_rows(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int, device: str) -> WindowRows:
     chunks, start = [], 0
-    parts = _window_chunks(h, w, wh, ww, sh, sw, per_chunk, 'cpu')
-    for i, part in enumerate(parts):
+    parts = _window_chunks(h, w, wh, ww, sh, sw, per_chunk, False, 'cpu')
+    for part in parts:
         places = slice(start, start + part.real.numel())
         start = places.stop
-        chunks.append((places, part.slots.to(device), slice(i * per_chunk, (i + 1) * per_chunk)))
+        chunks.append((places, part.slots.to(device), part.windows))
     order = torch.cat([part.real for part in parts])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
@@ -164,19 +182,26 @@ def image_chunks(num_windows: int, mask_windows: int, per_chunk: int) -> Iterato
 
 
 @geometry_cache(maxsize=64)
-def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int,
+def _window_chunks(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: int, balance: bool,
                    device: str) -> Tuple[WindowChunk, ...]:
     gather, _, padding = _window_gather_cpu((h, w), (wh, ww), (sh, sw))
+    n = wh * ww
     is_padding = torch.zeros(gather.shape, dtype=torch.bool)
     if padding is not None:
         is_padding[padding] = True
+    windows = gather.numel() // n
+    if balance:
+        bounds = balanced_bounds((~is_padding).view(windows, n).sum(1), -(-windows // per_chunk))
+    else:
+        bounds = (*range(0, windows, per_chunk), windows)
     chunks = []
-    for index, pads in zip(gather.split(per_chunk * wh * ww), is_padding.split(per_chunk * wh * ww)):
+    for first, last in zip(bounds, bounds[1:]):
+        index, pads = gather[first * n:last * n], is_padding[first * n:last * n]
         positions = pads.nonzero().view(-1)
         rows = index.masked_fill(pads, -1)
         slots = (~pads).long().cumsum(0).sub_(1).masked_fill_(pads, -1)
         chunks.append(WindowChunk(index.to(device), positions.to(device) if positions.numel() else None,
-                                  rows.to(device), index[~pads].to(device), slots.to(device)))
+                                  rows.to(device), index[~pads].to(device), slots.to(device), slice(first, last)))
     return tuple(chunks)
 
 
