@@ -112,7 +112,8 @@ def test_balanced_window_chunks(hw, window, shift, per_chunk):
     balanced = window_chunks(hw, window, shift, per_chunk, cpu, balance=True)
     assert len(balanced) == len(equal)
     for name in ('index', 'rows', 'real'):
-        assert torch.equal(torch.cat([getattr(c, name) for c in balanced]), torch.cat([getattr(c, name) for c in equal]))
+        joined = [torch.cat([getattr(c, name) for c in chunks]) for chunks in (balanced, equal)]
+        assert torch.equal(*joined)
     assert [(c.windows.start, c.windows.stop) for c in equal] == [
         (i * per_chunk, min((i + 1) * per_chunk, equal[-1].windows.stop)) for i in range(len(equal))]
     assert balanced[0].windows.start == 0 and balanced[-1].windows.stop == equal[-1].windows.stop
