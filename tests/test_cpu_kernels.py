@@ -816,6 +816,9 @@ def test_window_attention_rows_is_that_of_the_padded_windows(batch, windows, n, 
     out, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, mask, scale, cosine)
     assert out.shape == (batch, qkv.shape[1], heads * d)
     assert torch.equal(kernels.window_attention_rows(qkv, slots, pad, heads, bias, mask, scale, cosine), out)
+    into = torch.full_like(out, float('nan'))  # the outputs written into a given tensor, every row of it
+    into_out, into_lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, mask, scale, cosine, into)
+    assert into_out.data_ptr() == into.data_ptr() and torch.equal(into, out) and torch.equal(into_lse, lse)
     full_out, full_lse = kernels.window_attention_with_lse(every, heads, bias, mask, scale, cosine)
     assert torch.equal(out[:, order], full_out.view(batch, windows * n, -1)[:, real])
     by_token = full_lse.view(batch, windows, heads, n).transpose(2, 3).reshape(batch, windows * n, heads)
@@ -858,6 +861,17 @@ def test_window_attention_rows_bad_input_is_named(change, message):
     with pytest.raises(RuntimeError, match=message):
         cpu_kernels.kernels().window_attention_rows(args['qkv'], args['slots'], args['pad'], args.get('heads', 2),
                                                     args['bias'], args['mask'], args['scale'], False)
+
+
+@needs_kernels
+@pytest.mark.parametrize('out', [torch.zeros(1, 3, 95, dtype=torch.bfloat16), torch.zeros(1, 3, 96),
+                                 torch.zeros(1, 96, 3, dtype=torch.bfloat16).transpose(1, 2)])
+def test_window_attention_rows_bad_out_is_named(out):
+    qkv, slots = torch.zeros(1, 3, 3 * 96, dtype=torch.bfloat16), torch.tensor([0, 1, -1, 2])
+    pad = torch.zeros(3 * 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r'out must be a contiguous \(B, R, C\) = \(1, 3, 96\) bf16'):
+        cpu_kernels.kernels().window_attention_rows_with_lse(qkv, slots, pad, 2, torch.zeros(2, 4, 4), None,
+                                                             torch.ones(2), False, out)
 
 
 @needs_kernels

@@ -91,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_rows_with_lse(const at::Tens
                                                                   const at::Tensor& pad, int64_t heads,
                                                                   const at::Tensor& bias,
                                                                   const c10::optional<at::Tensor>& mask,
-                                                                  const at::Tensor& scale, bool cosine);
+                                                                  const at::Tensor& scale, bool cosine,
+                                                                  const c10::optional<at::Tensor>& out = c10::nullopt);
 
 // Whether a window's n slots name n consecutive rows in order (no padding position): its q, k, v and their
 // gradients can be read and written in place, without gathering the window.

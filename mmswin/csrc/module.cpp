@@ -95,9 +95,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("cosine"));
   m.def("window_attention_rows_with_lse", &mmswin::window_attention_rows_with_lse,
         "window_attention_rows and each real token's log2-sum-exp2 of logits * log2(e), (B, R, nH) fp32 (bf16, "
-        "CPU training)",
+        "CPU training); the outputs written into out (B, R, C) where given",
         py::arg("qkv"), py::arg("slots"), py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("mask"),
-        py::arg("scale"), py::arg("cosine"));
+        py::arg("scale"), py::arg("cosine"), py::arg("out") = py::none());
   m.def("window_attention_rows_backward", &mmswin::window_attention_rows_backward,
         "Gradients of qkv (bf16), pad, bias and scale (fp32) of window_attention_rows_with_lse (bf16, CPU "
         "training)",

@@ -123,10 +123,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> project
   for_each_chunk(tasks, [&](int64_t i) {
     const int64_t image = i / chunks, k = i % chunks, rows = starts[k + 1] - starts[k];
     qkv[i] = linear_rows(x[image].narrow(0, starts[k], rows), weight, qkv_bias, fused_bias).unsqueeze(0);
-    auto [part, part_lse] = window_attention_rows_with_lse(qkv[i], slots[k], pad, heads, bias, chunk_mask(masks, k),
-                                                           scale, cosine);
-    out[image].narrow(0, starts[k], rows).copy_(part[0]);
-    lse[i] = std::move(part_lse);
+    lse[i] = std::get<1>(window_attention_rows_with_lse(qkv[i], slots[k], pad, heads, bias, chunk_mask(masks, k),
+                                                        scale, cosine, out[image].narrow(0, starts[k], rows).unsqueeze(0)));
   });
   return {out, qkv, lse};
 }

@@ -433,14 +433,20 @@ WindowShapes check_window_slots(const char* fn, int64_t images, int64_t rows, in
 
 namespace {
 
-// The forward of both rows entry points: the outputs and, with_lse, each real token's lse (B, R, nH) fp32.
+// The forward of both rows entry points: the outputs (B, R, C), into `into` where given, and, with_lse, each
+// real token's lse (B, R, nH) fp32.
 std::tuple<at::Tensor, at::Tensor> rows_forward(const char* fn, const at::Tensor& qkv, const at::Tensor& slots,
                                                 const at::Tensor& pad, int64_t heads, const at::Tensor& bias,
                                                 const c10::optional<at::Tensor>& mask, const at::Tensor& scale,
-                                                bool cosine, bool with_lse) {
+                                                bool cosine, bool with_lse,
+                                                const c10::optional<at::Tensor>& into = c10::nullopt) {
   const WindowShapes w = check_window_rows(fn, qkv, slots, pad, heads, bias, mask, scale);
   const int64_t n = w.n, rows = qkv.size(1), windows = slots.numel() / n;
-  at::Tensor out = at::empty({qkv.size(0), rows, w.c}, qkv.options());
+  if (into.has_value())
+    TORCH_CHECK(is_cpu_contiguous(*into, at::kBFloat16) && into->sizes() == at::IntArrayRef({qkv.size(0), rows, w.c}),
+                fn, ": out must be a contiguous (B, R, C) = (", qkv.size(0), ", ", rows, ", ", w.c,
+                ") bf16 CPU tensor, got ", into->sizes(), " ", into->scalar_type());
+  at::Tensor out = into.has_value() ? *into : at::empty({qkv.size(0), rows, w.c}, qkv.options());
   at::Tensor lse;
   if (with_lse) lse = at::empty({qkv.size(0), rows, heads}, qkv.options().dtype(at::kFloat));
 #ifdef MMSWIN_X86
@@ -484,8 +490,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_rows_with_lse(const at::Tens
                                                                   const at::Tensor& pad, int64_t heads,
                                                                   const at::Tensor& bias,
                                                                   const c10::optional<at::Tensor>& mask,
-                                                                  const at::Tensor& scale, bool cosine) {
-  return rows_forward("window_attention_rows_with_lse", qkv, slots, pad, heads, bias, mask, scale, cosine, true);
+                                                                  const at::Tensor& scale, bool cosine,
+                                                                  const c10::optional<at::Tensor>& out) {
+  return rows_forward("window_attention_rows_with_lse", qkv, slots, pad, heads, bias, mask, scale, cosine, true, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> window_attention_with_lse(const at::Tensor& qkv, int64_t heads,

@@ -243,9 +243,8 @@ class _ProjectedRowsAttention(torch.autograd.Function):
                 for places, slots, windows in chunks:
                     qkv = chunk_linear(x[image, places], w, b, False).unsqueeze(0)
                     part_mask = None if mask is None else mask[windows]
-                    part, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, part_mask,
-                                                                       scale, cosine)
-                    out[image, places] = part[0]
+                    _, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, part_mask, scale,
+                                                                    cosine, out[image, places].unsqueeze(0))
                     saved += [qkv, lse]
         ctx.save_for_backward(x, w, pad, bias, scale, mask, *saved)
         ctx.chunks, ctx.heads, ctx.cosine = chunks, heads, cosine
