@@ -123,8 +123,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> project
   for_each_chunk(tasks, [&](int64_t i) {
     const int64_t image = i / chunks, k = i % chunks, rows = starts[k + 1] - starts[k];
     qkv[i] = linear_rows(x[image].narrow(0, starts[k], rows), weight, qkv_bias, fused_bias).unsqueeze(0);
+    const at::Tensor rows_out = out[image].narrow(0, starts[k], rows).unsqueeze(0);  // written in place
     lse[i] = std::get<1>(window_attention_rows_with_lse(qkv[i], slots[k], pad, heads, bias, chunk_mask(masks, k),
-                                                        scale, cosine, out[image].narrow(0, starts[k], rows).unsqueeze(0)));
+                                                        scale, cosine, rows_out));
   });
   return {out, qkv, lse};
 }
