@@ -75,8 +75,8 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
 
     table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    # every turn of a model starts with an untimed call (the tool's default)
-    assert report['settle_calls'] == 1 and report['calls_per_turn'] == 1
+    # every turn of a model starts with an untimed call (the tool's default), and no branch is dropped
+    assert report['settle_calls'] == 1 and report['calls_per_turn'] == 1 and report['drop_path_rate'] == 0.0
     assert (f"2 timed repeats per model, each turn after 1 untimed call"
             f"{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul") in table
     assert load_benchmark_tool('benchmark_table').rate_lines(report)[0] in table.splitlines()
@@ -163,14 +163,15 @@ def test_benchmark_tool_plots_throughput_per_precision(tmp_path):
     subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x32x32',
                     '--models', 'mmswin-v1', '--precisions', 'fp32', 'bf16', '--modes', 'inference',
                     '--repeats', '1', '--warmup', '0', '--no-memory', '--plot', str(plot), '--plot-sizes', '32', '48',
-                    '--calls-per-turn', '2', '--settle-calls', '0', '--out', str(out)],
+                    '--calls-per-turn', '2', '--settle-calls', '0', '--drop-path-rate', '0.2', '--out', str(out)],
                    capture_output=True, text=True, check=True, cwd=ROOT)
     report = json.loads(out.read_text())
     # one round of two calls in a row per model, all timed
-    assert report['calls_per_turn'] == 2 and report['settle_calls'] == 0
+    assert report['calls_per_turn'] == 2 and report['settle_calls'] == 0 and report['drop_path_rate'] == 0.2
     assert all(len(row['times_s']) == 2 for row in report['results'])
     tables = load_benchmark_tool('benchmark_table')
-    expected = f'1 round of 2 timed calls in a row per model{tables.cpu_text(report)}; dense matmul'
+    expected = (f'1 round of 2 timed calls in a row per model; training steps with stochastic depth up to 0.2'
+                f'{tables.cpu_text(report)}; dense matmul')
     assert expected in tables.main([str(out)])
     sweep = report['throughput_sweep']
     assert set(sweep) == {'fp32', 'bf16'}
@@ -187,9 +188,10 @@ def test_compile_needs_a_warmup_round():
     assert result.returncode == 2 and '--compile needs --warmup of at least 1' in result.stderr
 
 
-def test_calls_per_turn_must_be_positive():
+def test_bad_turn_and_rate_arguments_are_named():
     for flag, value, message in (('--calls-per-turn', '0', 'at least 1, got 0'),
-                                 ('--settle-calls', '-1', 'at least 0, got -1')):
+                                 ('--settle-calls', '-1', 'at least 0, got -1'),
+                                 ('--drop-path-rate', '1', r'in [0, 1), got 1.0')):
         result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), flag, value],
                                 capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 2 and f'{flag} must be {message}' in result.stderr
@@ -421,3 +423,14 @@ def test_operator_count_leaves_out_views_and_allocations():
     # forward: mul, add, sum; backward: the ones of the loss's gradient and the mul of mul's gradient
     # (sum's expand, the views' gradients and the detach of the new x.grad are views)
     assert benchmark.operator_count(step) == 5
+
+
+def test_models_are_built_with_the_stochastic_depth_asked_for():
+    """--drop-path-rate reaches every model: its last block drops its branches at that rate."""
+    benchmark = load_benchmark_tool()
+    for name in ('mmswin-v1', 'mmswin-v2', 'mmdet-v1'):
+        for rate in (0.0, 0.2):
+            model = benchmark.build_model(name, 7, drop_path_rate=rate)
+            rates = [getattr(m, 'p', getattr(m, 'drop_prob', None)) for m in model.modules()
+                     if type(m).__name__ == 'DropPath']
+            assert len(rates) >= 12 and max(rates) == pytest.approx(rate), name

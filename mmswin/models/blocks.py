@@ -1,6 +1,6 @@
 """Swin blocks, stages, patch embedding and patch merging. V2 pieces subclass V1 and change only what
 differs: the residual norm placement (block) and the norm order (merge)."""
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +88,23 @@ class SwinBlock(nn.Module):
         into ``x`` and return it (:meth:`forward_in_place`)."""
         if overwrite and self.can_update_in_place(x):
             return self.forward_in_place(x, window, shift, mask)
-        x = add_residual(x, self.window_attention(self.norm1(x), window, shift, mask), self.drop_path)
-        return add_residual(x, self.mlp(self.norm2(x)), self.drop_path)
+        x = self.residual(x, lambda t: self.window_attention(self.norm1(t), window, shift, mask), self.norm1,
+                          self.attn)
+        return self.residual(x, lambda t: self.mlp(self.norm2(t)), self.norm2, self.mlp)
+
+    def residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor],
+                 *modules: nn.Module) -> torch.Tensor:
+        """``x + drop_path(branch(x))`` of ``x: (B, H, W, C)``, ``modules`` holding the branch's parameters.
+        Where stochastic depth allows (:func:`.layers.skips_dropped_branches`), the branch is computed only
+        for the samples that keep it (:func:`.layers.add_kept_branch`)."""
+        if layers.skips_dropped_branches(x, self.drop_path, self.branches_draw()):
+            return layers.add_kept_branch(x, branch, self.drop_path, modules)
+        return add_residual(x, branch(x), self.drop_path)
+
+    def branches_draw(self) -> bool:
+        """Whether the branches draw random numbers in this mode (dropout in the attention or the MLP)."""
+        return self.training and (self.attn.attn_drop > 0.0 or self.attn.proj_drop.p > 0.0
+                                  or self.mlp.drop.p > 0.0)
 
     def window_branch(self, rows: torch.Tensor, padding: Optional[torch.Tensor], window: Size2,
                       mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -237,8 +252,9 @@ class SwinBlockV2(SwinBlock):
                 overwrite: bool = False) -> torch.Tensor:
         if overwrite and self.can_update_in_place(x):
             return self.forward_in_place(x, window, shift, mask)
-        x = add_residual(x, self.norm1(self.window_attention(x, window, shift, mask)), self.drop_path)
-        return add_residual(x, self.norm2(self.mlp(x)), self.drop_path)
+        x = self.residual(x, lambda t: self.norm1(self.window_attention(t, window, shift, mask)), self.attn,
+                          self.norm1)
+        return self.residual(x, lambda t: self.norm2(self.mlp(t)), self.mlp, self.norm2)
 
     def window_branch(self, rows: torch.Tensor, padding: Optional[torch.Tensor], window: Size2,
                       mask: Optional[torch.Tensor]) -> torch.Tensor:

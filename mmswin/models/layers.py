@@ -1,6 +1,6 @@
 """Small building blocks shared by both Swin versions: norm/activation builders, DropPath, Mlp."""
 import sys
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -91,11 +91,20 @@ class DropPath(nn.Module):
     def sample_scales(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Factors ``(B, 1, ..., 1)`` in ``x``'s dtype for the samples of ``x``: 0 for a dropped branch,
         ``1 / (1 - p)`` for a kept one; ``None`` where nothing is dropped (``p == 0`` or eval)."""
+        kept = self.sample_kept(x)
+        return None if kept is None else self.scales(kept)
+
+    def sample_kept(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(B, 1, ..., 1)`` in ``x``'s dtype: 1 for a sample whose branch is kept, 0 for a dropped one;
+        ``None`` where nothing is dropped. On the CPU the draws take the same random numbers in any dtype."""
         if self.p == 0.0 or not self.training:
             return None
-        keep = 1.0 - self.p
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return x.new_empty(shape).bernoulli_(keep).div_(keep)
+        return x.new_empty(shape).bernoulli_(1.0 - self.p)
+
+    def scales(self, kept: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The factors of :meth:`sample_scales` from ``kept`` (:meth:`sample_kept`), in ``dtype``."""
+        return kept.to(dtype or kept.dtype).div_(1.0 - self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scales = self.sample_scales(x)
@@ -187,6 +196,43 @@ def norm_channels_first(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
             out = part.new_empty(b, part.shape[1], h, w)
         out[:, :, start:start + band] = part
     return out
+
+
+def skips_dropped_branches(x: torch.Tensor, drop_path: DropPath, branch_draws: bool) -> bool:
+    """Whether the residual sum of ``x`` computes its branch only for the samples that stochastic depth
+    keeps (:func:`add_kept_branch`): in training on the CPU, not under torch.compile, and only where the
+    branch draws no random numbers of its own (``branch_draws`` false), so that drawing the samples before
+    the branch instead of after it takes the same numbers. On CUDA the choice would wait for the device."""
+    return (drop_path.training and drop_path.p > 0.0 and not branch_draws and x.device.type == 'cpu'
+            and not torch.compiler.is_compiling())
+
+
+def add_kept_branch(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], drop_path: DropPath,
+                    modules: Sequence[nn.Module]) -> torch.Tensor:
+    """``x + drop_path(branch(x))`` of ``x: (B, ...)``, the samples drawn first and ``branch`` computed
+    only for those that keep it: a dropped sample's branch costs nothing, forward or backward.
+
+    The outputs are those of :func:`add_residual` after the branch, with the same random numbers: exactly
+    where all samples or none keep the branch (always at batch 1), and to the rounding of the smaller batch's
+    products where some do. A branch dropped for every sample still gives each parameter of ``modules`` a
+    zero gradient, as multiplying it by zero does: optimisers then treat the parameters alike (weight decay,
+    moments), and distributed data parallel finds none of them unused.
+    """
+    kept = drop_path.sample_kept(x)
+    flags = kept.view(-1).bool()
+    if bool(flags.all()):
+        out = branch(x)
+        return torch.addcmul(x, out, drop_path.scales(kept, out.dtype))
+    if not bool(flags.any()):
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if not params or not torch.is_grad_enabled():
+            return x
+        return x + sum(p.reshape(-1)[0] * 0 for p in params)
+    index = flags.nonzero().view(-1)
+    part = x.index_select(0, index)
+    out = branch(part)
+    return x.index_copy(0, index, torch.addcmul(part, out, drop_path.scales(kept.index_select(0, index),
+                                                                             out.dtype)))
 
 
 def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: Optional[DropPath] = None) -> torch.Tensor:

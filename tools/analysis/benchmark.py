@@ -40,24 +40,24 @@ ARCH = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))  # Swi
 
 
 # ---------------------------------------------------------------------------------------- models
-def build_model(name: str, window: int, with_cp: bool = False) -> torch.nn.Module:
-    """A Swin-T backbone with four outputs, by name."""
+def build_model(name: str, window: int, with_cp: bool = False, drop_path_rate: float = 0.0) -> torch.nn.Module:
+    """A Swin-T backbone with four outputs, by name, with stochastic depth rising to ``drop_path_rate``."""
     if name in ('mmswin-v1', 'mmswin-v2'):
         from mmswin.models import SwinTransformer, SwinTransformerV2
         cls = SwinTransformerV2 if name == 'mmswin-v2' else SwinTransformer
-        return cls(**ARCH, window_size=window, drop_path_rate=0.0, with_cp=with_cp)
+        return cls(**ARCH, window_size=window, drop_path_rate=drop_path_rate, with_cp=with_cp)
     if name == 'mmdet-v1':
         from mmdet.models.backbones.swin import SwinTransformer
-        return SwinTransformer(**ARCH, window_size=window, drop_path_rate=0.0, with_cp=with_cp)
+        return SwinTransformer(**ARCH, window_size=window, drop_path_rate=drop_path_rate, with_cp=with_cp)
     if name == 'mmpretrain-v2':
         from mmpretrain.models.backbones import SwinTransformerV2
-        return SwinTransformerV2(arch='tiny', window_size=window, out_indices=(0, 1, 2, 3), drop_path_rate=0.0,
-                                 with_cp=with_cp, pad_small_map=True)
+        return SwinTransformerV2(arch='tiny', window_size=window, out_indices=(0, 1, 2, 3),
+                                 drop_path_rate=drop_path_rate, with_cp=with_cp, pad_small_map=True)
     if name in ('timm-v1', 'timm-v2'):
         import timm
         arch = 'swin_tiny_patch4_window7_224' if name == 'timm-v1' else 'swinv2_tiny_window8_256'
         return timm.create_model(arch, features_only=True, window_size=window, strict_img_size=False,
-                                 dynamic_img_pad=True)
+                                 dynamic_img_pad=True, drop_path_rate=drop_path_rate)
     raise ValueError(f'unknown model {name!r}')
 
 
@@ -134,14 +134,14 @@ def timed_call(fn: Callable[[], None], device: torch.device) -> Tuple[float, int
 
 
 def _timing_worker(conn, name: str, window: int, size: List[int], precision: str, mode: str, device: str,
-                   compile_model: bool, threads: int) -> None:
+                   compile_model: bool, threads: int, drop_path_rate: float = 0.0) -> None:
     """Builds one model and times one call of its step each time the parent asks, until told to stop."""
     try:
         torch.set_num_threads(threads)
         import mmswin  # noqa: F401
         device = torch.device(device)
         torch.manual_seed(0)
-        model = build_model(name, window).to(device)
+        model = build_model(name, window, drop_path_rate=drop_path_rate).to(device)
         model.train(mode == 'train')  # (mmdet's Swin returns None from train())
         if compile_model:
             model = compiled(model, mode)
@@ -177,14 +177,15 @@ def call_order(names: List[str], rounds: int, calls_per_turn: int = 1,
 
 def time_in_workers(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
                     repeats: int, warmup: int, compile_models: bool = False, calls_per_turn: int = 1,
-                    settle_calls: int = 0) -> dict:
+                    settle_calls: int = 0, drop_path_rate: float = 0.0) -> dict:
     """Times of one step of every model, each model in its own process, the models taking turns
     (``warmup`` rounds of turns first, then ``repeats``) of ``settle_calls`` untimed calls and
     ``calls_per_turn`` timed ones. Alternation spreads the machine's drift over all models, and separate
     processes keep one model's allocations from changing the C allocator's state (and so the page faults)
     that the next one meets. The first call after another process's turn can pay for the switch: on a CPU,
     a training step's page faults can take twice the system time then, which a model in a training loop of
-    its own does not pay; an untimed call leaves it out. With ``compile_models`` every model also runs
+    its own does not pay; an untimed call leaves it out. In training every model has stochastic depth up to
+    ``drop_path_rate``, each drawing from the same seed. With ``compile_models`` every model also runs
     compiled, named ``<model>+compile``, in a process of its own. Returns ``times`` (seconds per timed call,
     in round order: call ``i`` of a round at ``round * calls_per_turn + i``), ``page_faults`` and
     ``system_s`` (per timed call) and ``pids``, each by model."""
@@ -195,7 +196,8 @@ def time_in_workers(names: List[str], window: int, size: List[int], precision: s
         for name, compile_model in specs:
             conn, child = ctx.Pipe()
             proc = ctx.Process(target=_timing_worker, args=(child, name, window, size, precision, mode, device,
-                                                            compile_model, torch.get_num_threads()))
+                                                            compile_model, torch.get_num_threads(),
+                                                            drop_path_rate))
             proc.start()
             child.close()
             workers[name + (COMPILED if compile_model else '')] = (conn, proc)
@@ -550,6 +552,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='default: fp32 bf16 on CPU, fp32 fp16 bf16 on CUDA')
     parser.add_argument('--modes', nargs='+', default=['inference', 'train'], choices=['inference', 'train'])
     parser.add_argument('--window', type=int, default=7, help='window of every model (same work for all)')
+    parser.add_argument('--drop-path-rate', type=float, default=0.0,
+                        help='stochastic depth of every model in the timed training steps, rising over the blocks '
+                        'to this rate (mmdet\'s Mask R-CNN Swin-T configs: 0.2); memory is measured without it')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--calls-per-turn', type=int, default=1,
@@ -579,6 +584,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f'--calls-per-turn must be at least 1, got {args.calls_per_turn}')
     if args.settle_calls < 0:
         parser.error(f'--settle-calls must be at least 0, got {args.settle_calls}')
+    if not 0.0 <= args.drop_path_rate < 1.0:
+        parser.error(f'--drop-path-rate must be in [0, 1), got {args.drop_path_rate}')
     return args
 
 
@@ -597,11 +604,12 @@ def version_of(name: str) -> int:
     return 2 if name.split('+')[0].endswith('v2') else 1
 
 
-def build_models(names: List[str], window: int, device: torch.device) -> Dict[str, torch.nn.Module]:
+def build_models(names: List[str], window: int, device: torch.device,
+                 drop_path_rate: float = 0.0) -> Dict[str, torch.nn.Module]:
     """The models by name, seeded, with mmdet's weights in mmswin's V1 (through the checkpoint converter)
     when both are there, so that their outputs can be compared."""
     torch.manual_seed(0)
-    models = {name: build_model(name, window).to(device) for name in names}
+    models = {name: build_model(name, window, drop_path_rate=drop_path_rate).to(device) for name in names}
     if 'mmswin-v1' in models and PEER in models:
         from mmswin.checkpoint.formats import convert_state_dict
         converted = convert_state_dict(models[PEER].state_dict()).state_dict
@@ -611,7 +619,7 @@ def build_models(names: List[str], window: int, device: torch.device) -> Dict[st
 
 def measure_group(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
                   repeats: int, warmup: int, profile: bool, compile_models: bool = False,
-                  calls_per_turn: int = 1, settle_calls: int = 0) -> dict:
+                  calls_per_turn: int = 1, settle_calls: int = 0, drop_path_rate: float = 0.0) -> dict:
     """Times of every model at one size, precision and mode (:func:`time_in_workers`; with ``compile_models`` also of
     each one compiled, and in inference the cosine of the compiled outputs to the eager ones); with ``profile``
     the top operators and the operator count of each eager model; for fp32 inference the output difference of
@@ -624,7 +632,8 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     before = {p: matmul_rate(device, p) for p in sorted({'fp32', precision})}
     # compilation takes the first warm-up round
     timing = time_in_workers(names, window, size, precision, mode, str(device), repeats,
-                             warmup + (1 if compile_models else 0), compile_models, calls_per_turn, settle_calls)
+                             warmup + (1 if compile_models else 0), compile_models, calls_per_turn, settle_calls,
+                             drop_path_rate)
     after = {p: matmul_rate(device, p) for p in before}
     group = dict(matmul_flops_per_s={p: max(before[p], after[p]) for p in before},
                  matmul_flops_per_s_before=before, matmul_flops_per_s_after=after)
@@ -632,7 +641,7 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     if device.type == 'cpu':
         group['page_faults'], group['system_s'] = timing['page_faults'], timing['system_s']
     # the checks below run here, on models built the same way
-    models = build_models(names, window, device)
+    models = build_models(names, window, device, drop_path_rate)
     x = torch.randn(*size, generator=torch.Generator().manual_seed(1)).to(device)
     for m in models.values():
         m.train(mode == 'train')
@@ -692,7 +701,7 @@ def main(argv=None) -> dict:
     precisions = args.precisions or (['fp32', 'fp16', 'bf16'] if device.type == 'cuda' else ['fp32', 'bf16'])
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   window=args.window, arch='Swin-T', repeats=args.repeats, calls_per_turn=args.calls_per_turn,
-                  settle_calls=args.settle_calls, results=[],
+                  settle_calls=args.settle_calls, drop_path_rate=args.drop_path_rate, results=[],
                   matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', *precisions}})
     if device.type == 'cpu':
         from mmswin.models.matmul import cpu_has_bf16_arithmetic
@@ -716,7 +725,7 @@ def main(argv=None) -> dict:
             for mode in args.modes:
                 group = measure_group_in_worker(names, args.window, size, precision, mode, str(device),
                                                 args.repeats, args.warmup, args.profile, args.compile,
-                                                args.calls_per_turn, args.settle_calls)
+                                                args.calls_per_turn, args.settle_calls, args.drop_path_rate)
                 times = group['times']
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 rates = group['matmul_flops_per_s']

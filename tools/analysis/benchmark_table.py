@@ -233,6 +233,8 @@ def main(argv=None) -> str:
             calls += f' per model, each turn after {settle} untimed call{"s" if settle != 1 else ""}'
         else:
             calls += ' per model'
+        if report.get('drop_path_rate'):
+            calls += f'; training steps with stochastic depth up to {report["drop_path_rate"]}'
         parts.append(f'- `{path}`: {calls}{cpu_text(report)}; dense matmul at '
                      f'the start {rates}')
         parts += rate_lines(report)
