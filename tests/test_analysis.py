@@ -170,7 +170,8 @@ def test_benchmark_tool_plots_throughput_per_precision(tmp_path):
     assert report['calls_per_turn'] == 2 and report['settle_calls'] == 0 and report['drop_path_rate'] == 0.2
     assert all(len(row['times_s']) == 2 for row in report['results'])
     tables = load_benchmark_tool('benchmark_table')
-    expected = (f'1 round of 2 timed calls in a row per model; training steps with stochastic depth up to 0.2'
+    expected = (f'1 round of 2 timed calls in a row per model; training steps with stochastic depth up to 0.2 '
+                f'(their shares of the matmul rate and dense-rate bounds count every branch, the dropped ones too)'
                 f'{tables.cpu_text(report)}; dense matmul')
     assert expected in tables.main([str(out)])
     sweep = report['throughput_sweep']

@@ -234,7 +234,8 @@ def main(argv=None) -> str:
         else:
             calls += ' per model'
         if report.get('drop_path_rate'):
-            calls += f'; training steps with stochastic depth up to {report["drop_path_rate"]}'
+            calls += (f'; training steps with stochastic depth up to {report["drop_path_rate"]} (their shares of '
+                      f'the matmul rate and dense-rate bounds count every branch, the dropped ones too)')
         parts.append(f'- `{path}`: {calls}{cpu_text(report)}; dense matmul at '
                      f'the start {rates}')
         parts += rate_lines(report)
