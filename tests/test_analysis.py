@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mmswin.analysis import backbone_flops
-from mmswin.models import SwinTransformer, SwinTransformerV2
+from mmswin.models import SwinTransformer, SwinTransformerV2, cpu_kernels
+from mmswin.models.gelu_mlp import gelu_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +114,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     assert set(products) == set(rows)
     for p in products.values():
         assert p['calls'] >= p['distinct'] > 0 and p['alone_s'] > 0 and p['profiled_s'] > 0
+        assert 0 < p['profiled_caller_s'] <= p['profiled_s']
     product_rows = [line.strip('| ').split(' | ') for line in lines if line.count(' ms | ') == 3]
     assert len(product_rows) == 6
     for cells in product_rows:
@@ -125,9 +127,19 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     assert set(operators) == set(rows)
     for model in ('mmswin-v1', 'mmswin-v2', 'mmdet-v1'):
         assert 0 < operators[(model, 'inference')] < operators[(model, 'train')]
-    profile_rows = [line.strip('| ').split(' | ') for line in lines if line.count(' | ') == 5 and '%' in line]
+    profiles = {(p['model'], p['mode']): p for p in report['profiles']}
+    for p in profiles.values():
+        # the calling thread's own times add up to no more than the call, and rank the operators
+        assert 0 < p['caller_ms'] <= p['step_ms'] and p['other_threads_ms'] >= 0
+        assert [o['caller_ms'] for o in p['ops']] == sorted((o['caller_ms'] for o in p['ops']), reverse=True)
+        for o in p['ops']:
+            assert o['caller_ms'] <= o['self_ms'] and o['share'] == o['caller_ms'] / p['step_ms']
+    profile_rows = [line.strip('| ').split(' | ') for line in lines if line.count(' | ') == 7 and '%' in line]
     assert sorted((cells[3], cells[2], int(cells[4])) for cells in profile_rows) == sorted(
         (model, mode, count) for (model, mode), count in operators.items())
+    for cells in profile_rows:
+        p = profiles[(cells[3], cells[2])]
+        assert cells[5:7] == [f"{p['step_ms']:.0f} ms", f"{p['other_threads_ms']:.0f} ms"]
     # with_cp against without, per column
     assert memory_rows[1].count('less)') + memory_rows[1].count('more)') == 3
 
@@ -363,6 +375,35 @@ def test_products_replayed_with_the_recorded_operands():
     }
     result = benchmark.products_alone(step, torch.device('cpu'), repeats=2)
     assert result['calls'] == 4 and result['distinct'] == 3 and result['alone_s'] > 0
+
+
+@pytest.mark.skipif(not cpu_kernels.kernels_available(),
+                    reason='the passes that share chunks out among the threads are those of the compiled kernels')
+def test_profiles_tell_the_calling_thread_from_threads_that_run_shared_chunks():
+    """A pass that gives each thread whole chunks records the products of the other thread's chunks on that
+    thread: the profiles count them over all threads, and apart on the thread that called the step."""
+    benchmark = load_benchmark_tool()
+    fc1, fc2 = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+    x = torch.randn(512, 32)
+
+    def step() -> None:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            gelu_mlp(x, fc1, fc2, chunk_elements=64 * 128)  # 8 chunks of 64 tokens, shared out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        profile = benchmark.op_profile(step, top=100)
+        calls = benchmark.product_calls(step)
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(e['count'] for e in calls.values()) == 16  # two products per chunk
+    caller_s = sum(e['profiled_caller_s'] for e in calls.values())
+    assert 0 < caller_s < sum(e['profiled_s'] for e in calls.values())
+    products = [o for o in profile['ops'] if o['op'] in benchmark.PRODUCT_OPS]
+    assert products and all(o['caller_ms'] <= o['self_ms'] for o in products)
+    assert sum(o['self_ms'] - o['caller_ms'] for o in products) > 0
+    assert profile['other_threads_ms'] > 0 and profile['caller_ms'] <= profile['step_ms']
 
 
 def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):

@@ -357,14 +357,41 @@ def peak_train_memory(name: str, window: int, size: List[int], precision: str, d
 
 
 # ---------------------------------------------------------------------------------------- profile
-def op_profile(step: Callable[[], None], top: int = 8) -> List[dict]:
-    """The ``top`` operators of one call of ``step`` by own CPU time, with their share of the total."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [dict(op=e.key, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total)
-            for e in events[:top]]
+STEP_MARK = 'benchmark.step'  # the profiler's record of the step itself, on the thread that calls it
+
+
+def profiled_step(step: Callable[[], None], record_shapes: bool = False) -> Tuple[list, object, float]:
+    """One call of ``step`` under PyTorch's profiler: its operators' events, the thread that called it and
+    the time of the call in seconds. The events of other threads are those of work that ``step`` shares out
+    (mmswin's passes that give each thread whole chunks record their operators on the thread that runs
+    them), which runs alongside the calling thread's own."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=record_shapes) as prof:
+        with torch.profiler.record_function(STEP_MARK):
+            step()
+    events = prof.events()
+    mark = next(e for e in events if e.name == STEP_MARK)
+    return [e for e in events if e.name != STEP_MARK], mark.thread, mark.cpu_time_total / 1e6
+
+
+def op_profile(step: Callable[[], None], top: int = 8) -> dict:
+    """The ``top`` operators of one call of ``step`` by their own time on the thread that called it, each
+    with that time's share of the call (``share``) and its own time summed over all threads (``self_ms``):
+    with threads that run work of their own, the sum over all threads exceeds the call, and only the calling
+    thread's times add up to it. Also the call's time and the operators' own time on the calling thread and
+    on all others."""
+    events, caller, step_s = profiled_step(step)
+    ops: Dict[str, List[float]] = {}
+    for e in events:
+        times = ops.setdefault(e.name, [0.0, 0.0])
+        times[0] += e.self_cpu_time_total / 1e3
+        if e.thread == caller:
+            times[1] += e.self_cpu_time_total / 1e3
+    ranked = sorted(ops.items(), key=lambda item: item[1][1], reverse=True)
+    step_ms = step_s * 1e3
+    top_ops = [dict(op=op, self_ms=total, caller_ms=own, share=own / step_ms) for op, (total, own) in ranked[:top]]
+    return dict(step_ms=step_ms, caller_ms=sum(t[1] for t in ops.values()),
+                other_threads_ms=sum(t[0] - t[1] for t in ops.values()), ops=top_ops)
 
 
 # Allocations without a kernel; views are recognised by their schema (OpOverload.is_view).
@@ -403,19 +430,20 @@ _DTYPES = {'float': torch.float32, 'c10::BFloat16': torch.bfloat16, 'c10::Half':
 
 def product_calls(step: Callable[[], None]) -> Dict[tuple, dict]:
     """The matrix products one call of ``step`` issues, by operator, operand shapes, strides and dtypes:
-    how often each ran and its own time in the profile."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        step()
+    how often each ran and its own time in the profile, on all threads and on the calling thread."""
+    events, caller, _ = profiled_step(step, record_shapes=True)
     calls: Dict[tuple, dict] = {}
-    for e in prof.events():
+    for e in events:
         if e.name not in PRODUCT_OPS:
             continue
         n = 2 if e.name in ('aten::mm', 'aten::bmm') else 3  # tensor operands (addmm: bias first)
         operands = tuple((tuple(shape), tuple(stride), dtype) for shape, stride, dtype in
                          zip(e.input_shapes[:n], e.structured_input_strides[:n], e.input_dtypes[:n]))
-        entry = calls.setdefault((e.name, operands), dict(count=0, profiled_s=0.0))
+        entry = calls.setdefault((e.name, operands), dict(count=0, profiled_s=0.0, profiled_caller_s=0.0))
         entry['count'] += 1
         entry['profiled_s'] += e.self_cpu_time_total / 1e6
+        if e.thread == caller:
+            entry['profiled_caller_s'] += e.self_cpu_time_total / 1e6
     return calls
 
 
@@ -461,6 +489,7 @@ def products_alone(step: Callable[[], None], device: torch.device, repeats: int 
             best = min(best, time.perf_counter() - start)
         alone += best * entry['count']
     return dict(alone_s=alone, profiled_s=sum(e['profiled_s'] for e in calls.values()),
+                profiled_caller_s=sum(e['profiled_caller_s'] for e in calls.values()),
                 calls=sum(e['count'] for e in calls.values()), distinct=len(calls))
 
 
@@ -755,9 +784,9 @@ def main(argv=None) -> dict:
                           f'{median * 1e3:9.1f} ms  {row["fraction_of_matmul"] * 100:5.1f}% of matmul'
                           + (f'  x{row[f"speedup_vs_{peer}"]:.2f} vs {peer}' if f'speedup_vs_{peer}' in row else ''),
                           flush=True)
-                for name, ops in group.get('profiles', {}).items():
+                for name, profile in group.get('profiles', {}).items():
                     report.setdefault('profiles', []).append(
-                        dict(size=size, precision=precision, mode=mode, model=name, ops=ops,
+                        dict(size=size, precision=precision, mode=mode, model=name, **profile,
                              operators=group['operators'][name]))
                 for name, products in group.get('products_alone', {}).items():
                     report.setdefault('products_alone', []).append(

@@ -149,7 +149,9 @@ def headroom_table(reports: List[dict], peer: str = 'mmdet-v1') -> List[str]:
 
 def products_table(reports: List[dict], peer: str = 'mmdet-v1') -> List[str]:
     """Per model: the time of its matrix products in the profile and replayed alone (each distinct call at
-    its best), and the speedup over ``peer`` it would show if nothing but those products took time."""
+    its best), and the speedup over ``peer`` it would show if nothing but those products took time. The
+    profiled time is the calling thread's where the report has it (the products that other threads ran
+    alongside it in brackets), else that of all threads."""
     lines = ['| input | precision | mode | model | median | products, profiled | products alone '
              '| speedup over the peer with all else free |', '| --- | --- | --- | --- | ---: | ---: | ---: | ---: |']
     for report in reports:
@@ -159,22 +161,32 @@ def products_table(reports: List[dict], peer: str = 'mmdet-v1') -> List[str]:
             key = (_size(p['size']), p['precision'], p['mode'])
             median, peer_median = medians.get(key + (p['model'],)), medians.get(key + (peer,))
             bound = '' if peer_median is None or not p['alone_s'] else f"{peer_median / p['alone_s']:.2f}x"
+            profiled = f"{p['profiled_s'] * 1e3:.0f} ms"
+            if 'profiled_caller_s' in p:  # (absent from reports of earlier versions of the tool)
+                others = p['profiled_s'] - p['profiled_caller_s']
+                profiled = f"{p['profiled_caller_s'] * 1e3:.0f} ms" + (f' (+{others * 1e3:.0f} other threads)'
+                                                                        if others > 0 else '')
             lines.append(f"| {' | '.join(key)} | {p['model']} | {'' if median is None else f'{median * 1e3:.0f} ms'} "
-                         f"| {p['profiled_s'] * 1e3:.0f} ms | {p['alone_s'] * 1e3:.0f} ms | {bound} |")
+                         f"| {profiled} | {p['alone_s'] * 1e3:.0f} ms | {bound} |")
     return lines if len(lines) > 2 else []
 
 
 def profile_table(reports: List[dict], top: int = 4) -> List[str]:
+    """Per model: the operators of one call, and its top operators by own time with their shares of the
+    profiled call on the thread that called it, and the other threads' own time alongside it (reports of
+    earlier versions of the tool: the top operators over all threads, as shares of their sum)."""
     rows = [p for report in reports for p in report.get('profiles', [])]
     if not rows:
         return []
-    lines = ['| input | precision | mode | model | operators per call | top operators by own CPU time |',
-             '| --- | --- | --- | --- | ---: | --- |']
+    lines = ['| input | precision | mode | model | operators per call | profiled call | other threads '
+             '| top operators by own time (shares of the call on its thread; without a call time, of all threads) |',
+             '| --- | --- | --- | --- | ---: | ---: | ---: | --- |']
     for p in rows:
         ops = ', '.join(f"{o['op'].replace('aten::', '')} {o['share']:.0%}" for o in p['ops'][:top])
         count = p.get('operators')  # (absent from reports of earlier versions of the tool)
+        call, others = (f"{p['step_ms']:.0f} ms", f"{p['other_threads_ms']:.0f} ms") if 'step_ms' in p else ('', '')
         lines.append(f"| {_size(p['size'])} | {p['precision']} | {p['mode']} | {p['model']} "
-                     f"| {'' if count is None else count} | {ops} |")
+                     f"| {'' if count is None else count} | {call} | {others} | {ops} |")
     return lines
 
 
