@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent('''
 
     class Recording:
         def __getattr__(self, name):
-            if name in ('gelu_mlp_forward', 'gelu_mlp_backward', 'projected_rows_attention_backward'):
+            if name in ('norm_gelu_mlp_forward', 'norm_gelu_mlp_backward', 'projected_rows_attention_backward'):
                 calls.append(name)
             return getattr(kernels, name)
 
@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent('''
                 outs = model(x)
             sum(o.float().square().sum() for o in outs).backward()
             results.append(([o.detach() for o in outs], [p.grad for p in model.parameters()]))
-            assert {'gelu_mlp_forward', 'gelu_mlp_backward', 'projected_rows_attention_backward'} <= set(calls)
+            assert {'norm_gelu_mlp_forward', 'norm_gelu_mlp_backward', 'projected_rows_attention_backward'} <= set(
+                calls)
         (outs, grads), (outs_cp, grads_cp) = results
         assert all(torch.equal(a, b) for a, b in zip(outs, outs_cp)), cls.__name__
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, grads_cp)), cls.__name__
@@ -50,7 +51,7 @@ SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(not cpu_kernels.kernels_available(),
                     reason='the compiled kernels need Linux on x86 with AVX512-BF16')
 def test_shared_chunk_passes_under_checkpointing_on_two_threads():
-    """Both backbones with and without ``with_cp`` on two threads, small chunks so that the MLP's forward
+    """Both backbones with and without ``with_cp`` on two threads, small chunks so that the MLP half's forward
     and backward and the attention's backward share them out: no deadlock, and with checkpointing the
     outputs and parameter gradients of the run without it, bit for bit."""
     try:

@@ -150,6 +150,26 @@ at::Tensor& gelu_mlp_rows_(at::Tensor& x, const at::Tensor& w1, const c10::optio
                            const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
                            double eps, bool post_norm, int64_t chunk);
 
+// CPU bf16 training's MLP half of a Swin block, y = x + fc2(gelu(fc1(norm(x)))) (post_norm: y = x +
+// norm(fc2(gelu(fc1(x))))) for x (tokens, C), over chunks of `chunk` rows shared out among the threads: y, the
+// norm's means and 1 / stds (tokens, 2), fc1's output as its chunks and (post_norm) the branch's before the norm
+// (else none). The values are those of the norm's kernel, gelu_mlp_forward and a residual sum rounded once.
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_gelu_mlp_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+    double eps, bool post_norm, const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& b2, int64_t chunk, bool fused_bias);
+
+// The gradients of norm_gelu_mlp_forward's x (bf16; undefined unless need_x), the norm's weight and bias, fc1's
+// weight and bias and fc2's weight and bias (fp32 sums over the chunks in order; undefined where not needed) from
+// grad (tokens, C), with what the forward kept; the chunks are shared out among the threads. The values are
+// those of gelu_mlp_backward, layer_norm_backward and the residual's two gradients summed, to the order of the
+// fp32 sums.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_gelu_mlp_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats, const std::vector<at::Tensor>& hidden,
+    const std::vector<at::Tensor>& branch, const c10::optional<at::Tensor>& norm_weight,
+    const c10::optional<at::Tensor>& norm_bias, double eps, bool post_norm, const at::Tensor& w1, const at::Tensor& w2,
+    bool need_x, bool need_norm_weight, bool need_norm_bias, bool need_w1, bool need_b1, bool need_w2, bool need_b2);
+
 // The gradients of x (bf16; undefined unless need_x), fc1's weight and bias and fc2's weight (fp32 sums over the
 // chunks; undefined where not needed) of CPU bf16 training's MLP fc2(gelu(fc1(x))) from grad_out, with fc1's
 // output kept as the chunks of rows `hidden`; the chunks are shared out among the threads.
@@ -197,6 +217,16 @@ at::Tensor& window_attention_rows_(at::Tensor& x, const std::vector<at::Tensor>&
 
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps);
+
+// The layer norm of rows (rows, c) of x into y, as layer_norm computes it, with each row's mean and 1 / std
+// written to stats (rows, 2) where it is not null; weight and bias fp32 (C,) or null. On one thread.
+void layer_norm_rows(const at::BFloat16* x, int64_t rows, int64_t c, const float* weight, const float* bias,
+                     float eps, at::BFloat16* y, float* stats);
+
+// layer_norm_backward of rows (rows, c) on one thread: their gradient into dx (where not null), and their
+// shares of the weight's and bias's gradients added to the fp32 sums dw and db (C each, where not null).
+void layer_norm_backward_rows(const at::BFloat16* dy, const at::BFloat16* x, const float* stats, const float* weight,
+                              int64_t rows, int64_t c, at::BFloat16* dx, float* dw, float* db);
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_with_stats(const at::Tensor& x,
                                                          const c10::optional<at::Tensor>& weight,

@@ -266,6 +266,27 @@ RowArgs row_args(const char* fn, const at::Tensor& x, const at::Tensor& index,
 
 namespace mmswin {
 
+void layer_norm_rows(const at::BFloat16* x, int64_t rows, int64_t c, const float* weight, const float* bias,
+                     float eps, at::BFloat16* y, float* stats) {
+#ifdef MMSWIN_X86
+  normalise(reinterpret_cast<const uint16_t*>(x), weight, bias, c, eps, reinterpret_cast<uint16_t*>(y), rows, stats);
+#endif
+}
+
+void layer_norm_backward_rows(const at::BFloat16* dy, const at::BFloat16* x, const float* stats, const float* weight,
+                              int64_t rows, int64_t c, at::BFloat16* dx, float* dw, float* db) {
+#ifdef MMSWIN_X86
+  const auto* g = reinterpret_cast<const uint16_t*>(dy);
+  const auto* src = reinterpret_cast<const uint16_t*>(x);
+  auto* out = reinterpret_cast<uint16_t*>(dx);
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    backward_rows<kRows>(g + r * c, src + r * c, stats + 2 * r, weight, c, out ? out + r * c : nullptr, dw, db);
+  for (; r < rows; ++r)
+    backward_rows<1>(g + r * c, src + r * c, stats + 2 * r, weight, c, out ? out + r * c : nullptr, dw, db);
+#endif
+}
+
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps) {
   TORCH_CHECK(kernels_available(), "layer_norm needs an x86 CPU with AVX512-BF16");
@@ -336,10 +357,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   const int64_t per_block = (rows + blocks - 1) / std::max<int64_t>(blocks, 1);
   const bool sums = need_weight || need_bias;
   at::Tensor partial = at::zeros({sums ? blocks : 0, 2, c}, x.options().dtype(at::kFloat));
-#ifdef MMSWIN_X86
-  const auto* dy = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
-  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  auto* dx = need_x ? reinterpret_cast<uint16_t*>(grad_x.data_ptr<at::BFloat16>()) : nullptr;
+  const at::BFloat16* dy = grad.data_ptr<at::BFloat16>();
+  const at::BFloat16* src = x.data_ptr<at::BFloat16>();
+  at::BFloat16* dx = need_x ? grad_x.data_ptr<at::BFloat16>() : nullptr;
   const float* st = stats.data_ptr<float>();
   float* part = sums ? partial.data_ptr<float>() : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
@@ -347,14 +367,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
       const int64_t begin = blk * per_block, end = std::min(rows, begin + per_block);
       float* dw = sums ? part + blk * 2 * c : nullptr;
       float* db = sums ? dw + c : nullptr;
-      int64_t r = begin;
-      for (; r + kRows <= end; r += kRows)
-        backward_rows<kRows>(dy + r * c, src + r * c, st + 2 * r, w, c, dx ? dx + r * c : nullptr, dw, db);
-      for (; r < end; ++r)
-        backward_rows<1>(dy + r * c, src + r * c, st + 2 * r, w, c, dx ? dx + r * c : nullptr, dw, db);
+      layer_norm_backward_rows(dy + begin * c, src + begin * c, st + 2 * begin, w, end - begin, c,
+                               dx ? dx + begin * c : nullptr, dw, db);
     }
   });
-#endif
   at::Tensor total = sums ? sum_blocks(partial) : at::Tensor();
   at::Tensor grad_w = need_weight ? total[0] : at::Tensor();
   at::Tensor grad_b = need_bias ? total[1] : at::Tensor();

@@ -128,6 +128,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),
         py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("chunk"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("norm_gelu_mlp_forward", &mmswin::norm_gelu_mlp_forward,
+        "A Swin block's MLP half x + fc2(gelu(fc1(norm(x)))) (post_norm: x + norm(fc2(gelu(fc1(x))))) of x "
+        "(tokens, C), the norm's stats, fc1's output as chunks of `chunk` rows and (post_norm) the branch's chunks "
+        "before the norm, the chunks shared out among the threads (bf16, CPU training)",
+        py::arg("x"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("w1"),
+        py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("chunk"), py::arg("fused_bias"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("norm_gelu_mlp_backward", &mmswin::norm_gelu_mlp_backward,
+        "Gradients of x (bf16) and of the norm's, fc1's and fc2's parameters (fp32) of norm_gelu_mlp_forward, the "
+        "chunks shared out among the threads (bf16, CPU training)",
+        py::arg("grad"), py::arg("x"), py::arg("stats"), py::arg("hidden"), py::arg("branch"), py::arg("norm_weight"),
+        py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("w1"), py::arg("w2"), py::arg("need_x"),
+        py::arg("need_norm_weight"), py::arg("need_norm_bias"), py::arg("need_w1"), py::arg("need_b1"),
+        py::arg("need_w2"), py::arg("need_b2"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("gelu_mlp_backward", &mmswin::gelu_mlp_backward,
         "Gradients of x (bf16), fc1's weight and bias and fc2's weight (fp32) of the MLP fc2(gelu(fc1(x))) from "
         "fc1's output kept as chunks of rows, the chunks shared out among the threads (bf16, CPU training)",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from . import cpu_kernels, layers
+from . import cpu_kernels, layers, mlp_half
 from .attention import CosineWindowAttention, WindowAttention
 from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
@@ -90,6 +90,15 @@ class SwinBlock(nn.Module):
             return self.forward_in_place(x, window, shift, mask)
         x = self.residual(x, lambda t: self.window_attention(self.norm1(t), window, shift, mask), self.norm1,
                           self.attn)
+        return self.mlp_half(x)
+
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + drop_path(mlp(norm2(x)))`` (V2: ``x + drop_path(norm2(mlp(x)))``) of ``x: (B, H, W, C)``; in CPU
+        bf16 training one pass of the kernels, forward and backward, where they take it (:mod:`.mlp_half`)."""
+        if mlp_half.applies(x, self.norm2, self.mlp, self.drop_path):
+            return mlp_half.norm_mlp_residual(x, self.norm2, self.mlp, self.res_post_norm)
+        if self.res_post_norm:
+            return self.residual(x, lambda t: self.norm2(self.mlp(t)), self.mlp, self.norm2)
         return self.residual(x, lambda t: self.mlp(self.norm2(t)), self.norm2, self.mlp)
 
     def residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor],
@@ -254,7 +263,7 @@ class SwinBlockV2(SwinBlock):
             return self.forward_in_place(x, window, shift, mask)
         x = self.residual(x, lambda t: self.norm1(self.window_attention(t, window, shift, mask)), self.attn,
                           self.norm1)
-        return self.residual(x, lambda t: self.norm2(self.mlp(t)), self.mlp, self.norm2)
+        return self.mlp_half(x)
 
     def window_branch(self, rows: torch.Tensor, padding: Optional[torch.Tensor], window: Size2,
                       mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -3,9 +3,11 @@
 ``setup.py`` builds them on Linux; they run on x86 CPUs with AVX512-BF16. Where they are missing, and
 with ``MMSWIN_BF16_MATMUL=native`` or ``=fp32``, the models take PyTorch's operators for the same values.
 """
-from functools import lru_cache
+from functools import lru_cache, wraps
+from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .matmul import bf16_matmul_setting
 
@@ -64,3 +66,21 @@ def inference_chunk(total: int, chunk: int, least: int) -> int:
     if total < chunks * least:
         chunks = max(1, total // least // threads * threads)
     return -(-total // chunks)
+
+
+def first_order_only(backward: Callable) -> Callable:
+    """``once_differentiable`` for the kernels' backward passes (the window attention, a block's MLP half), with an
+    error that says what to do at a backward with ``create_graph=True`` (instead of PyTorch's at the second
+    backward)."""
+    once = once_differentiable(backward)
+
+    @wraps(backward)
+    def checked(ctx, *grads: torch.Tensor) -> tuple:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "mmswin's compiled CPU bf16 window attention and MLP half have no second derivative (a backward with "
+                'create_graph=True). Set MMSWIN_BF16_MATMUL=native before the forward to take PyTorch\'s '
+                'operators there, whose gradients are differentiable.')
+        return once(ctx, *grads)
+
+    return checked

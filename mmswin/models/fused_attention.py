@@ -15,13 +15,11 @@ the backward recomputes the weights from it, window by window, to write the grad
 projection's layout and sum those of the position bias and (V2) the logit scales in fp32. Where the
 kernels are not used (:mod:`.cpu_kernels`), the attention takes PyTorch's operators.
 """
-import functools
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from . import cpu_kernels
+from .cpu_kernels import first_order_only
 from .matmul import autocast_dtype, autocast_off, bias_fused, chunk_linear, linear
 from .qkv_projection import ProjectionGrads
 from .windows import image_chunks
@@ -41,23 +39,6 @@ def applies(x: torch.Tensor, heads: int, dropout_p: float, window_tokens: Option
     if autocast_dtype(x) != torch.bfloat16 or (x.shape[-1] // heads) % 16 or n > MAX_TOKENS:
         return False
     return cpu_kernels.use_kernels()
-
-
-def first_order_only(backward: Callable) -> Callable:
-    """``once_differentiable`` for the kernels' backward passes, with an error that says what to do at a
-    backward with ``create_graph=True`` (instead of PyTorch's at the second backward)."""
-    once = once_differentiable(backward)
-
-    @functools.wraps(backward)
-    def checked(ctx, *grads: torch.Tensor) -> tuple:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "mmswin's compiled CPU bf16 window attention has no second derivative (a backward with "
-                'create_graph=True). Set MMSWIN_BF16_MATMUL=native before the forward to take PyTorch\'s '
-                'operators there, whose gradients are differentiable.')
-        return once(ctx, *grads)
-
-    return checked
 
 
 class _WindowAttention(torch.autograd.Function):
