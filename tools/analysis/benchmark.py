@@ -504,6 +504,48 @@ def cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> L
     return [float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0)) for a, b in zip(ref, low)]
 
 
+def redraw_norm_weights(model: torch.nn.Module, seed: int = 3) -> None:
+    """Every layer norm's weight drawn around 1 (``1 + 0.1 N(0, 1)``), as after training: V2's post-norms start
+    at zero, which leaves its blocks' own weights without gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                noise = torch.randn(module.weight.shape, generator=generator)
+                module.weight.copy_(1 + 0.1 * noise)
+
+
+def training_gradients(model: torch.nn.Module, x: torch.Tensor, precision: str,
+                       out_grads: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The parameters' gradients of one ``precision`` forward+backward from the outputs' gradients
+    ``out_grads`` (cast to the outputs' dtypes), by parameter name."""
+    model.zero_grad(set_to_none=True)
+    with _autocast(x.device, precision):
+        outs = _outputs(model, x)
+    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(out_grads, outs)])
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def gradient_cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> dict:
+    """How close the parameters' gradients of a ``precision`` autocast training step are to the fp32 step's,
+    from the same output gradients (random, bf16 values): per parameter with a non-zero fp32 gradient, the
+    cosine similarity of the two, in float64. Gives the lowest with its parameter, the median, and how many
+    parameters fall under 0.999. ``model`` is in training mode, without stochastic depth."""
+    with torch.no_grad():
+        shapes = [o.shape for o in _outputs(model, x)]
+    generator = torch.Generator().manual_seed(2)
+    out_grads = [torch.randn(s, generator=generator).bfloat16().float().to(x.device) for s in shapes]
+    ref = training_gradients(model, x, 'fp32', out_grads)
+    low = training_gradients(model, x, precision, out_grads)
+    cosines = {name: float(F.cosine_similarity(low[name].double().flatten(), g.double().flatten(), dim=0))
+               for name, g in ref.items() if bool(g.any()) and name in low}
+    worst = min(cosines, key=cosines.get)
+    return dict(worst=cosines[worst], worst_parameter=worst, median=statistics.median(cosines.values()),
+                parameters=len(cosines), below_0_999=sum(c < 0.999 for c in cosines.values()))
+
+
 # ---------------------------------------------------------------------------------------- plot
 def throughput_sweep(names: List[str], window: int, sides: List[int], device: str, repeats: int, warmup: int,
                      precisions: Sequence[str] = ('fp32',),
@@ -653,7 +695,8 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     each one compiled, and in inference the cosine of the compiled outputs to the eager ones); with ``profile``
     the top operators and the operator count of each eager model; for fp32 inference the output difference of
     mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's outputs with its fp32
-    outputs."""
+    outputs in inference, and of every model's parameter gradients with its fp32 ones in training
+    (:func:`gradient_cosine_to_fp32`)."""
     import mmswin  # noqa: F401
     device = torch.device(device)
     # The device's rate right before the timing and right after: this machine's speed drifts over minutes.
@@ -697,6 +740,15 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     if precision != 'fp32' and mode == 'inference':
         group['cosine'] = {name: cosine_to_fp32(models[name].eval(), x, precision)
                            for name in ('mmswin-v1', 'mmswin-v2') if name in models}
+    if precision != 'fp32' and mode == 'train':
+        # every model, the peers too, on models of its own without stochastic depth (the same branches kept in
+        # both precisions) and with the norms' weights off V2's zeros
+        checked = build_models(names, window, device)
+        group['gradient_cosine'] = {}
+        for name, model in checked.items():
+            redraw_norm_weights(model)
+            model.train()
+            group['gradient_cosine'][name] = gradient_cosine_to_fp32(model, x, precision)
     return group
 
 
@@ -802,6 +854,9 @@ def main(argv=None) -> dict:
                 for name, cosine in group.get('cosine', {}).items():
                     report.setdefault('cosine_to_fp32', []).append(
                         dict(size=size, precision=precision, model=name, cosine=cosine))
+                for name, agreement in group.get('gradient_cosine', {}).items():
+                    report.setdefault('gradient_cosine_to_fp32', []).append(
+                        dict(size=size, precision=precision, model=name, **agreement))
                 write_report(report, args.out)
         if not args.no_memory:
             for precision, name in itertools.product(precisions, args.memory_models or names):

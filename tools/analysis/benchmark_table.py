@@ -122,6 +122,20 @@ def agreement_table(reports: List[dict], key: str = 'cosine_to_fp32',
     return lines
 
 
+def gradient_table(reports: List[dict]) -> List[str]:
+    """Per model, how close its parameters' gradients of a training step in a lower precision are to its fp32
+    ones (the report's ``gradient_cosine_to_fp32``)."""
+    rows = [g for report in reports for g in report.get('gradient_cosine_to_fp32', [])]
+    if not rows:
+        return []
+    lines = ['| input | precision | model | gradients compared | lowest cosine to fp32 (parameter) | median | '
+             'under 0.999 |', '| --- | --- | --- | ---: | ---: | ---: | ---: |']
+    for g in rows:
+        lines.append(f"| {_size(g['size'])} | {g['precision']} | {g['model']} | {g['parameters']} | "
+                     f"{g['worst']:.5f} (`{g['worst_parameter']}`) | {g['median']:.5f} | {g['below_0_999']} |")
+    return lines
+
+
 def mmdet_agreement(reports: List[dict]) -> List[str]:
     rows = [d for report in reports for d in report.get('max_abs_diff_vs_mmdet', [])]
     return [f"mmswin-v1 with mmdet-v1's weights at {_size(d['size'])}, fp32: largest difference of the four "
@@ -254,7 +268,7 @@ def main(argv=None) -> str:
     parts.append('')
     for table in (speed_table(reports), round_table(reports), kernel_table(reports), headroom_table(reports),
                   products_table(reports), memory_table(reports),
-                  agreement_table(reports),
+                  agreement_table(reports), gradient_table(reports),
                   agreement_table(reports, 'compiled_cosine_to_eager', 'the eager model, same precision'),
                   mmdet_agreement(reports), profile_table(reports)):
         if table:
