@@ -195,15 +195,20 @@ def test_benchmark_tool_plots_throughput_per_precision(tmp_path):
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def test_benchmark_tool_compares_low_precision_gradients_with_fp32(tmp_path):
-    """In a lower precision's training group every model's parameter gradients are compared with its fp32
-    ones, per parameter, and the table lists them."""
+def test_benchmark_tool_compares_low_precision_outputs_and_gradients_with_fp32(tmp_path):
+    """In a lower precision every model's outputs (inference) and parameter gradients (training) are compared
+    with its own fp32 ones, per output and per parameter, and the table lists them."""
     out = tmp_path / 'report.json'
     subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x64x64',
-                    '--models', 'mmswin-v1', 'mmdet-v1', '--precisions', 'bf16', '--modes', 'train',
-                    '--repeats', '1', '--warmup', '0', '--no-memory', '--drop-path-rate', '0.2', '--out', str(out)],
+                    '--models', 'mmswin-v1', 'mmdet-v1', '--precisions', 'bf16', '--repeats', '1', '--warmup', '0',
+                    '--no-memory', '--drop-path-rate', '0.2', '--out', str(out)],
                    capture_output=True, text=True, check=True, cwd=ROOT)
     report = json.loads(out.read_text())
+    outputs = {c['model']: c for c in report['cosine_to_fp32']}
+    assert set(outputs) == {'mmswin-v1', 'mmdet-v1'}
+    for c in outputs.values():
+        assert c['size'] == [1, 3, 64, 64] and c['precision'] == 'bf16'
+        assert len(c['cosine']) == 4 and all(0.999 < v <= 1 + 1e-12 for v in c['cosine'])
     rows = {g['model']: g for g in report['gradient_cosine_to_fp32']}
     assert set(rows) == {'mmswin-v1', 'mmdet-v1'}
     for g in rows.values():
@@ -211,6 +216,8 @@ def test_benchmark_tool_compares_low_precision_gradients_with_fp32(tmp_path):
         assert g['size'] == [1, 3, 64, 64] and g['precision'] == 'bf16' and g['parameters'] == 177
         assert 0.9 < g['worst'] <= g['median'] <= 1 and 0 <= g['below_0_999'] <= g['parameters']
     table = load_benchmark_tool('benchmark_table').main([str(out)])
+    cosines = ', '.join(f'{v:.5f}' for v in outputs['mmdet-v1']['cosine'])
+    assert f'| 1x3x64x64 | bf16 | mmdet-v1 | {cosines} |' in table
     g = rows['mmswin-v1']
     assert (f"| 1x3x64x64 | bf16 | mmswin-v1 | 177 | {g['worst']:.5f} (`{g['worst_parameter']}`) | "
             f"{g['median']:.5f} | {g['below_0_999']} |") in table

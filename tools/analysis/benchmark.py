@@ -694,8 +694,8 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     """Times of every model at one size, precision and mode (:func:`time_in_workers`; with ``compile_models`` also of
     each one compiled, and in inference the cosine of the compiled outputs to the eager ones); with ``profile``
     the top operators and the operator count of each eager model; for fp32 inference the output difference of
-    mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of mmswin's outputs with its fp32
-    outputs in inference, and of every model's parameter gradients with its fp32 ones in training
+    mmswin-v1 and mmdet-v1 (same weights); for lower precisions the agreement of every model's outputs with its
+    fp32 outputs in inference, and of its parameter gradients with its fp32 ones in training
     (:func:`gradient_cosine_to_fp32`)."""
     import mmswin  # noqa: F401
     device = torch.device(device)
@@ -738,8 +738,8 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
             ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', PEER))
         group['max_abs_diff'] = [float((a - b).abs().max()) for a, b in zip(ours, theirs)]
     if precision != 'fp32' and mode == 'inference':
-        group['cosine'] = {name: cosine_to_fp32(models[name].eval(), x, precision)
-                           for name in ('mmswin-v1', 'mmswin-v2') if name in models}
+        # (in eval mode here; mmdet's train() and eval() return None)
+        group['cosine'] = {name: cosine_to_fp32(model, x, precision) for name, model in models.items()}
     if precision != 'fp32' and mode == 'train':
         # every model, the peers too, on models of its own without stochastic depth (the same branches kept in
         # both precisions) and with the norms' weights off V2's zeros
