@@ -112,7 +112,7 @@ def _outputs_and_grads(model: nn.Module, x: torch.Tensor):
 def _assert_same(a, b, atol: float) -> None:
     outs_a, grads_a = a
     outs_b, grads_b = b
-    for x, y in zip(outs_a, outs_b):
+    for x, y in zip(outs_a, outs_b, strict=True):
         assert (x - y).abs().max() <= atol
     assert grads_a.keys() == grads_b.keys() and grads_a
     for k in grads_a:
@@ -154,10 +154,10 @@ def test_drop_path_linear_schedule():
     x = torch.randn(8, 3, 32, 32)
     model.eval()
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(model(x), model(x)))
+        assert all(torch.equal(a, b) for a, b in zip(model(x), model(x), strict=True))
     model.train()
     with torch.no_grad():
-        assert not all(torch.equal(a, b) for a, b in zip(model(x), model(x)))
+        assert not all(torch.equal(a, b) for a, b in zip(model(x), model(x), strict=True))
 
 
 def test_absolute_position_embedding_is_interpolated_bicubically():

@@ -1,4 +1,5 @@
 """Every supported checkpoint format loads to the official outputs; bad checkpoints give clear errors."""
+import copy
 import re
 
 import pytest
@@ -50,7 +51,7 @@ def _load(model, path, **kwargs):
 
 def _assert_v1_golden(model, v1_expected, case='150x190', norms=None):
     data = v1_expected['cases'][case]
-    for i, (out, ref) in enumerate(zip(_run(model, golden_input(data)), data['outs'])):
+    for i, (out, ref) in enumerate(zip(_run(model, golden_input(data)), data['outs'], strict=True)):
         if norms is not None:  # golden outputs are LN with weight 1, bias 0
             ref = ref * norms[i][0].view(1, -1, 1, 1) + norms[i][1].view(1, -1, 1, 1)
         assert (out - ref).abs().max() <= 1e-4
@@ -58,7 +59,7 @@ def _assert_v1_golden(model, v1_expected, case='150x190', norms=None):
 
 def _assert_v2_golden(model, v2_expected):
     data = v2_expected['cases']['512x512']
-    for out, stage in zip(_run(model, golden_input(data)), data['stages']):
+    for out, stage in zip(_run(model, golden_input(data)), data['stages'], strict=True):
         ref = F.layer_norm(stage.permute(0, 2, 3, 1), stage.shape[1:2]).permute(0, 3, 1, 2)
         assert (out - ref).abs().max() <= 1e-4
 
@@ -159,7 +160,7 @@ def test_converted_checkpoint_round_trip(tmp_path, name, cls):
     missing, unexpected = cls(**SMALL).load_state_dict(saved['state_dict'], strict=False)
     assert unexpected == [] and all(re.fullmatch(r'norm\d\.(weight|bias)', k) for k in missing)
     x = torch.randn(1, 3, 97, 131)
-    for a, b in zip(_run(direct, x), _run(converted, x)):
+    for a, b in zip(_run(direct, x), _run(converted, x), strict=True):
         assert torch.equal(a, b)
 
 
@@ -243,11 +244,27 @@ def test_pickled_code_is_never_run_without_opt_in(tmp_path):
 
 
 def test_init_cfg_unsafe_load_flag(tmp_path):
-    path = tmp_path / 'legacy.pth'
-    torch.save({'state_dict': SwinTransformer(**SMALL).state_dict(), 'meta': {'x': CodePayload(tmp_path / 'm')}},
-               path)
+    """``init_cfg``'s ``unsafe_load``: without it the file is refused, nothing run and nothing loaded; with it
+    the file is read (its pickled code runs) and its weights loaded."""
+    torch.manual_seed(0)
+    source = SwinTransformer(**SMALL).state_dict()
+    marker, path = tmp_path / 'm', tmp_path / 'legacy.pth'
+    torch.save({'state_dict': source, 'meta': {'x': CodePayload(marker)}}, path)
     model = SwinTransformer(**SMALL, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    with pytest.raises(CheckpointError):
+    default = copy.deepcopy(model)
+    default.init_cfg = None
+    torch.manual_seed(1)
+    default.init_weights()  # the default initialisation alone
+    torch.manual_seed(1)  # the same draws
+    with pytest.raises(CheckpointError) as info:
         model.init_weights()
+    assert 'legacy.pth' in str(info.value) and 'unsafe_load=True' in str(info.value), str(info.value)
+    assert not marker.exists()
+    _assert_untouched(model, _snapshot(default))  # nothing of the refused file went in
     model = SwinTransformer(**SMALL, init_cfg=dict(type='Pretrained', checkpoint=str(path), unsafe_load=True))
     model.init_weights()
+    assert marker.exists()
+    loaded = model.state_dict()
+    assert loaded.keys() == source.keys()
+    for key, value in source.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)

@@ -43,7 +43,7 @@ def test_compiled_equals_eager(cls):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         expected, got = model(x), compiled(x)
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= 1e-4
 
@@ -61,7 +61,7 @@ def test_compiled_training_equals_eager(cls):
         results.append(([o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}))
         model.zero_grad(set_to_none=True)
     (eager_outs, eager_grads), (outs, grads) = results
-    for a, b in zip(eager_outs, outs):
+    for a, b in zip(eager_outs, outs, strict=True):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-4
     assert eager_grads.keys() == grads.keys()
     for name, g in eager_grads.items():

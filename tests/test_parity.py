@@ -30,7 +30,7 @@ def test_v1_matches_official_detection_backbone(v1_expected, case, use_sdpa):
     with torch.no_grad():
         outs = model(golden_input(v1_expected['cases'][case]))
     assert len(outs) == len(expected) == 4
-    for out, ref in zip(outs, expected):
+    for out, ref in zip(outs, expected, strict=True):
         assert out.shape == ref.shape
         assert (out - ref).abs().max() <= TOL
 
@@ -50,7 +50,7 @@ def test_v2_matches_official(v2_expected, case, use_sdpa):
     stages = v2_expected['cases'][case]['stages']
     with torch.no_grad():
         outs = model(golden_input(v2_expected['cases'][case]))
-    for out, stage in zip(outs, stages):
+    for out, stage in zip(outs, stages, strict=True):
         # Output norms are at their default init (weight 1, bias 0): plain layer norm of the stage.
         ref = _layer_norm_nchw(stage)
         assert out.shape == ref.shape
