@@ -268,3 +268,62 @@ def test_init_cfg_unsafe_load_flag(tmp_path):
     assert loaded.keys() == source.keys()
     for key, value in source.items():
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize('source,pattern', [
+    (dict(SMALL, depths=(2, 2, 3, 2)), r'holds 13 weights of the backbone that the model has no place for, '
+                                       r'first layers\.2\.blocks\.2\.'),
+    (dict(SMALL, depths=(2, 2, 2, 2, 1), num_heads=(1, 2, 4, 8, 8), strides=(4, 2, 2, 2, 2)),
+     r'no place for, first layers\.3\.downsample'),
+    (dict(SMALL, use_abs_pos_embed=True), r'no place for, first absolute_pos_embed'),
+])
+def test_error_backbone_weights_without_a_place(tmp_path, source, pattern):
+    """A checkpoint of a deeper model, or with weights the model's options leave out, is refused instead of
+    loading in part; the model's output norms alone may differ (out_indices)."""
+    path = tmp_path / 'deeper.pth'
+    torch.save({'state_dict': SwinTransformer(**source).state_dict()}, path)
+    _expect_error(SwinTransformer(**SMALL), path, 'deeper.pth', pattern, 'another depth or other options')
+
+
+def test_error_qkv_biases_without_a_place(tmp_path):
+    path = tmp_path / 'biased.pth'
+    torch.save({'state_dict': SwinTransformerV2(**SMALL).state_dict()}, path)
+    _expect_error(SwinTransformerV2(**SMALL, qkv_bias=False), path, 'biased.pth', r'first layers\.0\.blocks\.0'
+                  r'\.attn\.q_bias')
+    model = SwinTransformerV2(**SMALL, out_indices=(1, 3))  # fewer output norms than the file: loads
+    assert set(load_pretrained(model, str(path))['unused']) == {'norm0.weight', 'norm0.bias', 'norm2.weight',
+                                                                'norm2.bias'}
+
+
+@pytest.mark.parametrize('change,pattern', [
+    (lambda t: torch.empty(t.shape, device='meta'), r'is a torch\.float32 on meta, not a tensor of values'),
+    (lambda t: t.to(torch.complex64), r'is a torch\.complex64 on cpu'),
+    (lambda t: t.long(), r'is a torch\.int64 on cpu'),
+])
+def test_error_tensors_the_model_cannot_take(tmp_path, change, pattern):
+    """Checked before anything is copied: the model is untouched."""
+    sd = SwinTransformer(**SMALL).state_dict()
+    key = 'layers.3.blocks.1.mlp.fc2.weight'  # late in the file, after tensors that would fit
+    sd[key] = change(sd[key])
+    path = tmp_path / 'odd.pth'
+    torch.save({'state_dict': sd}, path)
+    model = SwinTransformer(**SMALL)
+    before = _snapshot(model)
+    with pytest.raises(CheckpointError, match=key.replace('.', r'\.') + '.*' + pattern) as info:
+        load_pretrained(model, str(path))
+    assert 'odd.pth' in str(info.value)
+    _assert_untouched(model, before)
+
+
+def test_checkpoint_argument_types(tmp_path):
+    path = tmp_path / 'v1.pth'
+    sd = SwinTransformer(**SMALL).state_dict()
+    torch.save({'state_dict': sd}, path)
+    model = SwinTransformer(**SMALL)
+    load_pretrained(model, path)  # a pathlib.Path is taken
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
+    with pytest.raises(TypeError, match=r"unsafe_load must be True or False, got 'no'"):
+        load_pretrained(model, str(path), unsafe_load='no')
+    with pytest.raises(TypeError, match='checkpoint must be a path or URL, got None'):
+        load_pretrained(model, None)
+    _expect_error(model, tmp_path, tmp_path.name, 'is a directory, not a checkpoint file')

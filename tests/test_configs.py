@@ -29,6 +29,9 @@ def test_config_builds_and_runs(path):
     init = backbone.get('init_cfg') or {}
     if not path.parent.name == 'demo':
         assert init.get('type') == 'Pretrained' and init['checkpoint'].startswith('https://')
+    # --auto-scale-lr works with every config: the reference batch is the one its learning rate is for
+    batch = cfg.train_dataloader.batch_size * (1 if path.parent.name == 'demo' else 8)  # 8 GPUs
+    assert cfg.auto_scale_lr.base_batch_size == batch and not cfg.auto_scale_lr.get('enable', False)
     model = _build(cfg).eval()
     assert type(model.backbone).__name__ == backbone.type.split('.')[-1]
     torch.manual_seed(0)

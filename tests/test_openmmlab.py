@@ -70,3 +70,26 @@ def test_mmseg_upernet_config(tmp_path, cls):
     assert type(segmentor.backbone).__name__ == cls
     logits = segmentor(torch.randn(2, 3, 64, 96), mode='tensor')
     assert logits.shape == (2, 5, 16, 24)
+
+
+def test_rng_state_hook_restores_torch_state_and_skips_another_cuda_count(monkeypatch):
+    """Resumed with fewer CUDA devices than the run that saved: torch's CPU state is restored, the CUDA
+    states are left alone with a warning instead of failing inside ``set_rng_state_all``."""
+    from mmengine.logging import MMLogger
+    from mmswin.engine.rng_state_hook import KEY, RNGStateHook
+
+    hook, checkpoint = RNGStateHook(), {}
+    torch.manual_seed(5)
+    hook.before_save_checkpoint(None, checkpoint)
+    expected = torch.rand(3)
+    checkpoint[KEY]['cuda'] = [torch.zeros(16, dtype=torch.uint8)] * 2
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: pytest.fail('CUDA states set'))
+    messages = []
+    logger = MMLogger.get_current_instance()
+    monkeypatch.setattr(logger, 'log', lambda level, msg, *a, **k: messages.append((level, msg)))
+    monkeypatch.setattr(logger, 'warning', lambda msg, *a, **k: messages.append((30, msg)))
+    hook.after_load_checkpoint(None, checkpoint)
+    assert torch.equal(torch.rand(3), expected)
+    assert any('random state of 2 CUDA devices' in msg and 'sees 1' in msg for _, msg in messages), messages

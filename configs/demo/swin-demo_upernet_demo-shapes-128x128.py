@@ -64,6 +64,7 @@ param_scheduler = [
     dict(type='PolyLR', power=1.0, eta_min=1e-5, by_epoch=False, begin=warmup_iters, end=max_iters),
 ]
 optim_wrapper = dict(optimizer=dict(lr=2e-3, foreach=True))
+auto_scale_lr = dict(base_batch_size=batch_size)
 
 default_hooks = dict(
     logger=dict(interval=25),

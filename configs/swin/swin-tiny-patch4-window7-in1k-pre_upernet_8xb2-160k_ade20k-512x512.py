@@ -43,3 +43,5 @@ param_scheduler = [
 train_dataloader = dict(batch_size=2)
 val_dataloader = dict(batch_size=1)
 test_dataloader = val_dataloader
+# 8 GPUs x 2 images; --auto-scale-lr rescales lr to other batch sizes.
+auto_scale_lr = dict(enable=False, base_batch_size=16)

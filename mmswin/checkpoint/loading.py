@@ -13,6 +13,7 @@ from .formats import FORMATS, Converted, StateDict, convert_state_dict, unwrap_c
 from .safe_unpickle import RestrictedUnpicklingError, restricted_load
 
 URL_PREFIXES = ('http://', 'https://')
+BODY = ('patch_embed.', 'layers.', 'absolute_pos_embed')  # the backbone's own weights, not its output norms
 _UNSAFE_HINT = ('It can only be read by running pickled code. If you trust its source, opt in explicitly: '
                 "init_cfg=dict(type='Pretrained', checkpoint=..., unsafe_load=True) or "
                 '`swin2mmswin.py --unsafe-load`.')
@@ -33,6 +34,11 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
         FileNotFoundError: No such file.
         CheckpointError: The file is not a readable checkpoint, or needs ``unsafe_load``.
     """
+    if not isinstance(filename, (str, os.PathLike)):
+        raise TypeError(f'checkpoint must be a path or URL, got {filename!r}')
+    if type(unsafe_load) is not bool:
+        raise TypeError(f'unsafe_load must be True or False, got {unsafe_load!r}')
+    filename = os.fspath(filename)
     if filename.startswith(URL_PREFIXES):
         cache = torch.hub.get_dir() + '/checkpoints'
         os.makedirs(cache, exist_ok=True)
@@ -41,6 +47,8 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
             torch.hub.download_url_to_file(filename, path, progress=True)
     else:
         path = os.path.expanduser(filename)
+        if os.path.isdir(path):
+            raise CheckpointError(f'{filename} is a directory, not a checkpoint file')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'checkpoint file not found: {filename}')
     if unsafe_load:
@@ -56,6 +64,9 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
         except Exception as error:  # noqa: BLE001 - reported with the file name below
             raise CheckpointError(f'{filename} is not a readable checkpoint ({error})') from error
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+        if 'map_location' in str(error):  # e.g. CUDA tensors on a machine without CUDA
+            raise CheckpointError(f'{filename} cannot be read with map_location={map_location!r}: '
+                                  f'{error}') from error
         raise CheckpointError(f'{filename} is not a readable checkpoint (truncated or corrupt?): '
                               f'{error}') from error
 
@@ -91,6 +102,11 @@ def adapt_to_model(converted: Converted, target: Dict[str, torch.Tensor],
         if key not in target:
             unused.append(key)
             continue
+        if (not isinstance(value, torch.Tensor) or value.is_meta or value.is_complex()
+                or value.is_floating_point() != target[key].is_floating_point()):
+            kind = type(value).__name__ if not isinstance(value, torch.Tensor) else f'{value.dtype} on {value.device}'
+            raise CheckpointError(f'{source} ({fmt} format): {key} is a {kind}, not a tensor of values the model '
+                                  f'can take ({target[key].dtype})')
         want = target[key].shape
         if value.shape != want:
             if (key.endswith('relative_position_bias_table') and value.ndim == 2 and len(want) == 2
@@ -144,9 +160,15 @@ def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = Non
     target = model.state_dict()
     weights, resized, unused = adapt_to_model(converted, target, filename)
     missing = [k for k in target if k not in weights]
-    body_missing = [k for k in missing if k.startswith(('patch_embed.', 'layers.'))]
+    body_missing = [k for k in missing if k.startswith(BODY)]
+    body_unused = [k for k in unused if k.startswith(BODY)]
     if not weights:
         raise CheckpointError(f'{filename} ({fmt} format): no weight of the model found in it')
+    if body_unused:
+        raise CheckpointError(
+            f'{filename} ({fmt} format, Swin V{version}) holds {len(body_unused)} weights of the backbone that the '
+            f'model has no place for, first {body_unused[0]}: is it a model of another depth or other options '
+            f'(qkv biases, an absolute position embedding)?')
     if body_missing:
         raise CheckpointError(
             f'{filename} ({fmt} format, Swin V{version}) lacks {len(body_missing)} weights of the model, '

@@ -39,4 +39,9 @@ class RNGStateHook(Hook):
             return
         torch.set_rng_state(state['torch'])
         if 'cuda' in state and torch.cuda.is_available():
+            if len(state['cuda']) != torch.cuda.device_count():
+                print_log(f"The checkpoint holds the random state of {len(state['cuda'])} CUDA devices and this "
+                          f'process sees {torch.cuda.device_count()}: their random state is not restored',
+                          logger='current', level=30)
+                return
             torch.cuda.set_rng_state_all(state['cuda'])

@@ -1,4 +1,5 @@
 """Swin Transformer V1 and V2 backbones for dense prediction (mmdet / mmseg)."""
+import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -47,6 +48,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _int_sequence(value: object, name: str, minimum: int = 1) -> Tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, '__iter__'):
         raise TypeError(f'{name} must be a sequence of ints, got {value!r}')
@@ -65,6 +70,23 @@ def _per_stage(value: IntOrSeq, num_stages: int, name: str, minimum: int = 1) ->
         raise ValueError(f'{name} must be an int or a sequence of {num_stages} ints (one per stage), '
                          f'got {len(value)}: {value}')
     return value
+
+
+def _split_init_cfg(init_cfg: Union[None, dict, List[dict]]) -> Tuple[List[dict], List[dict]]:
+    """``init_cfg``'s ``Pretrained`` entries and the others, each checked."""
+    cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg] if init_cfg else []
+    for cfg in cfgs:
+        if not isinstance(cfg, dict) or 'type' not in cfg:
+            raise TypeError(f"init_cfg must be a dict with a 'type' (or a list of them), such as "
+                            f"dict(type='Pretrained', checkpoint=PATH_OR_URL), got {cfg!r}")
+    pretrained = [c for c in cfgs if c['type'] == 'Pretrained']
+    for cfg in pretrained:
+        if not isinstance(cfg.get('checkpoint'), (str, os.PathLike)):
+            raise TypeError(f"init_cfg of type 'Pretrained' needs checkpoint=PATH_OR_URL (a str or path), "
+                            f"got {cfg!r}")
+        if not isinstance(cfg.get('unsafe_load', False), bool):
+            raise TypeError(f"init_cfg's unsafe_load must be True or False, got {cfg['unsafe_load']!r}")
+    return pretrained, [c for c in cfgs if c['type'] != 'Pretrained']
 
 
 @MODELS.register_module()
@@ -146,6 +168,7 @@ class SwinTransformer(BaseModule):
             warnings.warn('pretrained is deprecated, use init_cfg=dict(type="Pretrained", checkpoint=...)',
                           DeprecationWarning)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        _split_init_cfg(init_cfg)  # bad init_cfg fails here, not at init_weights
         super().__init__(init_cfg=init_cfg)
 
         embed_dims, depths, num_heads = _resolve_arch(arch, embed_dims, depths, num_heads)
@@ -160,13 +183,14 @@ class SwinTransformer(BaseModule):
         for name, value in (('patch_size', patch_size), ('in_channels', in_channels)):
             if not _is_int(value) or value <= 0:
                 raise ValueError(f'{name} must be a positive int, got {value!r}')
-        if not mlp_ratio > 0:
-            raise ValueError(f'mlp_ratio must be positive, got {mlp_ratio!r}')
+        if not _is_real(mlp_ratio) or int(embed_dims * mlp_ratio) < 1:
+            raise ValueError(f'mlp_ratio must be a number that gives the MLP at least one channel '
+                             f'(int(embed_dims * mlp_ratio) >= 1), got {mlp_ratio!r}')
         for name, value in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
                             ('drop_path_rate', drop_path_rate)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f'{name} must be in [0, 1), got {value!r}')
-        strides = tuple(strides)
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f'{name} must be a number in [0, 1), got {value!r}')
+        strides = _int_sequence(strides, 'strides')
         if len(strides) != num_stages or strides[0] != patch_size or any(s != 2 for s in strides[1:]):
             raise ValueError(f'strides must be (patch_size, 2, 2, ...) with {num_stages} entries, i.e. '
                              f'{(patch_size,) + (2,) * (num_stages - 1)}, got {strides}')
@@ -198,7 +222,11 @@ class SwinTransformer(BaseModule):
 
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size, norm_cfg, use_norm=patch_norm)
         if use_abs_pos_embed:
-            img = _per_stage(pretrain_img_size, 2, 'pretrain_img_size')
+            img = (pretrain_img_size,) * 2 if _is_int(pretrain_img_size) else _int_sequence(
+                pretrain_img_size, 'pretrain_img_size')
+            if len(img) != 2 or min(img) < patch_size:
+                raise ValueError(f'pretrain_img_size must be an int or (height, width), each at least patch_size '
+                                 f'({patch_size}), got {pretrain_img_size!r}')
             grid = (img[0] // patch_size, img[1] // patch_size)
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dims, *grid))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -249,14 +277,12 @@ class SwinTransformer(BaseModule):
         from ..checkpoint import load_pretrained  # imported here: checkpoint imports the models
         from mmengine.model import initialize
 
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg] if self.init_cfg else []
-        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
-        others = [c for c in cfgs if c.get('type') != 'Pretrained']
+        pretrained, others = _split_init_cfg(self.init_cfg)
         self._init_default_weights()
         if others:
             initialize(self, others)
         for cfg in pretrained:
-            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'),
+            load_pretrained(self, os.fspath(cfg['checkpoint']), prefix=cfg.get('prefix'),
                             map_location=cfg.get('map_location', 'cpu'),
                             unsafe_load=cfg.get('unsafe_load', False))
         self._is_init = True
