@@ -61,7 +61,7 @@ def build(args: argparse.Namespace):
     """Returns ``(module, input, description)``."""
     if args.target in BACKBONES:
         kwargs = dict(arch=args.arch)
-        if args.window_size:
+        if args.window_size is not None:
             kwargs['window_size'] = args.window_size
         model = BACKBONES[args.target](**kwargs)
         shape = args.shape or ((256, 256) if args.target == 'SwinTransformerV2' else (224, 224))
