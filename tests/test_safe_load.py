@@ -1,13 +1,16 @@
 """mmengine training checkpoints load under torch's weights_only default without unsafe unpickling."""
+import collections
+import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
 import torch
 from mmengine.logging import HistoryBuffer, MessageHub
-from mmengine.runner.checkpoint import CheckpointLoader
+from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
 
-from mmswin.checkpoint import RestrictedUnpicklingError, restricted_load, safe_load
+from mmswin.checkpoint import CheckpointError, RestrictedUnpicklingError, read_checkpoint, restricted_load, safe_load
 from mmswin.checkpoint import safe_unpickle
 
 
@@ -39,9 +42,9 @@ def test_new_checkpoints_load_with_torchs_safe_loader(tmp_path):
     _check(torch.load(path, weights_only=True))
 
 
-def _legacy_file(tmp_path):
+def _legacy_file(tmp_path, **extra):
     """A checkpoint as mmengine 0.10.7 writes it without mmswin: statistics methods pickled through
-    ``builtins.getattr``."""
+    ``builtins.getattr``; ``extra`` is added to it."""
     path = tmp_path / 'legacy.pth'
 
     def legacy_getstate(self):
@@ -51,7 +54,7 @@ def _legacy_file(tmp_path):
     patched = HistoryBuffer.__getstate__
     HistoryBuffer.__getstate__ = legacy_getstate
     try:
-        torch.save(_training_checkpoint(), path)
+        torch.save({**_training_checkpoint(), **extra}, path)
     finally:
         HistoryBuffer.__getstate__ = patched
     assert 'builtins.getattr' in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -128,3 +131,138 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
     backend.put_text(str(path), str(tmp_path / 'last_checkpoint'))
     assert (tmp_path / 'last_checkpoint').read_text() == str(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_100.pth', 'last_checkpoint']
+
+
+def _build_on_global(module: str, name: str, state: object) -> bytes:
+    """A protocol-2 pickle that sets ``state`` on the global ``module.name`` itself: GLOBAL, state, BUILD."""
+    return (pickle.PROTO + b'\x02' + pickle.GLOBAL + f'{module}\n{name}\n'.encode()
+            + pickle.dumps(state, protocol=2)[2:-1] + pickle.BUILD + pickle.STOP)
+
+
+@pytest.mark.parametrize('module, name, state, attribute', [
+    # setattr on the class through the slot state: Counter.most_common = OrderedDict, process-wide
+    ('collections', 'Counter', (None, {'most_common': collections.OrderedDict}), 'most_common'),
+    # the function's __dict__ updated: an attribute on torch's tensor reconstructor
+    ('torch._utils', '_rebuild_tensor_v2', {'mmswin_marker': 1}, 'mmswin_marker'),
+])
+def test_build_on_an_allow_listed_class_or_function_is_refused(tmp_path, module, name, state, attribute):
+    target = getattr(__import__(module, fromlist=[name]), name)
+    before = target.__dict__.get(attribute)
+    path = tmp_path / 'build.pth'
+    path.write_bytes(_build_on_global(module, name, state))
+    try:
+        with pytest.raises(RestrictedUnpicklingError, match=f'BUILD.*{name}'):
+            safe_load(str(path))
+        with pytest.raises(RestrictedUnpicklingError, match='BUILD'):
+            restricted_load(str(path))
+        with pytest.raises(CheckpointError, match='BUILD'):
+            read_checkpoint(str(path))
+        with pytest.raises(pickle.UnpicklingError, match='BUILD'):
+            CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+        assert target.__dict__.get(attribute) is before
+    finally:  # undo what a broken unpickler did, for the tests after this one
+        if before is not None:
+            setattr(target, attribute, before)
+        elif attribute in target.__dict__:
+            delattr(target, attribute)
+    assert collections.Counter({'a': 2, 'b': 1}).most_common(1) == [('a', 2)]
+
+
+@pytest.mark.parametrize('methods', [{'min': collections.Counter}, {'mmswin_extra': collections.OrderedDict}])
+def test_history_buffer_state_cannot_change_the_class_wide_statistics(tmp_path, methods):
+    """mmengine's ``HistoryBuffer.__setstate__`` updates the dict shared by all buffers; a file may only
+    name the methods already registered."""
+    registered = dict(HistoryBuffer._statistics_methods)
+    buffer = HistoryBuffer([1.0, 2.0], [1, 1])
+    path = tmp_path / 'hub.pth'
+
+    def evil_getstate(self):
+        return {**self.__dict__, 'statistics_methods': methods}
+
+    patched = HistoryBuffer.__getstate__
+    HistoryBuffer.__getstate__ = evil_getstate
+    try:
+        torch.save({'state_dict': {}, 'message_hub': {'log_scalars': {'loss': buffer}}}, path)
+    finally:
+        HistoryBuffer.__getstate__ = patched
+    try:
+        for load in (lambda p: torch.load(p, weights_only=True), safe_load, restricted_load):
+            with pytest.raises(pickle.UnpicklingError, match='statistics method'):
+                load(str(path))
+        assert HistoryBuffer._statistics_methods == registered
+    finally:
+        HistoryBuffer._statistics_methods.clear()
+        HistoryBuffer._statistics_methods.update(registered)
+    assert HistoryBuffer([1.0, 3.0], [1, 1]).min() == 1.0
+
+
+def test_protocol_2_builtins_load(tmp_path):
+    """torch.save writes protocol 2, which names ``set``, ``frozenset`` and ``slice`` ``__builtin__``."""
+    extra = {'meta_sets': {'classes': {'car', 'person'}, 'frozen': frozenset({1, 2}), 'crop': slice(1, 8, 2)}}
+    path = _legacy_file(tmp_path, **extra)
+    assert b'__builtin__\nset' in __import__('zipfile').ZipFile(path).read('legacy/data.pkl')
+    for ckpt in (restricted_load(str(path)), safe_load(str(path)),
+                 CheckpointLoader.load_checkpoint(str(path), map_location='cpu')):
+        _check(ckpt)
+        assert ckpt['meta_sets'] == extra['meta_sets']
+
+
+def test_mmengine_local_loader_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))
+    torch.save({'state_dict': {'w': torch.ones(2)}}, tmp_path / 'x.pth')
+    assert torch.equal(_load_checkpoint('~/x.pth', map_location='cpu')['state_dict']['w'], torch.ones(2))
+    for missing in ('~/missing.pth', str(tmp_path)):
+        with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+            _load_checkpoint(missing)
+
+
+def test_mmengine_local_loader_errors_name_the_file(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
+    torch.save({'state_dict': {}, 'x': _CallsSystem(tmp_path / 'pwned')}, tmp_path / 'evil.pth')
+    for name, error, pattern in (('empty.pth', EOFError, 'not a readable checkpoint'),
+                                 ('garbage.pth', pickle.UnpicklingError, 'invalid load key'),
+                                 ('evil.pth', RestrictedUnpicklingError, r'global (posix|nt)\.system.*pickled code')):
+        with pytest.raises(error, match=f'{tmp_path / name}.*{pattern}'):
+            _load_checkpoint(str(tmp_path / name))
+    assert not (tmp_path / 'pwned').exists()
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.skipif(os.name == 'nt', reason='POSIX permissions')
+def test_atomic_writes_give_a_new_file_the_mode_of_a_plain_open(tmp_path, umask_027):
+    """0666 less the umask, as ``open()`` gives (mkstemp's 0600 would hide checkpoints from the group)."""
+    import mmengine
+    from mmengine.fileio import get_file_backend
+
+    backend = get_file_backend(str(tmp_path))
+    backend.put(b'data', str(tmp_path / 'new.pth'))
+    backend.put_text('text', str(tmp_path / 'new.txt'))
+    mmengine.dump({'a': 1}, str(tmp_path / 'new.json'))
+    assert [_mode(tmp_path / n) for n in ('new.pth', 'new.txt', 'new.json')] == [0o640] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['new.json', 'new.pth', 'new.txt']
+
+
+@pytest.mark.skipif(os.name == 'nt', reason='POSIX permissions')
+def test_atomic_writes_keep_the_mode_of_a_replaced_file(tmp_path, umask_027):
+    from mmengine.fileio import get_file_backend
+
+    backend = get_file_backend(str(tmp_path))
+    for name in ('old.pth', 'old.txt'):
+        (tmp_path / name).write_bytes(b'old')
+        os.chmod(tmp_path / name, 0o604)
+    backend.put(b'new', str(tmp_path / 'old.pth'))
+    backend.put_text('new', str(tmp_path / 'old.txt'))
+    assert [_mode(tmp_path / n) for n in ('old.pth', 'old.txt')] == [0o604] * 2
+    assert [(tmp_path / n).read_bytes() for n in ('old.pth', 'old.txt')] == [b'new'] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['old.pth', 'old.txt']

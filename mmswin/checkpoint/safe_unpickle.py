@@ -11,15 +11,20 @@ allow-listed in torch's safe unpickler: it would let a file call any method of a
   reconstructors, which build data and call nothing else;
 * makes ``HistoryBuffer`` pickle its data only, so checkpoints written from then on load with torch's
   safe loader as they are;
+* makes ``HistoryBuffer.__setstate__`` refuse a file that would replace or add one of its class-wide
+  statistics methods (mmengine's updates the dict shared by every buffer);
 * registers an mmengine local-file checkpoint loader that reads older files through
   :func:`restricted_load`, an unpickler that accepts a fixed set of globals and, as the only attribute
-  look-up, ``getattr(HistoryBuffer, <statistics method>)``.
+  look-up, ``getattr(HistoryBuffer, <statistics method>)``, and sets state (pickle's BUILD) only on
+  instances of the allow-listed classes, never on a class or function itself.
 
 Nothing here turns ``weights_only`` off for an arbitrary file.
 """
 import builtins
 import collections
+import os.path as osp
 import pickle
+import struct
 from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
@@ -69,10 +74,11 @@ def _allowed_globals() -> Dict[Tuple[str, str], Callable]:
         ('builtins', 'getattr'): _history_buffer_getattr,
         ('__builtin__', 'getattr'): _history_buffer_getattr,
         ('_codecs', 'encode'): _latin1_encode,
-        ('builtins', 'set'): builtins.set,
-        ('builtins', 'frozenset'): builtins.frozenset,
-        ('builtins', 'slice'): builtins.slice,
     }
+    # Protocol 2 (torch.save's default) names builtins ``__builtin__``; pickle maps that in the
+    # ``find_class`` the restricted unpickler overrides.
+    for name in ('set', 'frozenset', 'slice'):
+        allowed[('builtins', name)] = allowed[('__builtin__', name)] = getattr(builtins, name)
     for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
         allowed[(module, '_reconstruct')] = _np_multiarray._reconstruct
         allowed[(module, 'scalar')] = _np_multiarray.scalar
@@ -86,15 +92,52 @@ def _allowed_globals() -> Dict[Tuple[str, str], Callable]:
 
 
 _ALLOWED = _allowed_globals()
+# BUILD (``__setstate__`` or an update of ``__dict__`` / attributes) is allowed only on objects whose
+# exact type is one of these, as in torch's weights-only unpickler: never on an allow-listed class or
+# function itself, which would change it for the whole process.
+_BUILDABLE = frozenset(obj for obj in _ALLOWED.values() if isinstance(obj, type))
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _describe(obj: Any) -> str:
+    """``type collections.Counter`` for a class or function, ``a numpy.ndarray`` for other objects."""
+    if isinstance(obj, type) or (callable(obj) and hasattr(obj, '__qualname__')):
+        return f'{type(obj).__name__} {getattr(obj, "__module__", None)}.{obj.__qualname__}'
+    return f'a {type(obj).__module__}.{type(obj).__qualname__}'
+
+
+class _Dispatch(dict):
+    """Opcode table whose unknown opcodes fail as in the C unpickler rather than with a bare KeyError."""
+
+    def __missing__(self, opcode: int) -> Callable:
+        raise pickle.UnpicklingError(f'invalid load key, {chr(opcode)!r}.')
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Python's own unpickler (the C one cannot check BUILD) limited to :data:`_ALLOWED` globals and
+    to BUILD on instances of :data:`_BUILDABLE` types."""
+    dispatch = _Dispatch(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
             raise RestrictedUnpicklingError(f'global {module}.{name}') from None
+
+    def load(self) -> Any:
+        """Unpickles, reporting a malformed stream as the C unpickler does, with ``UnpicklingError``."""
+        try:
+            return super().load()
+        except (KeyError, IndexError, struct.error) as error:
+            raise pickle.UnpicklingError(f'malformed pickle ({type(error).__name__}: {error})') from error
+
+    def load_build(self) -> None:
+        """BUILD: sets the state of the object below the top of the stack, if it is buildable."""
+        if len(self.stack) >= 2 and type(self.stack[-2]) not in _BUILDABLE:
+            raise RestrictedUnpicklingError(f'BUILD (setting the state) of {_describe(self.stack[-2])}: only '
+                                            'instances of allow-listed classes may be built')
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 class _RestrictedPickleModule:
@@ -129,8 +172,43 @@ def _history_buffer_getstate(self: HistoryBuffer) -> dict:
     return {k: v for k, v in self.__dict__.items() if k != 'statistics_methods'}
 
 
-def _load_local(filename: str, map_location: Any = None) -> Any:
-    return safe_load(filename, map_location=map_location)
+def _history_buffer_setstate(self: HistoryBuffer, state: dict) -> None:
+    """mmengine's ``__setstate__`` without changing the class: the statistics methods of a file must be
+    the ones this process has registered under those names (they are shared by every buffer)."""
+    if not isinstance(state, dict):
+        raise RestrictedUnpicklingError(f'HistoryBuffer state must be a dict, not {type(state).__name__}')
+    state = dict(state)
+    methods = state.pop('statistics_methods', {})
+    self._set_default_statistics()
+    if not isinstance(methods, dict):
+        raise RestrictedUnpicklingError(f'HistoryBuffer statistics_methods must be a dict, not '
+                                        f'{type(methods).__name__}')
+    for name, method in methods.items():
+        if HistoryBuffer._statistics_methods.get(name) is not method:
+            raise RestrictedUnpicklingError(
+                f'HistoryBuffer state sets statistics method {name!r} to {_describe(method)}, which would '
+                f'change it for every HistoryBuffer (registered: {sorted(HistoryBuffer._statistics_methods)})')
+    self.__dict__.update(state)
+
+
+def load_from_local(filename: str, map_location: Any = None) -> Any:
+    """mmengine's local-file checkpoint loader (``~`` expanded, a missing file refused) reading through
+    :func:`safe_load`; its errors name the file. Named as mmengine's, whose log shows the name's tail."""
+    path = osp.expanduser(filename)
+    if not osp.isfile(path):
+        problem = 'not a file' if osp.exists(path) else 'no such file'
+        raise FileNotFoundError(f'checkpoint {path} can not be found ({problem})')
+    try:
+        return safe_load(path, map_location=map_location)
+    except RestrictedUnpicklingError as error:
+        raise RestrictedUnpicklingError(
+            f'{path}: refused to unpickle {error}. mmswin reads checkpoints without running pickled code: '
+            'only tensors, containers, numpy data and mmengine HistoryBuffers') from error
+    except (pickle.UnpicklingError, EOFError) as error:
+        raise type(error)(f'{path} is not a readable checkpoint (truncated or corrupt?): '
+                          f'{str(error) or type(error).__name__}') from error
+    except RuntimeError as error:  # torch's: a damaged zip archive, a map_location that does not exist...
+        raise type(error)(f'{path}: {error}') from error
 
 
 _installed = False
@@ -147,5 +225,6 @@ def install() -> None:
     safe += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
     torch.serialization.add_safe_globals(safe)
     HistoryBuffer.__getstate__ = _history_buffer_getstate
-    CheckpointLoader.register_scheme(prefixes='', loader=_load_local, force=True)
+    HistoryBuffer.__setstate__ = _history_buffer_setstate
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
     _installed = True
