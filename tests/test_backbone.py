@@ -203,14 +203,39 @@ def test_shift_masks_kept_whole_for_the_last_sizes_only():
 
 
 def test_v2_shrinks_window_to_small_feature_maps():
-    """Official V2: a stage no larger than the window uses one window of the stage's size, no shift."""
+    """Official V2 (``if min(H, W) <= window_size: shift_size = 0; window_size = min(H, W)``): a stage whose
+    shorter side is no larger than the window uses square windows of that side and no shift, on both axes."""
     model = SwinTransformerV2(**SMALL, window_size=8)
     stage = model.layers[3]
     assert stage.window_layout(8, 8) == ((8, 8), (0, 0))
     assert stage.window_layout(5, 5) == ((5, 5), (0, 0))
     assert stage.window_layout(20, 30) == ((8, 8), (4, 4))
+    assert stage.window_layout(9, 30) == ((8, 8), (4, 4))
+    assert stage.window_layout(8, 16) == ((8, 8), (0, 0))
+    assert stage.window_layout(16, 8) == ((8, 8), (0, 0))
+    assert stage.window_layout(6, 20) == ((6, 6), (0, 0))
     v1 = SwinTransformer(**SMALL, window_size=7).layers[3]
     assert v1.window_layout(5, 5) == ((7, 7), (3, 3))  # V1 detection always pads and shifts
+
+
+@pytest.mark.parametrize('hw,side', [((8, 16), 8), ((6, 20), 6), ((20, 7), 7)])
+def test_v2_small_stage_windows_do_not_mix(hw, side):
+    """Without a shift, the square windows of a small V2 stage never mix: its first ``side`` columns (or
+    rows) give what they give alone, as a square map of one window (unlike a shift along the long side)."""
+    torch.manual_seed(0)
+    model = SwinTransformerV2(**SMALL, window_size=8)
+    for p in model.parameters():  # off the zero-initialised post-norms, so that the blocks matter
+        p.data.add_(torch.randn_like(p) * 0.1)
+    stage = model.layers[3].eval()
+    x = torch.randn(2, *hw, 192)  # the last stage of SMALL: 24 * 8 channels
+    with torch.no_grad():
+        whole = stage(x.clone())[0]
+        if hw[0] == side:
+            alone = stage(x[:, :, :side].clone())[0]
+            torch.testing.assert_close(whole[:, :, :side], alone, rtol=1e-5, atol=1e-5)
+        else:
+            alone = stage(x[:, :side].clone())[0]
+            torch.testing.assert_close(whole[:, :side], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_train_returns_self_and_default_scope_build():

@@ -195,6 +195,22 @@ def test_inference_reuses_position_bias_until_parameters_change(cls, monkeypatch
 
 
 @pytest.mark.parametrize('cls', [WindowAttention, CosineWindowAttention])
+def test_position_bias_is_recomputed_when_the_parameters_change_dtype(cls, monkeypatch):
+    """``model.bfloat16()`` then ``.float()``: the parameters hold the same (bf16-representable) values in
+    another dtype, and the bias kept from the bf16 ones is not the fp32 one."""
+    torch.manual_seed(0)
+    attn = cls(32, 2, 4).eval()
+    calls = count_bias_computations(attn, monkeypatch)
+    with torch.no_grad():
+        attn.bfloat16()
+        attn.attention_bias((4, 4), torch.float32)
+        attn.float()
+        bias = attn.attention_bias((4, 4), torch.float32)
+        assert len(calls) == 2
+        torch.testing.assert_close(bias, attn.position_bias((4, 4)).unsqueeze(0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('cls', [WindowAttention, CosineWindowAttention])
 def test_position_bias_is_kept_on_the_cpu_only(cls, monkeypatch):
     """Off the CPU the bias is computed on every call and never compared with a kept copy: the comparison
     would wait for the device once per block (and break CUDA graph capture). ``meta`` stands in for a
@@ -771,3 +787,37 @@ def test_chunked_patch_merging_equals_whole(cls, dtype, hw, monkeypatch):
     expected.float().square().sum().backward()
     assert recorded.grad.shape == x.shape and recorded.grad.abs().sum() > 0
     torch.testing.assert_close(recorded.grad, official.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_in_place_inference_leaves_hooked_tensors_alone(cls, dtype):
+    """CPU inference writes blocks' outputs into their inputs, but not where a forward hook (or pre-hook)
+    was handed those tensors: what a hook saw stays what the module returned; the outputs are the same."""
+    torch.manual_seed(0)
+    model = with_visible_bias(cls(**TINY, window_size=4)).eval()
+    x = torch.randn(1, 3, 61, 75)
+    autocast = torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None)
+    with torch.no_grad(), autocast:
+        plain = model(x)
+    seen = []
+
+    def keep(module, args, output):
+        for t in output if isinstance(output, tuple) else (output,):
+            seen.append((t, t.clone()))
+
+    modules = [model.patch_embed, model.layers[0].downsample, model.layers[0], model.layers[1].blocks[0]]
+    handles = [m.register_forward_hook(keep) for m in modules]
+    handles.append(model.layers[2].blocks[1].register_forward_pre_hook(lambda m, args: keep(m, None, args[0])))
+    try:
+        with torch.no_grad(), autocast:
+            hooked = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == 6
+    for tensor, at_the_time in seen:
+        assert torch.equal(tensor, at_the_time)
+    for a, b in zip(hooked, plain, strict=True):
+        assert torch.equal(a, b)
+    assert not layers.observed(model)

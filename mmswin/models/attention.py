@@ -84,8 +84,8 @@ class WindowAttention(nn.Module):
         table lookup to the logits is ten times slower than adding a contiguous one).
 
         On the CPU, when no gradient is wanted for it (inference, or frozen parameters), it is reused
-        while the window, dtype, inference mode and the values of :meth:`position_bias_parameters` stay
-        the same. The values are compared with a copy kept beside the bias (a few thousand numbers), not
+        while the window, dtype, inference mode and the values (and dtypes) of
+        :meth:`position_bias_parameters` stay the same. The values are compared with a copy kept beside the bias (a few thousand numbers), not
         through version counters, which miss writes through ``.data`` such as those of EMA hooks. On
         other devices it is computed on every call (a few kernels): the comparison would make the host
         wait for the device once per block, and a synchronisation breaks CUDA graph capture.
@@ -97,7 +97,7 @@ class WindowAttention(nn.Module):
         key = (window, dtype, torch.is_inference_mode_enabled())
         cache = self._bias_cache
         if cache is not None and cache[0] == key and all(
-                p.device == c.device and p.shape == c.shape and torch.equal(p, c)
+                p.device == c.device and p.dtype == c.dtype and p.shape == c.shape and torch.equal(p, c)
                 for p, c in zip(params, cache[1])):
             return cache[2]
         with torch.no_grad():

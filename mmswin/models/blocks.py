@@ -388,8 +388,8 @@ class SwinStage(nn.Module):
         blocks: The blocks; odd ones use shifted windows.
         window_size: Configured window side.
         downsample: Patch merging at the end of the stage, or ``None``.
-        shrink_window: Shrink the window to a feature map that fits in one window, and drop the shift
-            along an axis that fits (official V2); otherwise always pad and shift (official V1 detection).
+        shrink_window: Where the map's shorter side is no larger than the window, use square windows of
+            that side and no shift (official V2); otherwise always pad and shift (official V1 detection).
         with_cp: Gradient checkpointing of each block.
     """
 
@@ -408,30 +408,33 @@ class SwinStage(nn.Module):
         ws = self.window_size
         if not self.shrink_window:
             return (ws, ws), (ws // 2, ws // 2)
-        window = (min(h, ws), min(w, ws))
-        shift = tuple(ws // 2 if size > ws else 0 for size in (h, w))
-        return window, shift
+        side = min(h, w)
+        if side <= ws:  # the official V2 block: window min(H, W) on both axes, shift 0
+            return (side, side), (0, 0)
+        return (ws, ws), (ws // 2, ws // 2)
 
     def forward(self, x: torch.Tensor, overwrite: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """``x: (B, H, W, C)`` to the stage output ``(B, H, W, C)`` and the next stage's input.
 
         In CPU inference each block writes its output into its input (:meth:`SwinBlock.forward_in_place`),
         the first block into a copy of ``x``, which stays as it was, or with ``overwrite`` (the backbone's
-        own intermediate) into ``x`` itself.
+        own intermediate) into ``x`` itself; not where forward hooks could see those tensors
+        (:func:`.layers.observed`).
         """
         h, w = x.shape[1:3]
         window, shift = self.window_layout(h, w)
         hp, wp = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
         mask = shift_mask((hp, wp), window, shift, x.device)
         no_shift = (0, 0)
+        in_place = not layers.observed(self)  # a hooked block keeps the tensors it was handed
         for i, blk in enumerate(self.blocks):
             args = (window, shift, mask) if i % 2 else (window, no_shift, None)
             if self.with_cp and x.requires_grad:
                 x = cp.checkpoint(blk, x, *args, use_reentrant=False)
             else:
-                if i == 0 and not overwrite and blk.can_update_in_place(x):
+                if in_place and i == 0 and not overwrite and blk.can_update_in_place(x):
                     x = x.clone()
-                x = blk(x, *args, overwrite=True)
+                x = blk(x, *args, overwrite=in_place)
         return x, (x if self.downsample is None else self.downsample(x))
 
 

@@ -246,3 +246,11 @@ def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: Optional[Drop
     if needs_grad(x, branch):
         return x + branch
     return branch.add_(x)
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook (of ``module``, of one inside it, or a global one) can see the
+    tensors passed between its parts: in-place inference then leaves them as they were handed over."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())

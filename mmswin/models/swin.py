@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..registry import MODELS
 from .attention import CosineWindowAttention, WindowAttention, validate_heads
 from .blocks import BLOCKS, MERGES, PatchEmbed, SwinStage, make_attention
-from .layers import build_norm, norm_channels_first
+from .layers import build_norm, norm_channels_first, observed
 
 ARCH_ZOO: Dict[str, dict] = {
     'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
@@ -352,9 +352,10 @@ class SwinTransformer(BaseModule):
         x = self.pos_drop(x)
         outs = []
         last = max(self.out_indices)
+        own = not observed(self)  # unless hooks see them, the intermediates are the backbone's own
         for i, stage in enumerate(self.layers[:last + 1]):
             # the stage's input is the patch embedding's or the previous merge's output: its own to overwrite
-            out, x = stage(x, overwrite=True)
+            out, x = stage(x, overwrite=own)
             if i in self.out_indices:
                 outs.append(norm_channels_first(getattr(self, f'norm{i}'), out))
         return tuple(outs)
