@@ -129,24 +129,24 @@ def test_interrupted_run_resumes_exactly_and_checkpoint_evaluates(demo_data, tmp
     assert _records(second) == reference[2:]  # same iterations, learning rates and losses
 
     out = run([sys.executable, ROOT / 'tools/test.py', SEG_CFG, work / 'iter_6.pth', '--work-dir',
-               tmp_path / 'test', '--show-dir', 'pictures', '--cfg-options', *seg_options(demo_data)])
+               tmp_path / 'test', '--show-dir', 'pictures', '--cfg-options', *seg_options(demo_data)], cwd=tmp_path)
     assert 0.0 <= metric(out.stdout + out.stderr, 'mIoU') <= 100.0
-    pictures = sorted((tmp_path / 'test' / 'pictures').rglob('*.png'))
+    pictures = sorted((tmp_path / 'pictures').rglob('*.png'))  # as mmseg's test.py: from the current folder
     assert len(pictures) == 4  # one per validation image
 
 
 def test_torchrun_two_processes(demo_data, tmp_path):
-    """Distributed training and testing with torchrun, 2 processes on CPU (gloo)."""
+    """Distributed training and testing with torchrun, 2 processes on CPU (gloo; the configs' nccl becomes
+    gloo on a CPU-only machine), started from another folder than the repository's."""
     work = tmp_path / 'dist'
-    env_opt = []  # the configs' nccl becomes gloo on a CPU-only machine
     out = run(['bash', ROOT / 'tools/dist_train.sh', DET_CFG, 2, '--work-dir', work, '--cfg-options',
-               *det_options(demo_data), *env_opt], cwd=ROOT)
+               *det_options(demo_data)], cwd=tmp_path)
     log = out.stdout + out.stderr
     assert 'Distributed launcher: pytorch' in log and 'Distributed training: True' in log
     assert 'GPU number: 2' in log  # mmengine's name for the world size, also on CPU
     assert (work / 'iter_4.pth').exists()
     out = run(['bash', ROOT / 'tools/dist_test.sh', DET_CFG, work / 'iter_4.pth', 2, '--work-dir',
-               tmp_path / 'dist_test', '--cfg-options', *det_options(demo_data), *env_opt], cwd=ROOT)
+               tmp_path / 'dist_test', '--cfg-options', *det_options(demo_data)], cwd=tmp_path)
     assert 0.0 <= metric(out.stdout + out.stderr, 'coco/bbox_mAP') <= 1.0
 
 

@@ -11,9 +11,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a clone without install
 
 from mmengine.config import Config  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
-from mmswin.runner import add_run_arguments, parse_run_arguments, prepare_config  # noqa: E402
+from mmswin.runner import add_run_arguments, build_runner, parse_run_arguments, prepare_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,10 +30,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
-    cfg = prepare_config(cfg, config_path=args.config, work_dir=args.work_dir, launcher=args.launcher,
-                         cfg_options=args.cfg_options, amp=args.amp, auto_scale_lr=args.auto_scale_lr,
-                         resume=args.resume)
-    Runner.from_cfg(cfg).train()
+    try:
+        cfg = prepare_config(cfg, config_path=args.config, work_dir=args.work_dir, launcher=args.launcher,
+                             cfg_options=args.cfg_options, amp=args.amp, auto_scale_lr=args.auto_scale_lr,
+                             resume=args.resume)
+    except ValueError as error:  # an option the config cannot take, such as --auto-scale-lr
+        print(f'train.py: error: {error}', file=sys.stderr)
+        sys.exit(2)
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':
