@@ -1,6 +1,7 @@
 """Backbone behaviour: presets, shapes at any size, options that must really work."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmswin.models import ARCH_ZOO, SwinTransformer, SwinTransformerV2
@@ -31,7 +32,7 @@ def test_arch_aliases_and_explicit_override():
 
 
 @pytest.mark.parametrize('cls', BACKBONES)
-@pytest.mark.parametrize('hw', [(511, 511), (112, 137), (97, 131), (32, 32), (4, 7), (4, 4)])
+@pytest.mark.parametrize('hw', [(511, 511), (112, 137), (97, 131), (32, 32), (4, 7), (4, 4), (3, 3), (2, 64), (1, 1)])
 def test_output_shapes_any_size(cls, hw):
     model = cls(**SMALL, window_size=7).eval()
     with torch.no_grad():
@@ -243,3 +244,31 @@ def test_train_returns_self_and_default_scope_build():
     model = MODELS.build(dict(type='mmswin.SwinTransformerV2', **SMALL))
     assert isinstance(model, SwinTransformerV2)
     assert model.train(False) is model and not model.training
+
+
+@pytest.mark.parametrize('cls', BACKBONES)
+@pytest.mark.parametrize('hw', [(3, 3), (2, 64), (1, 1)])
+def test_images_smaller_than_a_patch_are_zero_padded(cls, hw):
+    """As the official detection backbone (and mmdet's): padded right/bottom to a whole patch."""
+    model = cls(**SMALL).eval()
+    x = torch.randn(1, 3, *hw)
+    with torch.no_grad():
+        small = model(x)
+        padded = model(F.pad(x, (0, -hw[1] % 4, 0, -hw[0] % 4)))
+    for a, b in zip(small, padded, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_norm_cfg_requires_grad_false_freezes_the_norms():
+    """mmcv's ``build_norm_layer`` option: every norm's parameters are frozen, the rest stay trainable."""
+    model = SwinTransformerV2(**SMALL, norm_cfg=dict(type='LN', requires_grad=False))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    norms = {f'{name}.{p}' for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+             for p in ('weight', 'bias')}
+    assert len(norms) > 20 and frozen == norms
+
+
+def test_strides_longer_than_the_stages_are_taken_as_mmdet_takes_them():
+    model = SwinTransformer(**dict(SMALL, depths=(2, 2), num_heads=(1, 2)), out_indices=(0, 1))
+    assert len(model.layers) == 2
+    assert [o.shape[1] for o in model.eval()(torch.randn(1, 3, 32, 32))] == [24, 48]

@@ -78,7 +78,7 @@ def test_version_specific_options():
     (torch.zeros(1, 1, 3, 64, 64), r'\(B, C, H, W\)'),
     (torch.zeros(1, 1, 64, 64), r'in_channels=3, got an input with 1 channels'),
     (torch.zeros(0, 3, 64, 64), r'empty batch'),
-    (torch.zeros(1, 3, 3, 64), r'at least one patch \(4x4\), got 3x64'),
+    (torch.zeros(1, 3, 0, 64), r'got an empty image \(shape \(1, 3, 0, 64\)\)'),
     ([1, 2, 3], r'got list'),
 ])
 def test_bad_input(cls, x, pattern):

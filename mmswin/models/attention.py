@@ -85,10 +85,11 @@ class WindowAttention(nn.Module):
 
         On the CPU, when no gradient is wanted for it (inference, or frozen parameters), it is reused
         while the window, dtype, inference mode and the values (and dtypes) of
-        :meth:`position_bias_parameters` stay the same. The values are compared with a copy kept beside the bias (a few thousand numbers), not
-        through version counters, which miss writes through ``.data`` such as those of EMA hooks. On
-        other devices it is computed on every call (a few kernels): the comparison would make the host
-        wait for the device once per block, and a synchronisation breaks CUDA graph capture.
+        :meth:`position_bias_parameters` stay the same. The values are compared with a copy kept beside
+        the bias (a few thousand numbers), not through version counters, which miss writes through
+        ``.data`` such as those of EMA hooks. On other devices it is computed on every call (a few
+        kernels): the comparison would make the host wait for the device once per block, and a
+        synchronisation breaks CUDA graph capture.
         """
         params = self.position_bias_parameters()
         if torch.compiler.is_compiling() or any(p.device.type != 'cpu' for p in params) or (

@@ -55,7 +55,6 @@ def _split_cfg(cfg: Optional[dict], arg: str, default: str) -> tuple:
     kind = cfg.pop('type')
     if isinstance(kind, type):
         kind = kind.__name__
-    cfg.pop('requires_grad', None)  # mmcv's norm_cfg option; every parameter here is trainable
     cfg.pop('inplace', None)
     return kind, cfg
 
@@ -65,12 +64,17 @@ def build_norm(norm_cfg: Optional[dict], dim: int) -> nn.Module:
 
     Args:
         norm_cfg: ``dict(type='LN', eps=1e-5)``; ``None`` means the default LayerNorm.
+            ``requires_grad=False`` freezes its parameters, as mmcv's ``build_norm_layer`` does.
         dim: Number of channels normalised.
     """
     kind, kwargs = _split_cfg(norm_cfg, 'norm_cfg', 'LN')
     if kind not in _NORMS:
         raise ValueError(f'norm_cfg type {kind!r} is not supported; use one of {sorted(_NORMS)}')
-    return _NORMS[kind](dim, **kwargs)
+    requires_grad = kwargs.pop('requires_grad', True)
+    norm = _NORMS[kind](dim, **kwargs)
+    for p in norm.parameters():
+        p.requires_grad_(bool(requires_grad))
+    return norm
 
 
 def build_activation(act_cfg: Optional[dict]) -> nn.Module:

@@ -190,7 +190,7 @@ class SwinTransformer(BaseModule):
                             ('drop_path_rate', drop_path_rate)):
             if not _is_real(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f'{name} must be a number in [0, 1), got {value!r}')
-        strides = _int_sequence(strides, 'strides')
+        strides = _int_sequence(strides, 'strides')[:num_stages]  # as mmdet's, longer than the stages is fine
         if len(strides) != num_stages or strides[0] != patch_size or any(s != 2 for s in strides[1:]):
             raise ValueError(f'strides must be (patch_size, 2, 2, ...) with {num_stages} entries, i.e. '
                              f'{(patch_size,) + (2,) * (num_stages - 1)}, got {strides}')
@@ -328,9 +328,8 @@ class SwinTransformer(BaseModule):
                              f'(shape {tuple(x.shape)})')
         if b == 0:
             raise ValueError(f'{name} got an empty batch (shape {tuple(x.shape)})')
-        if h < self.patch_size or w < self.patch_size:
-            raise ValueError(f'{name} needs images of at least one patch ({self.patch_size}x{self.patch_size}), '
-                             f'got {h}x{w}')
+        if h == 0 or w == 0:
+            raise ValueError(f'{name} got an empty image (shape {tuple(x.shape)})')
         if not x.is_floating_point():
             raise TypeError(f'{name} expects floating-point images (normalised, as the data preprocessors of mmdet '
                             f'and mmseg give them), got {x.dtype}')
