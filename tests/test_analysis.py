@@ -559,3 +559,137 @@ def test_models_are_built_with_the_stochastic_depth_asked_for():
             rates = [getattr(m, 'p', getattr(m, 'drop_prob', None)) for m in model.modules()
                      if type(m).__name__ == 'DropPath']
             assert len(rates) >= 12 and max(rates) == pytest.approx(rate), name
+
+
+def _get_flops_usage_error(capsys, argv: list) -> str:
+    """The message of get_flops' argument error (exit status 2) for ``argv``."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark_tool('get_flops').parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_get_flops_applies_cfg_options_to_a_config(capsys):
+    """--cfg-options override config entries, as in mmdet's and mmseg's get_flops; with a backbone name they
+    are an argument error."""
+    get_flops = load_benchmark_tool('get_flops')
+    cfg = str(ROOT / 'configs/demo/mask-rcnn_swin-demo_fpn_demo-shapes-128.py')
+    base = [cfg, '--backbone-only', '--shape', '32', '--json']
+    full = get_flops.main(base)
+    shallow = get_flops.main(base + ['--cfg-options', 'model.backbone.depths=1,1,1,1'])
+    assert 0 < shallow['params'] < full['params'] and 0 < shallow['flops'] < full['flops']
+    capsys.readouterr()
+    assert '--cfg-options' in _get_flops_usage_error(capsys, ['SwinTransformer', '--cfg-options', 'a=1'])
+
+
+def test_get_flops_takes_one_or_two_shape_values(capsys):
+    """One --shape value is a square input (as in mmseg's get_flops), two are H W; more are an error."""
+    get_flops = load_benchmark_tool('get_flops')
+    assert get_flops.parse_args(['SwinTransformer', '--shape', '32']).shape == (32, 32)
+    assert get_flops.parse_args(['SwinTransformer', '--shape', '32', '48']).shape == (32, 48)
+    # before the target too, as with two values before one was allowed
+    args = get_flops.parse_args(['--shape', '32', '48', 'SwinTransformer'])
+    assert (args.target, args.shape) == ('SwinTransformer', (32, 48))
+    assert get_flops.main(['SwinTransformer', '--shape', '32', '--json'])['input_shape'] == [1, 3, 32, 32]
+    capsys.readouterr()
+    assert '--shape' in _get_flops_usage_error(capsys, ['SwinTransformer', '--shape', '32', '32', '32'])
+    for bad in ('0', 'x'):
+        assert '--shape takes positive integers' in _get_flops_usage_error(capsys, ['SwinTransformer', '--shape', bad])
+    assert 'required: TARGET' in _get_flops_usage_error(capsys, ['--shape', '32', '48'])
+
+
+def test_get_flops_names_the_backbones_for_an_unknown_target(capsys):
+    """A target that is neither a backbone name nor a file: the error lists the backbone names, says a config
+    file path is the other choice, and suggests the nearest name."""
+    message = _get_flops_usage_error(capsys, ['SwinTransformerV3'])
+    assert "'SwinTransformerV3'" in message and 'SwinTransformer, SwinTransformerV2' in message
+    assert 'config file' in message and 'did you mean SwinTransformerV2?' in message
+    assert 'did you mean' not in _get_flops_usage_error(capsys, ['configs/no_such_config.py'])
+
+
+def test_get_flops_rejects_backbone_options_with_a_config(capsys):
+    """--arch and --window-size build a backbone from its name; with a config they are an argument error
+    (rather than ignored) that points to --cfg-options."""
+    cfg = str(ROOT / 'configs/demo/mask-rcnn_swin-demo_fpn_demo-shapes-128.py')
+    message = _get_flops_usage_error(capsys, [cfg, '--arch', 'small'])
+    assert '--arch applies to a backbone name only' in message and '--cfg-options' in message
+    assert '--window-size applies' in _get_flops_usage_error(capsys, [cfg, '--window-size', '8'])
+    both = _get_flops_usage_error(capsys, [cfg, '--arch', 's', '--window-size', '8'])
+    assert '--arch and --window-size apply' in both
+    args = load_benchmark_tool('get_flops').parse_args(['SwinTransformerV2', '--window-size', '8'])
+    assert (args.arch, args.window_size) == ('tiny', 8)
+
+
+def _benchmark_usage_error(capsys, argv: list) -> str:
+    """The message of benchmark.py's argument error (exit status 2) for ``argv``."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark_tool().parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_benchmark_rejects_unknown_and_unimportable_models(capsys, monkeypatch):
+    """--models and --memory-models take the names build_model knows, each once, whose package imports here; the
+    error names the flag, and the known names or the package that does not import."""
+    benchmark = load_benchmark_tool()
+    known = ' '.join(benchmark.MODEL_PACKAGES)
+    for flag in ('--models', '--memory-models'):
+        message = _benchmark_usage_error(capsys, [flag, 'mmswin-v1', 'foo'])
+        assert f"{flag}: unknown model 'foo'; choose from {known}" in message
+        assert f'{flag}: mmswin-v2 given more than once' in _benchmark_usage_error(
+            capsys, [flag, 'mmswin-v2', 'mmswin-v1', 'mmswin-v2'])
+    monkeypatch.setitem(sys.modules, 'timm', None)  # a known peer that does not import
+    message = _benchmark_usage_error(capsys, ['--memory-models', 'timm-v2'])
+    assert '--memory-models: timm-v2 needs the package timm, which does not import here' in message
+    assert 'models that can run here: mmswin-v1 mmswin-v2' in message
+    args = benchmark.parse_args(['--models', 'mmswin-v1', 'mmswin-v2', '--memory-models', 'mmswin-v2'])
+    assert (args.models, args.memory_models) == (['mmswin-v1', 'mmswin-v2'], ['mmswin-v2'])
+    assert set(benchmark.available_models()) <= set(benchmark.MODEL_PACKAGES)
+    with pytest.raises(ValueError, match='unknown model'):
+        benchmark.build_model('foo', 7)
+
+
+def test_benchmark_rejects_counts_and_sizes_it_cannot_run(capsys):
+    """Repeats, warm-up rounds, calls, windows and sizes that cannot give a timing are argument errors naming
+    the flag and the values it takes."""
+    for argv, message in ((['--repeats', '0'], '--repeats must be at least 1, got 0'),
+                          (['--warmup', '-1'], '--warmup must be at least 0, got -1'),
+                          (['--calls-per-turn', '0'], '--calls-per-turn must be at least 1, got 0'),
+                          (['--settle-calls', '-2'], '--settle-calls must be at least 0, got -2'),
+                          (['--window', '0'], '--window must be at least 1, got 0'),
+                          (['--plot-sizes', '224', '-8'], '--plot-sizes must be positive, got 224 -8'),
+                          (['--sizes', '1x3x0x64'], "argument --sizes: size must be BxCxHxW of positive integers")):
+        assert message in _benchmark_usage_error(capsys, argv)
+    args = load_benchmark_tool().parse_args(['--repeats', '1', '--warmup', '0', '--settle-calls', '0'])
+    assert (args.repeats, args.warmup, args.settle_calls) == (1, 0, 0)
+
+
+def test_benchmark_table_names_files_that_are_not_reports(tmp_path, capsys):
+    """A report that is not JSON, not an object or lacks a key that the tables read is an argument error (exit
+    status 2, no traceback) that names the file and what is wrong."""
+    table = load_benchmark_tool('benchmark_table')
+    good = json.loads((ROOT / 'docs/reports/benchmark.json').read_text())
+    assert table.load_report(str(ROOT / 'docs/reports/benchmark.json')) == good
+    row = dict(good['results'][0])
+    del row['median_s']
+    not_report = 'is not a benchmark report (tools/analysis/benchmark.py):'
+    cases = {'text.json': ('not json', 'is not JSON: Expecting value'),
+             'empty.json': ('{}', f"{not_report} missing keys 'device', 'threads'"),
+             'list.json': ('[]', f'{not_report} an array, not an object'),
+             'no_results.json': (json.dumps({k: v for k, v in good.items() if k != 'results'}),
+                                 f"{not_report} missing key 'results'"),
+             'row.json': (json.dumps(dict(good, results=[good['results'][0], row])),
+                          f"{not_report} results[1] misses key 'median_s'")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            table.main([str(ROOT / 'docs/reports/benchmark.json'), str(path)])
+        assert exit_info.value.code == 2
+        assert f'error: report {path} {message}' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        table.main([str(tmp_path / 'missing.json')])
+    assert f'cannot read report {tmp_path / "missing.json"}: No such file or directory' in capsys.readouterr().err
+    result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'),
+                             str(tmp_path / 'empty.json')], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr and 'empty.json' in result.stderr

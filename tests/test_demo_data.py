@@ -256,3 +256,27 @@ def test_run_demo_passes_overrides_to_its_workers(tmp_path):
                                       'optim_wrapper.optimizer.lr': 0.002}
     seg = run_demo._worker_command('seg', args)
     assert '--cfg-json' not in seg and '--det-iters' not in seg and seg[seg.index('--worker') + 1] == 'seg'
+
+
+def test_run_demo_rejects_iterations_its_schedules_cannot_take(tmp_path, capsys):
+    """--det-iters / --seg-iters below run_demo.MIN_ITERS are argument errors naming the flag; at MIN_ITERS
+    both rescaled schedules are ones mmengine builds, and one fewer leaves a scheduler without iterations."""
+    import torch
+    from mmengine.registry import PARAM_SCHEDULERS
+    run_demo = _load('run_demo')
+    for flag in ('--det-iters', '--seg-iters'):
+        for value in (str(run_demo.MIN_ITERS - 1), '0', '-5'):
+            with pytest.raises(SystemExit) as exit_info:
+                run_demo.parse_args([flag, value])
+            assert exit_info.value.code == 2
+            assert f'{flag} must be at least {run_demo.MIN_ITERS}' in capsys.readouterr().err
+        args = run_demo.parse_args([flag, str(run_demo.MIN_ITERS)])
+        assert getattr(args, flag[2:].replace('-', '_')) == run_demo.MIN_ITERS
+    for task in ('det', 'seg'):
+        cfg = run_demo.build_config(task, str(tmp_path / 'data'), str(tmp_path / 'work'), max_iters=run_demo.MIN_ITERS)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        for scheduler in cfg.param_scheduler:
+            PARAM_SCHEDULERS.build(dict(scheduler, optimizer=optimizer))
+        with pytest.raises(ValueError, match='too few for the schedule'):
+            run_demo.build_config(task, str(tmp_path / 'data'), str(tmp_path / 'work'),
+                                  max_iters=run_demo.MIN_ITERS - 1)

@@ -17,6 +17,7 @@ mmswin's count (tools/analysis/get_flops.py), the same for every model of a size
 with like.
 """
 import argparse
+import importlib
 import itertools
 import json
 import multiprocessing as mp
@@ -61,6 +62,11 @@ def build_model(name: str, window: int, with_cp: bool = False, drop_path_rate: f
     raise ValueError(f'unknown model {name!r}')
 
 
+# Every name build_model takes, with the package it needs.
+MODEL_PACKAGES = {'mmswin-v1': 'mmswin', 'mmswin-v2': 'mmswin', 'mmdet-v1': 'mmdet', 'mmpretrain-v2': 'mmpretrain',
+                  'timm-v1': 'timm', 'timm-v2': 'timm'}
+
+
 def available_models() -> List[str]:
     names = ['mmswin-v1', 'mmswin-v2', 'mmdet-v1']
     for name, module in (('mmpretrain-v2', 'mmpretrain'), ('timm-v1', 'timm'), ('timm-v2', 'timm')):
@@ -70,6 +76,33 @@ def available_models() -> List[str]:
         except Exception:  # noqa: BLE001 - a peer that does not import is simply left out
             pass
     return names
+
+
+def import_failure(name: str) -> Optional[str]:
+    """Why the package that model ``name`` needs does not import (``ModuleNotFoundError: ...``), or None."""
+    try:
+        importlib.import_module(MODEL_PACKAGES[name])
+    except Exception as error:  # noqa: BLE001 - any failure to import leaves the model out
+        return f'{type(error).__name__}: {error}'
+    return None
+
+
+def model_name_error(flag: str, names: Sequence[str]) -> Optional[str]:
+    """What is wrong with the model names given to ``flag``: an unknown or repeated name, or a model whose
+    package does not import here; None when they can all be built."""
+    unknown = [name for name in names if name not in MODEL_PACKAGES]
+    if unknown:
+        return (f'{flag}: unknown model{"s" if len(unknown) > 1 else ""} {", ".join(map(repr, unknown))}; '
+                f'choose from {" ".join(MODEL_PACKAGES)}')
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        return f'{flag}: {", ".join(repeated)} given more than once'
+    for name in dict.fromkeys(names):
+        failure = import_failure(name)
+        if failure:
+            return (f'{flag}: {name} needs the package {MODEL_PACKAGES[name]}, which does not import here '
+                    f'({failure}); models that can run here: {" ".join(available_models())}')
+    return None
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -609,16 +642,16 @@ def cpu_identity(cpuinfo: str) -> Dict[str, object]:
 
 def parse_size(text: str) -> List[int]:
     size = [int(v) for v in text.lower().split('x')]
-    if len(size) != 4:
-        raise argparse.ArgumentTypeError(f'size must be BxCxHxW, got {text!r}')
+    if len(size) != 4 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f'size must be BxCxHxW of positive integers, got {text!r}')
     return size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', type=parse_size, nargs='+', default=[[1, 3, 800, 1216], [2, 3, 512, 512]])
-    parser.add_argument('--models', nargs='+', default=None, help='default: all importable of '
-                        'mmswin-v1 mmswin-v2 mmdet-v1 mmpretrain-v2 timm-v1 timm-v2')
+    parser.add_argument('--models', nargs='+', default=None,
+                        help=f'default: all importable of {" ".join(MODEL_PACKAGES)}')
     parser.add_argument('--precisions', nargs='+', default=None, choices=['fp32', 'bf16', 'fp16'],
                         help='default: fp32 bf16 on CPU, fp32 fp16 bf16 on CUDA')
     parser.add_argument('--modes', nargs='+', default=['inference', 'train'], choices=['inference', 'train'])
@@ -637,7 +670,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-memory', action='store_true', help='skip the memory measurements')
     parser.add_argument('--memory-models', nargs='+', default=None, help='models to measure memory of '
-                        '(default: all); each runs in a worker process')
+                        '(default: those of --models); each runs in a worker process')
     parser.add_argument('--out', default='work_dirs/benchmark/report.json', help='JSON report')
     parser.add_argument('--plot', default=None, help='also write a PNG of inference throughput against input '
                         'size (square images, batch 1, --plot-sizes) for every model and precision')
@@ -649,6 +682,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f'inference with frozen weights), named <model>{COMPILED}; it compiles in the warm-up')
     parser.add_argument('--plot-sizes', type=int, nargs='+', default=[224, 384, 512, 640, 800])
     args = parser.parse_args(argv)
+    for flag, value, least in (('--repeats', args.repeats, 1), ('--warmup', args.warmup, 0),
+                               ('--window', args.window, 1)):
+        if value < least:
+            parser.error(f'{flag} must be at least {least}, got {value}')
+    if min(args.plot_sizes) < 1:
+        parser.error(f'--plot-sizes must be positive, got {" ".join(map(str, args.plot_sizes))}')
+    for flag, names in (('--models', args.models), ('--memory-models', args.memory_models)):
+        error = model_name_error(flag, names) if names is not None else None
+        if error:
+            parser.error(error)
     if args.compile and args.warmup < 1:
         parser.error('--compile needs --warmup of at least 1 (the first call compiles)')
     if args.calls_per_turn < 1:

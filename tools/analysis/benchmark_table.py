@@ -13,6 +13,11 @@ import json
 import statistics
 from typing import Dict, List, Optional
 
+# What every report of tools/analysis/benchmark.py holds, the earliest ones too: at the top, and in each result.
+REPORT_KEYS = ('device', 'threads', 'torch', 'arch', 'window', 'repeats', 'matmul_flops_per_s', 'results')
+RESULT_KEYS = ('size', 'precision', 'mode', 'model', 'median_s', 'times_s', 'images_per_s', 'flops_per_s',
+               'fraction_of_matmul')
+
 
 def _size(size: List[int]) -> str:
     return 'x'.join(map(str, size))
@@ -238,14 +243,55 @@ def rate_lines(report: dict) -> List[str]:
             f"of each group's two: {_rate_spans(rows, 'matmul_flops_per_s')} GFLOP/s"]
 
 
+def report_problem(report: object) -> Optional[str]:
+    """What keeps ``report`` (parsed JSON) from being a report of tools/analysis/benchmark.py, or None."""
+    if not isinstance(report, dict):
+        kind = {list: 'an array', str: 'a string', bool: 'a boolean', int: 'a number', float: 'a number'}
+        return f"{kind.get(type(report), 'null')}, not an object"
+    missing = [key for key in REPORT_KEYS if key not in report]
+    if missing:
+        return f'missing key{"s" if len(missing) > 1 else ""} {", ".join(map(repr, missing))}'
+    if not isinstance(report['results'], list):
+        return "'results' is not a list"
+    if not isinstance(report['matmul_flops_per_s'], dict):
+        return "'matmul_flops_per_s' is not an object"
+    for index, row in enumerate(report['results']):
+        if not isinstance(row, dict):
+            return f'results[{index}] is not an object'
+        missing = [key for key in RESULT_KEYS if key not in row]
+        if missing:
+            return f'results[{index}] misses key{"s" if len(missing) > 1 else ""} {", ".join(map(repr, missing))}'
+    return None
+
+
+def load_report(path: str):
+    """The report in the JSON file ``path``, or the message of what is wrong with it: a file that cannot be
+    read, is not JSON, or is not a report of tools/analysis/benchmark.py (:func:`report_problem`)."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as error:
+        return f'cannot read report {path}: {error.strerror or error}'
+    try:
+        report = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f'report {path} is not JSON: {error}'
+    problem = report_problem(report)
+    if problem:
+        return f'report {path} is not a benchmark report (tools/analysis/benchmark.py): {problem}'
+    return report
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('reports', nargs='+', help='JSON reports of tools/analysis/benchmark.py')
     args = parser.parse_args(argv)
     reports = []
     for path in args.reports:
-        with open(path) as f:
-            reports.append(json.load(f))
+        report = load_report(path)
+        if isinstance(report, str):
+            parser.error(report)
+        reports.append(report)
     first = reports[0]
     parts = [f"Device {first['device']}, {first['threads']} threads, torch {first['torch']}, {first['arch']} "
              f"window {first['window']}.", '']

@@ -1,20 +1,23 @@
 """Parameters and FLOPs of an mmswin backbone or of a whole model from a config.
 
-    python tools/analysis/get_flops.py SwinTransformer --arch tiny --shape 224 224
+    python tools/analysis/get_flops.py SwinTransformer --arch tiny --shape 224
     python tools/analysis/get_flops.py SwinTransformerV2 --arch base --window-size 8 --shape 256 256
     python tools/analysis/get_flops.py configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py --shape 800 1216
-    python tools/analysis/get_flops.py CONFIG --backbone-only
+    python tools/analysis/get_flops.py CONFIG --backbone-only --cfg-options model.backbone.window_size=12
 
 FLOPs count one multiply-add as one, as the Swin papers' tables do (Swin-T at 224x224: 4.5G).
 """
 import argparse
+import difflib
 import json
 import os.path as osp
 import sys
+from typing import List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 from mmswin.analysis import count_flops, count_parameters  # noqa: E402
 from mmswin.models import SwinTransformer, SwinTransformerV2  # noqa: E402
@@ -22,17 +25,55 @@ from mmswin.models import SwinTransformer, SwinTransformerV2  # noqa: E402
 BACKBONES = {'SwinTransformer': SwinTransformer, 'SwinTransformerV2': SwinTransformerV2}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('target', help='a config file, or SwinTransformer / SwinTransformerV2')
-    parser.add_argument('--shape', type=int, nargs=2, default=None, metavar=('H', 'W'),
-                        help='input size (default 224 224 for V1, 256 256 for V2 backbones, 800 1216 for '
-                             'detection configs, 512 512 for segmentation configs)')
-    parser.add_argument('--arch', default='tiny', help='backbone preset (with a backbone name)')
-    parser.add_argument('--window-size', type=int, default=None, help='backbone window (with a backbone name)')
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parses and checks the command line; misuse exits through ``parser.error`` (status 2)."""
+    usage = ('%(prog)s TARGET [--shape H [W]] [--arch ARCH] [--window-size N] [--cfg-options KEY=VALUE ...] '
+             '[--backbone-only] [--json]')
+    parser = argparse.ArgumentParser(description=__doc__, usage=usage,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # optional for argparse only: a --shape of one or two values takes what follows it, the target too
+    parser.add_argument('target', nargs='?', metavar='TARGET',
+                        help=f'a config file, or a backbone name: {" / ".join(BACKBONES)}')
+    parser.add_argument('--shape', nargs='+', default=None, metavar='SIZE',
+                        help='input size, H W or one value for both sides (default 224 224 for V1, 256 256 for '
+                             'V2 backbones, 800 1216 for detection configs, 512 512 for segmentation configs)')
+    parser.add_argument('--arch', default=None,
+                        help='backbone preset, with a backbone name only (default tiny)')
+    parser.add_argument('--window-size', type=int, default=None, metavar='N',
+                        help='backbone window, with a backbone name only')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None, metavar='KEY=VALUE',
+                        help='override config entries (a config only), e.g. model.backbone.window_size=8')
     parser.add_argument('--backbone-only', action='store_true', help='count only the backbone of a config')
     parser.add_argument('--json', action='store_true', help='print a JSON line instead of a table')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.target is None and args.shape and not args.shape[-1].isdecimal():
+        args.target = args.shape.pop()  # --shape H W TARGET
+    if args.target is None:
+        parser.error('the following arguments are required: TARGET')
+    if args.shape is not None:
+        if len(args.shape) > 2:
+            parser.error(f'--shape takes one or two values (H W), got {" ".join(args.shape)}')
+        if not all(value.isdecimal() and int(value) > 0 for value in args.shape):
+            parser.error(f'--shape takes positive integers, got {" ".join(args.shape)}')
+        args.shape = (int(args.shape[0]), int(args.shape[-1]))  # one value: a square
+    if args.target in BACKBONES:
+        if args.cfg_options is not None:
+            parser.error(f'--cfg-options applies to a config file, not to the backbone name {args.target}')
+        if args.arch is None:
+            args.arch = 'tiny'
+    elif osp.isfile(args.target):
+        given = [flag for flag, value in (('--arch', args.arch), ('--window-size', args.window_size))
+                 if value is not None]
+        if given:
+            parser.error(f'{" and ".join(given)} {"apply" if len(given) > 1 else "applies"} to a backbone '
+                         f'name only, not to a config file; '
+                         f'use --cfg-options model.backbone.KEY=VALUE to change the config\'s backbone')
+    else:
+        close = difflib.get_close_matches(args.target, BACKBONES, n=1)
+        hint = f' (did you mean {close[0]}?)' if close else ''
+        parser.error(f'target {args.target!r} is neither a backbone name ({", ".join(BACKBONES)}) nor an '
+                     f'existing config file path{hint}')
+    return args
 
 
 def _whole_model_forward(model, scope: str, inputs: torch.Tensor):
@@ -71,6 +112,8 @@ def build(args: argparse.Namespace):
 
     from mmswin.runner import default_scope_of
     cfg = Config.fromfile(args.target)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     scope = default_scope_of(cfg)
     init_default_scope(scope)
     if scope == 'mmseg':

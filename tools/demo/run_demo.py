@@ -43,6 +43,9 @@ TASKS = {
                 title='semantic segmentation (UperNet, ADE20K layout)'),
 }
 NUM_PICTURES = 6
+# The shortest training --det-iters / --seg-iters can ask for: rescaled, the demo schedules' warm-up (a tenth of
+# the iterations) ends at iteration 1 at the earliest, and the lr decay after it needs an iteration of its own.
+MIN_ITERS = 2
 # Console lines worth showing from the workers when not --verbose.
 _SHOW = ('Iter(train)', 'Iter(test)', 'Saving checkpoint', 'mAP_copypaste', 'per class results', '[demo]',
          'Error', 'error:', 'Traceback')
@@ -77,7 +80,9 @@ def build_config(task: str, data_dir: str, work_dir: str, max_iters: Optional[in
 
 
 def scale_schedule(cfg, max_iters: int) -> None:
-    """Sets the training length to ``max_iters``, scaling the scheduler milestones with it."""
+    """Sets the training length to ``max_iters``, scaling the scheduler milestones with it.
+
+    Raises ValueError when a scheduler is left without iterations (mmengine needs ``begin < end``)."""
     old = cfg.train_cfg.max_iters
     ratio = max_iters / old
 
@@ -89,6 +94,9 @@ def scale_schedule(cfg, max_iters: int) -> None:
         scheduler.begin = scaled(scheduler.get('begin', 0))
         if 'end' in scheduler:
             scheduler.end = max_iters if scheduler.end >= old else scaled(scheduler.end)
+            if scheduler.end <= scheduler.begin:
+                raise ValueError(f'{max_iters} training iterations are too few for the schedule: {scheduler.type} '
+                                 f'would run from iteration {scheduler.begin} to {scheduler.end}')
     cfg.default_hooks.checkpoint.interval = max_iters
 
 
@@ -265,14 +273,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--tasks', nargs='+', choices=sorted(TASKS), default=['det', 'seg'])
     parser.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
                         help='tasks trained at the same time (default: 2 with two or more CPU cores)')
-    parser.add_argument('--det-iters', type=int, help='training iterations of the detector (schedule rescaled)')
-    parser.add_argument('--seg-iters', type=int, help='training iterations of the segmentor (schedule rescaled)')
+    parser.add_argument('--det-iters', type=int,
+                        help=f'training iterations of the detector (schedule rescaled; at least {MIN_ITERS})')
+    parser.add_argument('--seg-iters', type=int,
+                        help=f'training iterations of the segmentor (schedule rescaled; at least {MIN_ITERS})')
     parser.add_argument('--det-cfg-options', nargs='+', action=DictAction, help='overrides of the detection config')
     parser.add_argument('--seg-cfg-options', nargs='+', action=DictAction, help='overrides of the segmentation config')
     parser.add_argument('--verbose', action='store_true', help='show everything the trainings log')
     parser.add_argument('--worker', choices=sorted(TASKS), help=argparse.SUPPRESS)
     parser.add_argument('--cfg-json', help=argparse.SUPPRESS)          # a worker's config overrides
     args = parser.parse_args(argv)
+    for flag, iters in (('--det-iters', args.det_iters), ('--seg-iters', args.seg_iters)):
+        if iters is not None and iters < MIN_ITERS:
+            parser.error(f'{flag} must be at least {MIN_ITERS} (a warm-up iteration, then the lr decay), got {iters}')
     if args.cfg_json:
         options = json.loads(args.cfg_json)
         if args.worker == 'det':
