@@ -618,6 +618,8 @@ def test_get_flops_rejects_backbone_options_with_a_config(capsys):
     assert '--arch and --window-size apply' in both
     args = load_benchmark_tool('get_flops').parse_args(['SwinTransformerV2', '--window-size', '8'])
     assert (args.arch, args.window_size) == ('tiny', 8)
+    assert "--arch must be one of base, large, small, tiny, b, l, s, t, got 'huge'" in _get_flops_usage_error(
+        capsys, ['SwinTransformer', '--arch', 'huge'])
 
 
 def _benchmark_usage_error(capsys, argv: list) -> str:

@@ -272,6 +272,9 @@ def test_run_demo_rejects_iterations_its_schedules_cannot_take(tmp_path, capsys)
             assert f'{flag} must be at least {run_demo.MIN_ITERS}' in capsys.readouterr().err
         args = run_demo.parse_args([flag, str(run_demo.MIN_ITERS)])
         assert getattr(args, flag[2:].replace('-', '_')) == run_demo.MIN_ITERS
+    with pytest.raises(SystemExit) as exit_info:
+        run_demo.parse_args(['--jobs', '0'])
+    assert exit_info.value.code == 2 and '--jobs must be at least 1, got 0' in capsys.readouterr().err
     for task in ('det', 'seg'):
         cfg = run_demo.build_config(task, str(tmp_path / 'data'), str(tmp_path / 'work'), max_iters=run_demo.MIN_ITERS)
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 from mmswin.analysis import count_flops, count_parameters  # noqa: E402
-from mmswin.models import SwinTransformer, SwinTransformerV2  # noqa: E402
+from mmswin.models import ARCH_ALIASES, ARCH_ZOO, SwinTransformer, SwinTransformerV2  # noqa: E402
 
 BACKBONES = {'SwinTransformer': SwinTransformer, 'SwinTransformerV2': SwinTransformerV2}
 
@@ -61,6 +61,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f'--cfg-options applies to a config file, not to the backbone name {args.target}')
         if args.arch is None:
             args.arch = 'tiny'
+        presets = sorted(ARCH_ZOO) + sorted(ARCH_ALIASES)
+        if args.arch.lower() not in presets:
+            parser.error(f'--arch must be one of {", ".join(presets)}, got {args.arch!r}')
     elif osp.isfile(args.target):
         given = [flag for flag, value in (('--arch', args.arch), ('--window-size', args.window_size))
                  if value is not None]

@@ -283,6 +283,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--worker', choices=sorted(TASKS), help=argparse.SUPPRESS)
     parser.add_argument('--cfg-json', help=argparse.SUPPRESS)          # a worker's config overrides
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f'--jobs must be at least 1, got {args.jobs}')
     for flag, iters in (('--det-iters', args.det_iters), ('--seg-iters', args.seg_iters)):
         if iters is not None and iters < MIN_ITERS:
             parser.error(f'{flag} must be at least {MIN_ITERS} (a warm-up iteration, then the lr decay), got {iters}')
