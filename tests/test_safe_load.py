@@ -266,3 +266,104 @@ def test_atomic_writes_keep_the_mode_of_a_replaced_file(tmp_path, umask_027):
     assert [_mode(tmp_path / n) for n in ('old.pth', 'old.txt')] == [0o604] * 2
     assert [(tmp_path / n).read_bytes() for n in ('old.pth', 'old.txt')] == [b'new'] * 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ['old.pth', 'old.txt']
+
+
+@pytest.fixture
+def http_dir(tmp_path, monkeypatch):
+    """A folder served over HTTP on the loopback interface: ``(folder, base URL)``; torch hub's cache is a
+    fresh folder of its own."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / 'served'
+    served.mkdir()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def test_mmengine_url_loads_never_run_pickled_code(http_dir, tmp_path):
+    """``load_from='https://...'`` (and ``torchvision://``, ``open-mmlab://``, which download through it):
+    mmengine reads downloads with ``weights_only=False``; mmswin reads them as local files."""
+    served, base = http_dir
+    marker = tmp_path / 'pwned'
+    torch.save({'state_dict': {}, 'x': _CallsSystem(marker)}, served / 'evil.pth')
+    with pytest.raises(RestrictedUnpicklingError, match=rf'{base}/evil\.pth \(downloaded to .*hub.*evil\.pth\): '
+                                                         r'refused to unpickle global (posix|nt)\.system'):
+        _load_checkpoint(f'{base}/evil.pth', map_location='cpu')
+    assert not marker.exists()
+
+
+def test_mmengine_url_loads_read_training_checkpoints(http_dir, tmp_path):
+    served, base = http_dir
+    _legacy_file(served)  # legacy.pth: statistics methods through builtins.getattr
+    torch.save(_training_checkpoint(), served / 'new.pth')
+    for name in ('legacy.pth', 'new.pth'):
+        _check(_load_checkpoint(f'{base}/{name}?download=1', map_location='cpu'))
+        assert (tmp_path / 'hub' / 'hub' / 'checkpoints' / name).is_file()
+    (served / 'new.pth').unlink()
+    _check(_load_checkpoint(f'{base}/new.pth', map_location='cpu'))  # from the cache, as torch's loader
+
+
+def test_url_loads_extract_a_legacy_zip_archive(http_dir, tmp_path):
+    """torch < 1.6 model zoos served a checkpoint zipped alone; torch's URL loader extracts it."""
+    import zipfile
+
+    served, base = http_dir
+    torch.save({'state_dict': {'w': torch.arange(4.0)}}, tmp_path / 'weights.pth', _use_new_zipfile_serialization=False)
+    with zipfile.ZipFile(served / 'weights.zip', 'w') as archive:
+        archive.write(tmp_path / 'weights.pth', 'weights.pth')
+    for ckpt in (_load_checkpoint(f'{base}/weights.zip', map_location='cpu'), read_checkpoint(f'{base}/weights.zip')):
+        assert torch.equal(ckpt['state_dict']['w'], torch.arange(4.0))
+    assert (tmp_path / 'hub' / 'hub' / 'checkpoints' / 'weights.pth').is_file()
+
+
+def test_read_checkpoint_url_is_restricted_unless_opted_in(http_dir, tmp_path):
+    served, base = http_dir
+    marker = tmp_path / 'pwned'
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'x': _CallsSystem(marker)}, served / 'evil.pth')
+    with pytest.raises(CheckpointError, match=rf'{base}/evil\.pth: refused to unpickle .*unsafe_load=True'):
+        read_checkpoint(f'{base}/evil.pth')
+    assert not marker.exists()
+    assert torch.equal(read_checkpoint(f'{base}/evil.pth', unsafe_load=True)['state_dict']['w'], torch.ones(2))
+    assert marker.exists()
+
+
+def test_unsafe_load_sets_history_buffer_state_as_mmengine(tmp_path):
+    """With the opt-in, a file may register statistics methods as under mmengine alone; without it, or
+    outside that load, it may not."""
+    registered = dict(HistoryBuffer._statistics_methods)
+    path = tmp_path / 'hub.pth'
+    extra = {'mmswin_extra': collections.OrderedDict}
+
+    def extended_getstate(self):
+        return {**self.__dict__, 'statistics_methods': {**self._statistics_methods, **extra}}
+
+    patched = HistoryBuffer.__getstate__
+    HistoryBuffer.__getstate__ = extended_getstate
+    try:
+        torch.save({'state_dict': {}, 'buf': HistoryBuffer([1.0, 2.0], [1, 1])}, path)
+    finally:
+        HistoryBuffer.__getstate__ = patched
+    try:
+        with pytest.raises(CheckpointError, match="statistics method 'mmswin_extra'"):
+            read_checkpoint(str(path))
+        assert HistoryBuffer._statistics_methods == registered
+        assert read_checkpoint(str(path), unsafe_load=True)['buf'].mean() == 1.5
+        assert HistoryBuffer._statistics_methods == {**registered, **extra}
+        HistoryBuffer._statistics_methods.pop('mmswin_extra')
+        with pytest.raises(pickle.UnpicklingError, match="statistics method 'mmswin_extra'"):
+            restricted_load(str(path))  # the trust ended with the load
+    finally:
+        HistoryBuffer._statistics_methods.clear()
+        HistoryBuffer._statistics_methods.update(registered)

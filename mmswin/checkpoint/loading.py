@@ -10,9 +10,9 @@ from mmengine.logging import print_log
 from torch import nn
 
 from .formats import FORMATS, Converted, StateDict, convert_state_dict, unwrap_checkpoint
-from .safe_unpickle import RestrictedUnpicklingError, restricted_load
+from .download import URL_PREFIXES, download
+from .safe_unpickle import RestrictedUnpicklingError, restricted_load, trusted_history_buffers
 
-URL_PREFIXES = ('http://', 'https://')
 BODY = ('patch_embed.', 'layers.', 'absolute_pos_embed')  # the backbone's own weights, not its output norms
 _UNSAFE_HINT = ('It can only be read by running pickled code. If you trust its source, opt in explicitly: '
                 "init_cfg=dict(type='Pretrained', checkpoint=..., unsafe_load=True) or "
@@ -40,11 +40,7 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
         raise TypeError(f'unsafe_load must be True or False, got {unsafe_load!r}')
     filename = os.fspath(filename)
     if filename.startswith(URL_PREFIXES):
-        cache = torch.hub.get_dir() + '/checkpoints'
-        os.makedirs(cache, exist_ok=True)
-        path = os.path.join(cache, os.path.basename(filename.split('?')[0]))
-        if not os.path.exists(path):
-            torch.hub.download_url_to_file(filename, path, progress=True)
+        path = download(filename)
     else:
         path = os.path.expanduser(filename)
         if os.path.isdir(path):
@@ -52,7 +48,8 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
         if not os.path.isfile(path):
             raise FileNotFoundError(f'checkpoint file not found: {filename}')
     if unsafe_load:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with trusted_history_buffers():
+            return torch.load(path, map_location=map_location, weights_only=False)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as safe_error:

@@ -16,7 +16,9 @@ allow-listed in torch's safe unpickler: it would let a file call any method of a
 * registers an mmengine local-file checkpoint loader that reads older files through
   :func:`restricted_load`, an unpickler that accepts a fixed set of globals and, as the only attribute
   look-up, ``getattr(HistoryBuffer, <statistics method>)``, and sets state (pickle's BUILD) only on
-  instances of the allow-listed classes, never on a class or function itself.
+  instances of the allow-listed classes, never on a class or function itself;
+* makes mmengine's URL schemes (``http(s)://``, ``torchvision://``, ``open-mmlab://``, ``mmcls://``),
+  which read downloads with ``weights_only=False``, read them as local files are read.
 
 Nothing here turns ``weights_only`` off for an arbitrary file.
 """
@@ -25,7 +27,9 @@ import collections
 import os.path as osp
 import pickle
 import struct
-from typing import Any, Callable, Dict, Tuple
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,6 +40,8 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _np_multiarray
 
 from mmengine.logging.history_buffer import HistoryBuffer
+
+from .download import download
 
 _STATISTICS = frozenset({'min', 'max', 'mean', 'current'})
 
@@ -172,9 +178,25 @@ def _history_buffer_getstate(self: HistoryBuffer) -> dict:
     return {k: v for k, v in self.__dict__.items() if k != 'statistics_methods'}
 
 
+_trust = threading.local()
+
+
+@contextmanager
+def trusted_history_buffers() -> Iterator[None]:
+    """Within it, on this thread, ``HistoryBuffer`` state is set as mmengine sets it: a file may register
+    statistics methods for every buffer. For loads the user opted into running pickled code for."""
+    before = getattr(_trust, 'depth', 0)
+    _trust.depth = before + 1
+    try:
+        yield
+    finally:
+        _trust.depth = before
+
+
 def _history_buffer_setstate(self: HistoryBuffer, state: dict) -> None:
     """mmengine's ``__setstate__`` without changing the class: the statistics methods of a file must be
-    the ones this process has registered under those names (they are shared by every buffer)."""
+    the ones this process has registered under those names (they are shared by every buffer), unless the
+    load is trusted (:func:`trusted_history_buffers`)."""
     if not isinstance(state, dict):
         raise RestrictedUnpicklingError(f'HistoryBuffer state must be a dict, not {type(state).__name__}')
     state = dict(state)
@@ -183,12 +205,30 @@ def _history_buffer_setstate(self: HistoryBuffer, state: dict) -> None:
     if not isinstance(methods, dict):
         raise RestrictedUnpicklingError(f'HistoryBuffer statistics_methods must be a dict, not '
                                         f'{type(methods).__name__}')
+    if getattr(_trust, 'depth', 0):
+        HistoryBuffer._statistics_methods.update(methods)
+        methods = {}
     for name, method in methods.items():
         if HistoryBuffer._statistics_methods.get(name) is not method:
             raise RestrictedUnpicklingError(
                 f'HistoryBuffer state sets statistics method {name!r} to {_describe(method)}, which would '
                 f'change it for every HistoryBuffer (registered: {sorted(HistoryBuffer._statistics_methods)})')
     self.__dict__.update(state)
+
+
+def _read_named(path: str, name: str, map_location: Any) -> Any:
+    """:func:`safe_load` of ``path``, its errors naming ``name`` (the file, or the URL it came from)."""
+    try:
+        return safe_load(path, map_location=map_location)
+    except RestrictedUnpicklingError as error:
+        raise RestrictedUnpicklingError(
+            f'{name}: refused to unpickle {error}. mmswin reads checkpoints without running pickled code: '
+            'only tensors, containers, numpy data and mmengine HistoryBuffers') from error
+    except (pickle.UnpicklingError, EOFError) as error:
+        raise type(error)(f'{name} is not a readable checkpoint (truncated or corrupt?): '
+                          f'{str(error) or type(error).__name__}') from error
+    except RuntimeError as error:  # torch's: a damaged zip archive, a map_location that does not exist...
+        raise type(error)(f'{name}: {error}') from error
 
 
 def load_from_local(filename: str, map_location: Any = None) -> Any:
@@ -198,17 +238,14 @@ def load_from_local(filename: str, map_location: Any = None) -> Any:
     if not osp.isfile(path):
         problem = 'not a file' if osp.exists(path) else 'no such file'
         raise FileNotFoundError(f'checkpoint {path} can not be found ({problem})')
-    try:
-        return safe_load(path, map_location=map_location)
-    except RestrictedUnpicklingError as error:
-        raise RestrictedUnpicklingError(
-            f'{path}: refused to unpickle {error}. mmswin reads checkpoints without running pickled code: '
-            'only tensors, containers, numpy data and mmengine HistoryBuffers') from error
-    except (pickle.UnpicklingError, EOFError) as error:
-        raise type(error)(f'{path} is not a readable checkpoint (truncated or corrupt?): '
-                          f'{str(error) or type(error).__name__}') from error
-    except RuntimeError as error:  # torch's: a damaged zip archive, a map_location that does not exist...
-        raise type(error)(f'{path}: {error}') from error
+    return _read_named(path, path, map_location)
+
+
+def load_url(url: str, model_dir: Optional[str] = None, map_location: Any = None, progress: bool = True) -> Any:
+    """What mmengine's URL schemes call to read a download: torch hub's cache as before, read through
+    :func:`safe_load` instead of ``torch.load(weights_only=False)``; errors name the URL and the file."""
+    path = download(url, model_dir=model_dir, progress=progress)
+    return _read_named(path, f'{url} (downloaded to {path})', map_location)
 
 
 _installed = False
@@ -219,6 +256,7 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from mmengine.runner import checkpoint as mmengine_checkpoint
     from mmengine.runner.checkpoint import CheckpointLoader
 
     safe = [HistoryBuffer, np.ndarray, np.dtype, _np_multiarray._reconstruct, _np_multiarray.scalar]
@@ -227,4 +265,7 @@ def install() -> None:
     HistoryBuffer.__getstate__ = _history_buffer_getstate
     HistoryBuffer.__setstate__ = _history_buffer_setstate
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+    # load_from_http looks up ``load_url`` in its module at each call; torchvision://, open-mmlab:// and
+    # mmcls:// go through load_from_http.
+    mmengine_checkpoint.load_url = load_url
     _installed = True
