@@ -398,7 +398,9 @@ def test_backbones_take_the_kernels_in_bf16_training(cls, batch, monkeypatch):
     # gradients of V2's logit scales, moved by the bf16 rounding of every gradient above them.
     errors = torch.tensor([[relative_error(grads[name], ref[name].double()) for name in ref]
                            for grads in (fused, plain)])
-    assert errors[0].max() < 0.1
+    # Measured: at most 1.5 %, 6.3 %, 1.4 % and 3.3 % (PyTorch's 10 %, 10 %, 36 % and 36 %); medians 0.36-0.42 %.
+    assert errors[0].max() < 0.1 and errors[0].max() < errors[1].max()
+    assert errors[0].median() < 0.006
     assert errors[0].median() <= errors[1].median() and errors[0].mean() <= errors[1].mean()
 
 

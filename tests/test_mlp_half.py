@@ -58,17 +58,22 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize('affine,biases', [(True, True), (False, False)])
 def test_the_pass_gives_the_values_of_the_separate_passes(n, post_norm, affine, biases, small_chunks):
     """Output, input gradient and the MLP's weight and fc1's bias gradients bit for bit, on any number of threads;
-    the norm's gradients to the order of their fp32 sums; fc2's bias gradient summed in fp32 instead of bf16."""
+    the norm's gradients to the order of their fp32 sums; fc2's bias gradient the fp32 sum of the separate passes'
+    bf16 gradients at the MLP's output (theirs is summed in bf16)."""
     norm, mlp = modules(affine, biases)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 97, C, generator=g).bfloat16().requires_grad_()
     grad = torch.randn(2, 97, C, generator=g).bfloat16()
     threads = torch.get_num_threads()
     torch.set_num_threads(n)
+    at_mlp_output = []  # the separate passes' bf16 gradient at the MLP's output (its fc2)
+    hook = mlp.register_forward_hook(lambda m, args, out: out.register_hook(at_mlp_output.append) and None)
     try:
         fused = half(norm, mlp, x, grad, post_norm, fused=True)
+        at_mlp_output.clear()
         apart = half(norm, mlp, x, grad, post_norm, fused=False)
     finally:
+        hook.remove()
         torch.set_num_threads(threads)
     assert fused[0].dtype == fused[1].dtype == torch.bfloat16 and fused[0].shape == x.shape
     assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])
@@ -80,11 +85,12 @@ def test_the_pass_gives_the_values_of_the_separate_passes(n, post_norm, affine, 
         assert ours.dtype == theirs.dtype == torch.float32, name
         if name.startswith('norm'):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-        elif name == 'mlp.fc2.bias':  # theirs is the bf16 sum
-            torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2)
-            exact = grad.float().sum((0, 1)) if not post_norm else None
-            if exact is not None:
-                torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-4)
+        elif name == 'mlp.fc2.bias':  # theirs is the bf16 sum; ours the fp32 one of the same bf16 gradients
+            (upstream,) = at_mlp_output
+            assert upstream.dtype == torch.bfloat16 and (post_norm or torch.equal(upstream, grad))
+            exact = upstream.double().sum((0, 1))
+            torch.testing.assert_close(ours.double(), exact, rtol=1e-6, atol=1e-6)
+            assert (theirs.double() - exact).abs().max() > (ours.double() - exact).abs().max()
         else:
             assert torch.equal(ours, theirs), name
 

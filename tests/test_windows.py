@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 from mmswin.models.attention import WindowAttention
 from mmswin.models.blocks import SwinBlock
-from mmswin.models.windows import balanced_bounds, relative_position_index, shift_mask, window_chunks, window_partition
+from mmswin.models.windows import balanced_bounds, relative_position_index, shift_mask, window_chunks
+
+
+def official_partition(x, window):
+    """(B, H, W, C) -> (B * windows, wh * ww, C), windows in row-major order, as the official code."""
+    b, hp, wp, c = x.shape
+    wh, ww = window
+    return x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
 
 
 def reference(x, window, shift, fn):
@@ -16,8 +23,7 @@ def reference(x, window, shift, fn):
     x = F.pad(x, (0, 0, 0, -w % ww, 0, -h % wh))
     hp, wp = x.shape[1:3]
     x = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
-    win = x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
-    win = fn(win)
+    win = fn(official_partition(x, window))
     x = win.view(b, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
     x = torch.roll(x, shift, (1, 2))
     return x[:, :h, :w]
@@ -66,7 +72,7 @@ def test_shift_mask_is_the_official_region_mask(hw, window, shift):
         for cols in bands[1]:
             regions[:, rows, cols, :] = label
             label += 1
-    per_window = window_partition(regions, window).view(-1, window[0] * window[1])
+    per_window = official_partition(regions, window).view(-1, window[0] * window[1])
     differ = per_window[:, None, :] - per_window[:, :, None]
     expected = torch.zeros(differ.shape).masked_fill(differ != 0, -100.0)
     assert torch.equal(shift_mask(hw, window, shift, torch.device('cpu')), expected)
