@@ -51,6 +51,15 @@ BACKBONES = [SwinTransformer, SwinTransformerV2]
      r"unsafe_load must be True or False, got 'no'"),
     (dict(norm_cfg=dict(type='GN')), ValueError, r"norm_cfg type 'GN' is not supported"),
     (dict(act_cfg=dict(type='Mish')), ValueError, r"act_cfg type 'Mish' is not supported"),
+    # mmpretrain's arguments, and typos
+    (dict(img_size=256), TypeError, r'got unexpected argument\(s\): img_size \(an mmpretrain argument: '
+                                    r"mmswin's name for it is pretrain_img_size"),
+    (dict(pad_small_map=True, patch_cfg={}), TypeError,
+     r'pad_small_map \(an mmpretrain argument: .*V2 takes a window of min\(H, W\).*; patch_cfg \(an mmpretrain'),
+    (dict(stage_cfgs={}), TypeError, r'stage_cfgs \(an mmpretrain argument: give the stage options'),
+    (dict(interpolate_mode='bilinear'), TypeError, r'interpolate_mode \(an mmpretrain argument'),
+    (dict(drop_path=0.1), TypeError, r'got unexpected argument\(s\): drop_path \(did you mean drop_path_rate\?\)$'),
+    (dict(frozen_stage=1, zzz=2), TypeError, r': frozen_stage \(did you mean frozen_stages\?\); zzz$'),
 ])
 def test_bad_configuration(cls, kwargs, error, pattern):
     args = dict(SMALL)
@@ -70,6 +79,9 @@ def test_version_specific_options():
         SwinTransformerV2(**SMALL, qk_scale=0.1)
     with pytest.raises(ValueError, match=r'pretrained_window_sizes must be 0 \(none\) or >= 2'):
         SwinTransformerV2(**SMALL, pretrained_window_sizes=[1, 8, 8, 8])
+    with pytest.raises(TypeError, match=r'^SwinTransformerV2 got unexpected argument\(s\): pretrained_window_size '
+                                        r'\(did you mean pretrained_window_sizes\?\)$'):
+        SwinTransformerV2(**SMALL, pretrained_window_size=[8, 8, 8, 8])
 
 
 @pytest.mark.parametrize('cls', BACKBONES)

@@ -1,4 +1,6 @@
 """Swin Transformer V1 and V2 backbones for dense prediction (mmdet / mmseg)."""
+import difflib
+import inspect
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -70,6 +72,35 @@ def _per_stage(value: IntOrSeq, num_stages: int, name: str, minimum: int = 1) ->
         raise ValueError(f'{name} must be an int or a sequence of {num_stages} ints (one per stage), '
                          f'got {len(value)}: {value}')
     return value
+
+
+# Arguments of mmpretrain's Swin backbones that mmswin does not take, and what to do instead.
+MMPRETRAIN_ONLY = {
+    'img_size': "mmswin's name for it is pretrain_img_size (it sizes the use_abs_pos_embed table only)",
+    'pad_small_map': 'maps smaller than a window are handled as in the official models: V1 pads them (the '
+                     "official detection backbone, as mmdet's), V2 takes a window of min(H, W) without shift "
+                     "(the official V2, as mmpretrain's pad_small_map=False)",
+    'interpolate_mode': 'use_abs_pos_embed is always interpolated bicubically',
+    'stage_cfgs': 'give the stage options as arguments of their own (window_size, mlp_ratio, qkv_bias, ...)',
+    'patch_cfg': 'give the patch embedding options as arguments of their own (patch_size, patch_norm, '
+                 'in_channels)',
+}
+
+
+def _unknown_arguments_error(cls: type, unknown: Dict[str, object]) -> TypeError:
+    """A TypeError naming each argument ``cls`` does not take, with mmpretrain's names explained and a
+    close accepted name suggested for typos."""
+    accepted = [name for c in cls.__mro__ if issubclass(c, SwinTransformer)
+                for name, p in inspect.signature(c.__init__).parameters.items()
+                if name != 'self' and p.kind is p.POSITIONAL_OR_KEYWORD]
+    reasons = []
+    for name in unknown:
+        if name in MMPRETRAIN_ONLY:
+            reasons.append(f"{name} (an mmpretrain argument: {MMPRETRAIN_ONLY[name]})")
+        else:
+            close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+            reasons.append(f'{name}' + (f' (did you mean {close[0]}?)' if close else ''))
+    return TypeError(f'{cls.__name__} got unexpected argument(s): {"; ".join(reasons)}')
 
 
 def _split_init_cfg(init_cfg: Union[None, dict, List[dict]]) -> Tuple[List[dict], List[dict]]:
@@ -159,7 +190,10 @@ class SwinTransformer(BaseModule):
                  arch: Optional[str] = None,
                  norm_eval: bool = False,
                  use_sdpa: bool = True,
-                 pretrained_window_sizes: IntOrSeq = 0) -> None:
+                 pretrained_window_sizes: IntOrSeq = 0,
+                 **unknown: object) -> None:
+        if unknown:
+            raise _unknown_arguments_error(type(self), unknown)
         if pretrained is not None and init_cfg is not None:
             raise ValueError('pretrained and init_cfg cannot both be set; use init_cfg only')
         if pretrained is not None:
