@@ -323,9 +323,14 @@ def test_url_loads_extract_a_legacy_zip_archive(http_dir, tmp_path):
     torch.save({'state_dict': {'w': torch.arange(4.0)}}, tmp_path / 'weights.pth', _use_new_zipfile_serialization=False)
     with zipfile.ZipFile(served / 'weights.zip', 'w') as archive:
         archive.write(tmp_path / 'weights.pth', 'weights.pth')
-    for ckpt in (_load_checkpoint(f'{base}/weights.zip', map_location='cpu'), read_checkpoint(f'{base}/weights.zip')):
-        assert torch.equal(ckpt['state_dict']['w'], torch.arange(4.0))
-    assert (tmp_path / 'hub' / 'hub' / 'checkpoints' / 'weights.pth').is_file()
+    with zipfile.ZipFile(served / 'old.pth', 'w') as archive:  # the member named as the archive
+        archive.write(tmp_path / 'weights.pth', 'old.pth')
+    for name in ('weights.zip', 'old.pth'):
+        for ckpt in (_load_checkpoint(f'{base}/{name}', map_location='cpu'), read_checkpoint(f'{base}/{name}')):
+            assert torch.equal(ckpt['state_dict']['w'], torch.arange(4.0))
+    cache = tmp_path / 'hub' / 'hub' / 'checkpoints'
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob('*') if p.is_file()) == [
+        'old.pth', 'old.pth.unzipped/old.pth', 'weights.pth', 'weights.zip']
 
 
 def test_read_checkpoint_url_is_restricted_unless_opted_in(http_dir, tmp_path):

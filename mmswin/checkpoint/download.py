@@ -24,7 +24,8 @@ def download(url: str, model_dir: Optional[str] = None, progress: bool = True) -
     """Downloads ``url`` once (torch writes a temporary file and renames it) and returns the local file.
 
     A file that is a zip archive of one member, the format of torch < 1.6 model zoos, is extracted
-    beside it and the member's path returned, as torch's own URL loader does.
+    beside it (once) and the member's path returned, as torch's own URL loader does; into
+    ``<file>.unzipped/`` where the member has the archive's own name.
     """
     path = cached_path(url, model_dir)
     os.makedirs(osp.dirname(path), exist_ok=True)
@@ -36,4 +37,11 @@ def download(url: str, model_dir: Optional[str] = None, progress: bool = True) -
         members = archive.infolist()
         if len(members) != 1 or members[0].is_dir():
             return path  # torch's own format (a zip of many entries), or not a legacy archive
-        return archive.extract(members[0], osp.dirname(path))
+        folder = osp.dirname(path)
+        if osp.basename(members[0].filename) == osp.basename(path):
+            folder = f'{path}.unzipped'
+        target = osp.join(folder, osp.basename(members[0].filename))
+        if not osp.isfile(target):
+            members[0].filename = osp.basename(members[0].filename)  # no folders of the archive's choosing
+            archive.extract(members[0], folder)
+        return target
