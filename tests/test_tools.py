@@ -43,6 +43,9 @@ def test_bad_config_and_checkpoint_arguments(tmp_path, capsys):
     argument_error(capsys, test, [DET_CFG, ckpt, '--out', tmp_path / 'res.json'],
                    '--out ' + str(tmp_path / 'res.json') + ': detection predictions are dumped to a .pkl')
     argument_error(capsys, test, [DET_CFG, ckpt, '--tta'], '--tta needs tta_model and tta_pipeline in the config')
+    for remote in ('https://example.invalid/x.pth', 'open-mmlab://x', 's3://bucket/x.pth', 'c:s3://bucket/x.pth'):
+        # left to mmengine's loaders: the next check is reached
+        argument_error(capsys, test, [DET_CFG, remote, '--out', tmp_path / 'res.json'], '--out ')
 
 
 def test_auto_scale_lr_error_names_the_option(tmp_path, capsys):

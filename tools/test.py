@@ -16,13 +16,11 @@ from mmengine.config import Config  # noqa: E402
 from mmswin.runner import (add_run_arguments, build_runner, default_scope_of, enable_test_time_augmentation,  # noqa
                            enable_visualization, parse_run_arguments, prepare_config)
 
-URL_PREFIXES = ('http://', 'https://')
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Test a model with an mmswin config')
     parser.add_argument('config', help='config file')
-    parser.add_argument('checkpoint', help='checkpoint file (or URL)')
+    parser.add_argument('checkpoint', help="checkpoint file, URL or another of mmengine's schemes")
     parser.add_argument('--work-dir', help='where logs and metrics go')
     parser.add_argument('--out', help='dump raw predictions: a .pkl file (mmdet) or a folder (mmseg)')
     parser.add_argument('--show', action='store_true', help='show predictions in a window')
@@ -42,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parse_run_arguments(parser, argv)
-    if not args.checkpoint.startswith(URL_PREFIXES) and not osp.isfile(osp.expanduser(args.checkpoint)):
+    remote = '://' in args.checkpoint  # a URL or another of mmengine's schemes (open-mmlab://, s3://, ...)
+    if not remote and not osp.isfile(osp.expanduser(args.checkpoint)):
         parser.error(f'checkpoint {args.checkpoint}: ' + (
             'a directory, not a checkpoint file' if osp.isdir(args.checkpoint) else 'no such file'))
     cfg = prepare_config(Config.fromfile(args.config), config_path=args.config, work_dir=args.work_dir,
