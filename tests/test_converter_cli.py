@@ -30,6 +30,7 @@ def test_converts_and_verifies(tmp_path):
     result = run_tool(DATA / 'v1_official_cls.pth', dst, '--verify')
     assert result.returncode == 0, result.stderr
     assert 'verify: max abs difference of the outputs 0' in result.stdout
+    assert 'unverified' not in result.stdout + result.stderr  # the staged file's name is not shown
     ckpt = torch.load(dst, weights_only=True)
     assert set(ckpt) == {'state_dict', 'meta'}
     assert ckpt['meta']['arch']['depths'] == [2, 2, 2, 2] and ckpt['meta']['arch']['window_size'] == [7] * 4

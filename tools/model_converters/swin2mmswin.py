@@ -6,11 +6,14 @@ mmswin's format, which loads with ``convert_weights=False`` and gives the same o
 DST is written atomically, and with --verify only once the check passed.
 """
 import argparse
+import logging
 import os
 import sys
-from typing import List, Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 import torch
+from mmengine.logging import MMLogger
 
 from mmswin.checkpoint import CheckpointError, load_pretrained
 from mmswin.checkpoint.convert import convert_checkpoint, save_atomic
@@ -70,15 +73,29 @@ def check_dst(dst: str, src: str) -> Optional[str]:
     return None
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """mmengine's current logger at WARNING within: the loads of ``--verify`` repeat what the conversion
+    reports, and DST is read from its staged name."""
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def verify(src: str, dst: str, meta: dict, prefix: Optional[str], unsafe_load: bool) -> float:
-    """Max abs difference of the outputs of the model loaded from SRC and from DST."""
+    """Max abs difference of the outputs of the model loaded from SRC and from DST (logging warnings only)."""
     cls = SwinTransformerV2 if meta['swin_version'] == 2 else SwinTransformer
     arch = dict(meta['arch'], drop_path_rate=0.0)
     arch.setdefault('out_indices', list(range(len(arch['depths']))))
     models = []
     for path, kwargs in ((src, dict(prefix=prefix, unsafe_load=unsafe_load)), (dst, {})):
         model = cls(**arch).eval()
-        load_pretrained(model, path, **kwargs)
+        with _quiet():
+            load_pretrained(model, path, **kwargs)
         models.append(model)
     x = torch.randn(1, arch['in_channels'], 97, 131, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
