@@ -56,3 +56,25 @@ def v1_official_sd() -> dict:
 @pytest.fixture(scope='session')
 def v2_official_sd() -> dict:
     return torch.load(DATA / 'v2_official_cls.pth', weights_only=True)['model']
+
+
+@pytest.fixture
+def store(monkeypatch):
+    """mmengine's ``petrel`` storage backend (``s3://``, ``petrel://``) replaced by a dict of contents,
+    filled by the test: ``{uri: bytes}``."""
+    from mmengine.fileio.backends import BaseStorageBackend, registry_utils
+
+    files = {}
+
+    class DictStore(BaseStorageBackend):
+        def __init__(self, **kwargs):
+            pass
+
+        def get(self, filepath):
+            return memoryview(files[filepath])  # petrel's client returns a memoryview
+
+        def get_text(self, filepath, encoding='utf-8'):
+            return files[filepath].decode(encoding)
+
+    monkeypatch.setitem(registry_utils.backends, 'petrel', DictStore)
+    return files

@@ -245,3 +245,18 @@ def test_prefix_matching_nothing_shows_the_first_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no key starts with the prefix 'backbone'" in err and '(first keys: patch_embed.proj.weight, ' in err
     assert not dst.exists()
+
+
+def test_converts_from_a_store(tmp_path, capsys, store):
+    """SRC may be an s3:// or petrel:// file, read through mmengine's storage backend."""
+    store['s3://bucket/swin.pth'] = (DATA / 'v1_official_cls.pth').read_bytes()
+    dst = tmp_path / 'swin.pth'
+    assert tool.main(['s3://bucket/swin.pth', str(dst), '--verify']) == 0, capsys.readouterr().err
+    assert 'verify: max abs difference of the outputs 0' in capsys.readouterr().out
+    assert load_pretrained(SwinTransformer(**SMALL, convert_weights=False), str(dst))['unused'] == []
+
+
+def test_scheme_it_cannot_read_is_named(tmp_path, capsys):
+    assert tool.main(['pavi://runs/model', str(tmp_path / 'out.pth')]) == 2
+    assert 'error: pavi://runs/model: pavi:// is not a scheme this loader reads' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -372,3 +372,84 @@ def test_unsafe_load_sets_history_buffer_state_as_mmengine(tmp_path):
     finally:
         HistoryBuffer._statistics_methods.clear()
         HistoryBuffer._statistics_methods.update(registered)
+
+
+def _contents(obj) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_mmengine_store_loads_read_training_checkpoints(store, tmp_path):
+    """``load_from='s3://...'``: mmengine reads it with torch's default, which refuses mmengine's own older
+    training checkpoints; mmswin reads them as local files."""
+    store['s3://bucket/legacy.pth'] = _legacy_file(tmp_path).read_bytes()
+    store['cluster:s3://bucket/new.pth'] = _contents(_training_checkpoint())
+    store['petrel://bucket/legacy.pth'] = store['s3://bucket/legacy.pth']
+    for uri in store:
+        assert CheckpointLoader._get_checkpoint_loader(uri) is safe_unpickle.load_from_store
+        _check(_load_checkpoint(uri, map_location='cpu'))
+
+
+def test_mmengine_store_loads_never_run_pickled_code(store, tmp_path):
+    marker = tmp_path / 'pwned'
+    store['s3://bucket/evil.pth'] = _contents({'state_dict': {}, 'x': _CallsSystem(marker)})
+    with pytest.raises(RestrictedUnpicklingError,
+                       match=r's3://bucket/evil\.pth: refused to unpickle global (posix|nt)\.system'):
+        _load_checkpoint('s3://bucket/evil.pth', map_location='cpu')
+    assert not marker.exists()
+
+
+def test_read_checkpoint_from_a_store_is_restricted_unless_opted_in(store, tmp_path):
+    """``init_cfg=dict(type='Pretrained', checkpoint='s3://...')`` reads through the same store."""
+    marker = tmp_path / 'pwned'
+    store['s3://bucket/legacy.pth'] = _legacy_file(tmp_path).read_bytes()
+    store['s3://bucket/evil.pth'] = _contents({'state_dict': {'w': torch.ones(2)}, 'x': _CallsSystem(marker)})
+    _check(read_checkpoint('s3://bucket/legacy.pth'))
+    with pytest.raises(CheckpointError, match=r's3://bucket/evil\.pth: refused to unpickle .*unsafe_load=True'):
+        read_checkpoint('s3://bucket/evil.pth')
+    assert not marker.exists()
+    assert torch.equal(read_checkpoint('s3://bucket/evil.pth', unsafe_load=True)['state_dict']['w'], torch.ones(2))
+    assert marker.exists()
+
+
+def test_read_checkpoint_names_a_scheme_it_does_not_read():
+    for uri in ('pavi://model/1', 'open-mmlab://resnet50_v1c'):
+        with pytest.raises(CheckpointError, match=rf'{uri}: {uri.split(":")[0]}:// is not a scheme this loader '
+                                                  r'reads \(paths, http\(s\)://, s3:// and petrel:// are\)'):
+            read_checkpoint(uri)
+
+
+def test_store_without_its_client_names_the_file():
+    with pytest.raises(ImportError, match=r's3://bucket/w\.pth: .*petrel_client'):
+        read_checkpoint('s3://bucket/w.pth')
+
+
+def test_mmengine_pavi_loads_read_training_checkpoints(tmp_path, monkeypatch):
+    """``pavi://`` downloads from pavi's model cloud into a temporary folder; mmswin reads the download as
+    a local file, and its errors name the model."""
+    import sys
+    import types
+
+    legacy = _legacy_file(tmp_path).read_bytes()
+    marker = tmp_path / 'pwned'
+    models = {'runs/legacy': legacy, 'runs/evil': _contents({'x': _CallsSystem(marker)})}
+
+    class Model:
+        def __init__(self, path):
+            self.name, self.path = path.rsplit('/', 1)[1] + '.pth', path
+
+        def download(self, target):
+            with open(target, 'wb') as file:
+                file.write(models[self.path])
+
+    pavi = types.ModuleType('pavi')
+    pavi.modelcloud = types.SimpleNamespace(get=Model)
+    monkeypatch.setitem(sys.modules, 'pavi', pavi)
+    assert CheckpointLoader._get_checkpoint_loader('pavi://runs/legacy') is safe_unpickle.load_from_pavi
+    _check(_load_checkpoint('pavi://runs/legacy', map_location='cpu'))
+    with pytest.raises(RestrictedUnpicklingError, match=r'pavi://runs/evil: refused to unpickle global'):
+        _load_checkpoint('pavi://runs/evil', map_location='cpu')
+    assert not marker.exists()

@@ -1,6 +1,8 @@
-"""Downloading checkpoints into torch hub's cache, shared by mmswin's loader and mmengine's URL schemes."""
+"""Downloading checkpoints into torch hub's cache, and reading them from mmengine's storage backends;
+shared by mmswin's loader and mmengine's URL and storage schemes."""
 import os
 import os.path as osp
+import re
 import zipfile
 from typing import Optional
 from urllib.parse import urlparse
@@ -8,6 +10,22 @@ from urllib.parse import urlparse
 import torch
 
 URL_PREFIXES = ('http://', 'https://')
+STORE_SCHEMES = (r'(\S+\:)?s3://', r'(\S+\:)?petrel://')  # mmengine's patterns, a cluster name allowed
+
+
+def is_store_uri(filename: str) -> bool:
+    """Whether ``filename`` is an ``s3://`` or ``petrel://`` URI (``cluster:s3://...`` too)."""
+    return any(re.match(pattern, filename) for pattern in STORE_SCHEMES)
+
+
+def read_store(filename: str, backend: str = 'petrel') -> bytes:
+    """The contents of an ``s3://`` or ``petrel://`` file, read through mmengine's storage backend."""
+    from mmengine.fileio import get_file_backend
+    try:
+        store = get_file_backend(filename, backend_args={'backend': backend})
+    except ImportError as error:  # petrel_client is not installed
+        raise ImportError(f'{filename}: {error}') from error
+    return bytes(store.get(filename))
 
 
 def cached_path(url: str, model_dir: Optional[str] = None) -> str:

@@ -10,8 +10,9 @@ from mmengine.logging import print_log
 from torch import nn
 
 from .formats import FORMATS, Converted, StateDict, convert_state_dict, unwrap_checkpoint
-from .download import URL_PREFIXES, download
-from .safe_unpickle import RestrictedUnpicklingError, restricted_load, trusted_history_buffers
+from .download import URL_PREFIXES, download, is_store_uri, read_store
+from .safe_unpickle import (RestrictedUnpicklingError, Source, opened, restricted_load,
+                            trusted_history_buffers)
 
 BODY = ('patch_embed.', 'layers.', 'absolute_pos_embed')  # the backbone's own weights, not its output norms
 _UNSAFE_HINT = ('It can only be read by running pickled code. If you trust its source, opt in explicitly: '
@@ -23,8 +24,26 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
+def _source(filename: str) -> Source:
+    """The path of ``filename`` (a URL's download) or, for ``s3://`` and ``petrel://``, its contents."""
+    if filename.startswith(URL_PREFIXES):
+        return download(filename)
+    if is_store_uri(filename):
+        return read_store(filename)
+    if '://' in filename:
+        raise CheckpointError(f'{filename}: {filename.split("://")[0]}:// is not a scheme this loader reads '
+                              '(paths, http(s)://, s3:// and petrel:// are); load the file with load_from= '
+                              'or download it first')
+    path = os.path.expanduser(filename)
+    if os.path.isdir(path):
+        raise CheckpointError(f'{filename} is a directory, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {filename}')
+    return path
+
+
 def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool = False) -> object:
-    """Loads a checkpoint file or URL without executing pickled code.
+    """Loads a checkpoint file, URL or ``s3://`` / ``petrel://`` file without executing pickled code.
 
     ``torch.load(weights_only=True)`` first; files written by mmengine training runs go through a
     restricted unpickler that accepts only the globals such files contain. Arbitrary pickles are read
@@ -39,22 +58,15 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
     if type(unsafe_load) is not bool:
         raise TypeError(f'unsafe_load must be True or False, got {unsafe_load!r}')
     filename = os.fspath(filename)
-    if filename.startswith(URL_PREFIXES):
-        path = download(filename)
-    else:
-        path = os.path.expanduser(filename)
-        if os.path.isdir(path):
-            raise CheckpointError(f'{filename} is a directory, not a checkpoint file')
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint file not found: {filename}')
+    source = _source(filename)
     if unsafe_load:
         with trusted_history_buffers():
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return torch.load(opened(source), map_location=map_location, weights_only=False)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(opened(source), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as safe_error:
         try:
-            return restricted_load(path, map_location=map_location)
+            return restricted_load(source, map_location=map_location)
         except RestrictedUnpicklingError as restricted_error:
             raise CheckpointError(f'{filename}: refused to unpickle {restricted_error}. '
                                   f'{_UNSAFE_HINT}') from safe_error

@@ -18,18 +18,22 @@ allow-listed in torch's safe unpickler: it would let a file call any method of a
   look-up, ``getattr(HistoryBuffer, <statistics method>)``, and sets state (pickle's BUILD) only on
   instances of the allow-listed classes, never on a class or function itself;
 * makes mmengine's URL schemes (``http(s)://``, ``torchvision://``, ``open-mmlab://``, ``mmcls://``),
-  which read downloads with ``weights_only=False``, read them as local files are read.
+  which read downloads with ``weights_only=False``, read them as local files are read;
+* does the same for its storage schemes (``s3://``, ``petrel://``, ``pavi://``), whose ``torch.load``
+  refuses mmengine training checkpoints written before :func:`install` (torch's safe default).
 
 Nothing here turns ``weights_only`` off for an arbitrary file.
 """
 import builtins
 import collections
+import io
 import os.path as osp
 import pickle
 import struct
+import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,7 +45,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 from mmengine.logging.history_buffer import HistoryBuffer
 
-from .download import download
+from .download import STORE_SCHEMES, download, read_store
 
 _STATISTICS = frozenset({'min', 'max', 'mean', 'current'})
 
@@ -157,20 +161,28 @@ class _RestrictedPickleModule:
         return _RestrictedUnpickler(file, **kwargs).load()
 
 
-def restricted_load(path: str, map_location: Any = None) -> Any:
-    """Loads a checkpoint that holds only tensors, containers, numpy data and mmengine's
+Source = Union[str, bytes]  # a checkpoint's path, or its contents read from a storage backend
+
+
+def opened(source: Source) -> Union[str, io.BytesIO]:
+    """What ``torch.load`` takes for ``source``: a path as it is, contents as a fresh stream per read."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def restricted_load(source: Source, map_location: Any = None) -> Any:
+    """Loads a checkpoint (path or contents) that holds only tensors, containers, numpy data and mmengine's
     ``HistoryBuffer``; raises :class:`RestrictedUnpicklingError` naming anything else."""
-    return torch.load(path, map_location=map_location, weights_only=False,
+    return torch.load(opened(source), map_location=map_location, weights_only=False,
                       pickle_module=_RestrictedPickleModule)
 
 
-def safe_load(path: str, map_location: Any = None) -> Any:
-    """``torch.load(weights_only=True)``, falling back to :func:`restricted_load` for mmengine files
-    written before :func:`install` (their ``HistoryBuffer`` state names ``builtins.getattr``)."""
+def safe_load(source: Source, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` of a path or contents, falling back to :func:`restricted_load` for
+    mmengine files written before :func:`install` (their ``HistoryBuffer`` state names ``builtins.getattr``)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(opened(source), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        return restricted_load(path, map_location=map_location)
+        return restricted_load(source, map_location=map_location)
 
 
 def _history_buffer_getstate(self: HistoryBuffer) -> dict:
@@ -216,10 +228,10 @@ def _history_buffer_setstate(self: HistoryBuffer, state: dict) -> None:
     self.__dict__.update(state)
 
 
-def _read_named(path: str, name: str, map_location: Any) -> Any:
-    """:func:`safe_load` of ``path``, its errors naming ``name`` (the file, or the URL it came from)."""
+def _read_named(source: Source, name: str, map_location: Any) -> Any:
+    """:func:`safe_load` of ``source``, its errors naming ``name`` (the file, or the URL it came from)."""
     try:
-        return safe_load(path, map_location=map_location)
+        return safe_load(source, map_location=map_location)
     except RestrictedUnpicklingError as error:
         raise RestrictedUnpicklingError(
             f'{name}: refused to unpickle {error}. mmswin reads checkpoints without running pickled code: '
@@ -248,6 +260,26 @@ def load_url(url: str, model_dir: Optional[str] = None, map_location: Any = None
     return _read_named(path, f'{url} (downloaded to {path})', map_location)
 
 
+def load_from_store(filename: str, map_location: Any = None, backend: str = 'petrel') -> Any:
+    """mmengine's loader of ``s3://`` and ``petrel://`` files (read whole through its storage backend)
+    reading through :func:`safe_load` instead of ``torch.load``'s defaults; errors name the file."""
+    return _read_named(read_store(filename, backend), filename, map_location)
+
+
+def load_from_pavi(filename: str, map_location: Any = None) -> Any:
+    """mmengine's ``pavi://`` loader (a download from pavi's model cloud into a temporary folder) reading
+    through :func:`safe_load`; errors name the model."""
+    try:
+        from pavi import modelcloud
+    except ImportError:
+        raise ImportError(f'{filename}: loading from pavi:// needs the pavi package') from None
+    model = modelcloud.get(filename[len('pavi://'):])
+    with tempfile.TemporaryDirectory() as folder:
+        path = osp.join(folder, model.name)
+        model.download(path)
+        return _read_named(path, filename, map_location)
+
+
 _installed = False
 
 
@@ -265,6 +297,8 @@ def install() -> None:
     HistoryBuffer.__getstate__ = _history_buffer_getstate
     HistoryBuffer.__setstate__ = _history_buffer_setstate
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+    CheckpointLoader.register_scheme(prefixes=STORE_SCHEMES, loader=load_from_store, force=True)
+    CheckpointLoader.register_scheme(prefixes='pavi://', loader=load_from_pavi, force=True)
     # load_from_http looks up ``load_url`` in its module at each call; torchvision://, open-mmlab:// and
     # mmcls:// go through load_from_http.
     mmengine_checkpoint.load_url = load_url

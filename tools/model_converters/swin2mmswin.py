@@ -17,7 +17,6 @@ from mmengine.logging import MMLogger
 
 from mmswin.checkpoint import CheckpointError, load_pretrained
 from mmswin.checkpoint.convert import convert_checkpoint, save_atomic
-from mmswin.checkpoint.loading import URL_PREFIXES
 from mmswin.models import SwinTransformer, SwinTransformerV2
 
 
@@ -41,8 +40,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def check_src(src: str) -> Optional[str]:
-    """Why SRC cannot be read, or None (URLs are checked when downloaded)."""
-    if src.startswith(URL_PREFIXES):
+    """Why SRC cannot be read, or None (URLs and s3:// / petrel:// files are checked when read)."""
+    if '://' in src:
         return None
     path = os.path.expanduser(src)
     if not os.path.exists(path):
@@ -60,7 +59,7 @@ def check_dst(dst: str, src: str) -> Optional[str]:
         return f'DST {dst} is a directory; give the path of the file to write'
     if os.path.lexists(dst) and not os.path.isfile(dst):
         return f'DST {dst} exists and is not a regular file; refusing to replace it'
-    if os.path.isfile(dst) and not src.startswith(URL_PREFIXES) and \
+    if os.path.isfile(dst) and '://' not in src and \
             os.path.samefile(os.path.expanduser(src), dst):
         return f'DST {dst} is the input file; refusing to overwrite it'
     ancestor = os.path.dirname(os.path.abspath(dst))
@@ -118,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ckpt = convert_checkpoint(args.src, prefix=args.prefix, unsafe_load=args.unsafe_load)
     except FileNotFoundError as error:
         return _fail(f'SRC {args.src}: {error}')
-    except CheckpointError as error:
+    except (CheckpointError, ImportError) as error:  # ImportError: a storage backend's client is missing
         return _fail(str(error))
     meta = ckpt['meta']
 
