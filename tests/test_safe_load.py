@@ -3,6 +3,7 @@ import collections
 import os
 import pickle
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -422,7 +423,8 @@ def test_read_checkpoint_names_a_scheme_it_does_not_read():
             read_checkpoint(uri)
 
 
-def test_store_without_its_client_names_the_file():
+def test_store_without_its_client_names_the_file(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'petrel_client', None)  # as if not installed
     with pytest.raises(ImportError, match=r's3://bucket/w\.pth: .*petrel_client'):
         read_checkpoint('s3://bucket/w.pth')
 
@@ -430,7 +432,6 @@ def test_store_without_its_client_names_the_file():
 def test_mmengine_pavi_loads_read_training_checkpoints(tmp_path, monkeypatch):
     """``pavi://`` downloads from pavi's model cloud into a temporary folder; mmswin reads the download as
     a local file, and its errors name the model."""
-    import sys
     import types
 
     legacy = _legacy_file(tmp_path).read_bytes()
