@@ -257,6 +257,6 @@ def test_converts_from_a_store(tmp_path, capsys, store):
 
 
 def test_scheme_it_cannot_read_is_named(tmp_path, capsys):
-    assert tool.main(['pavi://runs/model', str(tmp_path / 'out.pth')]) == 2
-    assert 'error: pavi://runs/model: pavi:// is not a scheme this loader reads' in capsys.readouterr().err
+    assert tool.main(['open-mmlab://resnet50', str(tmp_path / 'out.pth')]) == 2
+    assert 'error: open-mmlab://resnet50: open-mmlab:// is not a scheme this loader reads' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -417,9 +417,9 @@ def test_read_checkpoint_from_a_store_is_restricted_unless_opted_in(store, tmp_p
 
 
 def test_read_checkpoint_names_a_scheme_it_does_not_read():
-    for uri in ('pavi://model/1', 'open-mmlab://resnet50_v1c'):
+    for uri in ('ftp://host/model.pth', 'open-mmlab://resnet50_v1c'):
         with pytest.raises(CheckpointError, match=rf'{uri}: {uri.split(":")[0]}:// is not a scheme this loader '
-                                                  r'reads \(paths, http\(s\)://, s3:// and petrel:// are\)'):
+                                                  r'reads \(paths, http\(s\)://, s3://, petrel:// and pavi:// are\)'):
             read_checkpoint(uri)
 
 
@@ -429,9 +429,9 @@ def test_store_without_its_client_names_the_file(monkeypatch):
         read_checkpoint('s3://bucket/w.pth')
 
 
-def test_mmengine_pavi_loads_read_training_checkpoints(tmp_path, monkeypatch):
+def test_pavi_loads_read_training_checkpoints(tmp_path, monkeypatch):
     """``pavi://`` downloads from pavi's model cloud into a temporary folder; mmswin reads the download as
-    a local file, and its errors name the model."""
+    a local file, through mmengine and its own loader alike, and its errors name the model."""
     import types
 
     legacy = _legacy_file(tmp_path).read_bytes()
@@ -451,6 +451,12 @@ def test_mmengine_pavi_loads_read_training_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'pavi', pavi)
     assert CheckpointLoader._get_checkpoint_loader('pavi://runs/legacy') is safe_unpickle.load_from_pavi
     _check(_load_checkpoint('pavi://runs/legacy', map_location='cpu'))
+    _check(read_checkpoint('pavi://runs/legacy'))  # init_cfg=dict(type='Pretrained', checkpoint='pavi://...')
     with pytest.raises(RestrictedUnpicklingError, match=r'pavi://runs/evil: refused to unpickle global'):
         _load_checkpoint('pavi://runs/evil', map_location='cpu')
+    with pytest.raises(CheckpointError, match=r'pavi://runs/evil: refused to unpickle global'):
+        read_checkpoint('pavi://runs/evil')
     assert not marker.exists()
+    monkeypatch.setitem(sys.modules, 'pavi', None)  # not installed
+    with pytest.raises(ImportError, match=r'pavi://runs/legacy: loading from pavi:// needs the pavi package'):
+        read_checkpoint('pavi://runs/legacy')

@@ -1,8 +1,9 @@
-"""Downloading checkpoints into torch hub's cache, and reading them from mmengine's storage backends;
-shared by mmswin's loader and mmengine's URL and storage schemes."""
+"""Downloading checkpoints into torch hub's cache, and reading them from mmengine's storage backends and
+pavi; shared by mmswin's loader and mmengine's URL and storage schemes."""
 import os
 import os.path as osp
 import re
+import tempfile
 import zipfile
 from typing import Optional
 from urllib.parse import urlparse
@@ -26,6 +27,20 @@ def read_store(filename: str, backend: str = 'petrel') -> bytes:
     except ImportError as error:  # petrel_client is not installed
         raise ImportError(f'{filename}: {error}') from error
     return bytes(store.get(filename))
+
+
+def read_pavi(filename: str) -> bytes:
+    """The contents of a ``pavi://`` model, downloaded from pavi's model cloud into a temporary folder."""
+    try:
+        from pavi import modelcloud
+    except ImportError:
+        raise ImportError(f'{filename}: loading from pavi:// needs the pavi package') from None
+    model = modelcloud.get(filename[len('pavi://'):])
+    with tempfile.TemporaryDirectory() as folder:
+        path = osp.join(folder, model.name)
+        model.download(path)
+        with open(path, 'rb') as file:
+            return file.read()
 
 
 def cached_path(url: str, model_dir: Optional[str] = None) -> str:

@@ -10,7 +10,7 @@ from mmengine.logging import print_log
 from torch import nn
 
 from .formats import FORMATS, Converted, StateDict, convert_state_dict, unwrap_checkpoint
-from .download import URL_PREFIXES, download, is_store_uri, read_store
+from .download import URL_PREFIXES, download, is_store_uri, read_pavi, read_store
 from .safe_unpickle import (RestrictedUnpicklingError, Source, opened, restricted_load,
                             trusted_history_buffers)
 
@@ -25,15 +25,18 @@ class CheckpointError(ValueError):
 
 
 def _source(filename: str) -> Source:
-    """The path of ``filename`` (a URL's download) or, for ``s3://`` and ``petrel://``, its contents."""
+    """The path of ``filename`` (a URL's download) or, for ``s3://``, ``petrel://`` and ``pavi://``, its
+    contents."""
     if filename.startswith(URL_PREFIXES):
         return download(filename)
     if is_store_uri(filename):
         return read_store(filename)
+    if filename.startswith('pavi://'):
+        return read_pavi(filename)
     if '://' in filename:
         raise CheckpointError(f'{filename}: {filename.split("://")[0]}:// is not a scheme this loader reads '
-                              '(paths, http(s)://, s3:// and petrel:// are); load the file with load_from= '
-                              'or download it first')
+                              '(paths, http(s)://, s3://, petrel:// and pavi:// are); load the file with '
+                              'load_from= or download it first')
     path = os.path.expanduser(filename)
     if os.path.isdir(path):
         raise CheckpointError(f'{filename} is a directory, not a checkpoint file')
@@ -43,7 +46,8 @@ def _source(filename: str) -> Source:
 
 
 def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool = False) -> object:
-    """Loads a checkpoint file, URL or ``s3://`` / ``petrel://`` file without executing pickled code.
+    """Loads a checkpoint file, URL or ``s3://`` / ``petrel://`` / ``pavi://`` file without executing
+    pickled code.
 
     ``torch.load(weights_only=True)`` first; files written by mmengine training runs go through a
     restricted unpickler that accepts only the globals such files contain. Arbitrary pickles are read

@@ -30,7 +30,6 @@ import io
 import os.path as osp
 import pickle
 import struct
-import tempfile
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
@@ -45,7 +44,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 from mmengine.logging.history_buffer import HistoryBuffer
 
-from .download import STORE_SCHEMES, download, read_store
+from .download import STORE_SCHEMES, download, read_pavi, read_store
 
 _STATISTICS = frozenset({'min', 'max', 'mean', 'current'})
 
@@ -267,17 +266,9 @@ def load_from_store(filename: str, map_location: Any = None, backend: str = 'pet
 
 
 def load_from_pavi(filename: str, map_location: Any = None) -> Any:
-    """mmengine's ``pavi://`` loader (a download from pavi's model cloud into a temporary folder) reading
-    through :func:`safe_load`; errors name the model."""
-    try:
-        from pavi import modelcloud
-    except ImportError:
-        raise ImportError(f'{filename}: loading from pavi:// needs the pavi package') from None
-    model = modelcloud.get(filename[len('pavi://'):])
-    with tempfile.TemporaryDirectory() as folder:
-        path = osp.join(folder, model.name)
-        model.download(path)
-        return _read_named(path, filename, map_location)
+    """mmengine's ``pavi://`` loader (a download from pavi's model cloud) reading through :func:`safe_load`;
+    errors name the model."""
+    return _read_named(read_pavi(filename), filename, map_location)
 
 
 _installed = False
