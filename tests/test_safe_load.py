@@ -13,6 +13,9 @@ from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
 
 from mmswin.checkpoint import CheckpointError, RestrictedUnpicklingError, read_checkpoint, restricted_load, safe_load
 from mmswin.checkpoint import safe_unpickle
+from mmswin.models import SwinTransformer
+
+from .conftest import DATA, SMALL
 
 
 def _training_checkpoint() -> dict:
@@ -414,6 +417,17 @@ def test_read_checkpoint_from_a_store_is_restricted_unless_opted_in(store, tmp_p
     assert not marker.exists()
     assert torch.equal(read_checkpoint('s3://bucket/evil.pth', unsafe_load=True)['state_dict']['w'], torch.ones(2))
     assert marker.exists()
+
+
+def test_pretrained_backbone_from_a_store(store):
+    store['cluster:s3://bucket/swin.pth'] = (DATA / 'v1_official_cls.pth').read_bytes()
+    models = []
+    for checkpoint in ('cluster:s3://bucket/swin.pth', str(DATA / 'v1_official_cls.pth')):
+        model = SwinTransformer(**SMALL, init_cfg=dict(type='Pretrained', checkpoint=checkpoint))
+        model.init_weights()
+        models.append(model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_read_checkpoint_names_a_scheme_it_does_not_read():
