@@ -430,10 +430,32 @@ def test_pretrained_backbone_from_a_store(store):
         assert torch.equal(a, b), name
 
 
+def test_pretrained_backbone_from_mmengines_mmcls_model_zoo(http_dir, monkeypatch):
+    """``checkpoint='mmcls://swin_tiny'``, as mmengine's ``load_from`` takes it: the zoo's URL, downloaded."""
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+
+    served, base = http_dir
+    (served / 'swin.pth').write_bytes((DATA / 'v1_official_cls.pth').read_bytes())
+    zoo = mmengine_checkpoint.get_mmcls_models()
+    assert {'swin_tiny', 'swin_small', 'swin_base', 'swin_large'} <= set(zoo)
+    monkeypatch.setattr(mmengine_checkpoint, 'get_mmcls_models', lambda: {**zoo, 'swin_tiny': f'{base}/swin.pth'})
+    models = []
+    for checkpoint in ('mmcls://swin_tiny', str(DATA / 'v1_official_cls.pth')):
+        model = SwinTransformer(**SMALL, init_cfg=dict(type='Pretrained', checkpoint=checkpoint))
+        model.init_weights()
+        models.append(model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match=r"mmcls://swin_t: mmengine's mmcls model zoo has no model 'swin_t' "
+                                              r'\(its Swins: swin_base, swin_large, swin_small, swin_tiny\)'):
+        read_checkpoint('mmcls://swin_t')
+
+
 def test_read_checkpoint_names_a_scheme_it_does_not_read():
     for uri in ('ftp://host/model.pth', 'open-mmlab://resnet50_v1c'):
+        schemes = r'\(paths, http\(s\)://, s3://, petrel://, pavi:// and mmcls:// are\)'
         with pytest.raises(CheckpointError, match=rf'{uri}: {uri.split(":")[0]}:// is not a scheme this loader '
-                                                  r'reads \(paths, http\(s\)://, s3://, petrel:// and pavi:// are\)'):
+                                                  rf'reads {schemes}'):
             read_checkpoint(uri)
 
 

@@ -24,19 +24,33 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
+def _mmcls_url(filename: str) -> str:
+    """The URL of an ``mmcls://<name>`` model in mmengine's model zoo (``mmcls://swin_tiny``...)."""
+    from mmengine.runner.checkpoint import get_mmcls_models
+
+    urls = get_mmcls_models()
+    name = filename[len('mmcls://'):]
+    if name not in urls:
+        swins = ', '.join(sorted(n for n in urls if 'swin' in n))
+        raise CheckpointError(f"{filename}: mmengine's mmcls model zoo has no model {name!r} (its Swins: {swins})")
+    return urls[name]
+
+
 def _source(filename: str) -> Source:
-    """The path of ``filename`` (a URL's download) or, for ``s3://``, ``petrel://`` and ``pavi://``, its
-    contents."""
+    """The path of ``filename`` (a URL's or an ``mmcls://`` model's download) or, for ``s3://``,
+    ``petrel://`` and ``pavi://``, its contents."""
     if filename.startswith(URL_PREFIXES):
         return download(filename)
     if is_store_uri(filename):
         return read_store(filename)
     if filename.startswith('pavi://'):
         return read_pavi(filename)
+    if filename.startswith('mmcls://'):
+        return download(_mmcls_url(filename))
     if '://' in filename:
         raise CheckpointError(f'{filename}: {filename.split("://")[0]}:// is not a scheme this loader reads '
-                              '(paths, http(s)://, s3://, petrel:// and pavi:// are); load the file with '
-                              'load_from= or download it first')
+                              '(paths, http(s)://, s3://, petrel://, pavi:// and mmcls:// are); load the file '
+                              'with load_from= or download it first')
     path = os.path.expanduser(filename)
     if os.path.isdir(path):
         raise CheckpointError(f'{filename} is a directory, not a checkpoint file')
@@ -46,8 +60,8 @@ def _source(filename: str) -> Source:
 
 
 def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool = False) -> object:
-    """Loads a checkpoint file, URL or ``s3://`` / ``petrel://`` / ``pavi://`` file without executing
-    pickled code.
+    """Loads a checkpoint file, URL, ``s3://`` / ``petrel://`` / ``pavi://`` file or ``mmcls://`` model
+    without executing pickled code.
 
     ``torch.load(weights_only=True)`` first; files written by mmengine training runs go through a
     restricted unpickler that accepts only the globals such files contain. Arbitrary pickles are read
