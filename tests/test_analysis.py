@@ -44,7 +44,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     out = tmp_path / 'report.json'
     subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark.py'), '--sizes', '1x3x64x64',
                     '--models', 'mmswin-v1', 'mmswin-v2', 'mmdet-v1', '--precisions', 'fp32', '--repeats', '2',
-                    '--memory-models', 'mmswin-v1', '--profile',
+                    '--memory-models', 'mmswin-v1', '--profile', '--processes', '2',
                     '--warmup', '1', '--out', str(out)], capture_output=True, text=True, check=True, cwd=ROOT)
     report = json.loads(out.read_text())
     rows = {(r['model'], r['mode']): r for r in report['results']}
@@ -76,10 +76,12 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
 
     table = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'), str(out)],
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    # every turn of a model starts with an untimed call (the tool's default), and no branch is dropped
+    # every turn of a model starts with an untimed call (the tool's default), and no branch is dropped; the two
+    # rounds ran in two successive processes of each model
     assert report['settle_calls'] == 1 and report['calls_per_turn'] == 1 and report['drop_path_rate'] == 0.0
-    assert (f"2 timed repeats per model, each turn after 1 untimed call"
-            f"{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul") in table
+    assert report['processes'] == 2
+    assert (f"2 timed repeats per model, each turn after 1 untimed call, the rounds shared out among 2 successive "
+            f"processes of each model{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul") in table
     assert load_benchmark_tool('benchmark_table').rate_lines(report)[0] in table.splitlines()
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
@@ -391,7 +393,8 @@ def test_every_model_is_timed_in_a_process_of_its_own(monkeypatch):
     timing = benchmark.time_in_workers(['mmswin-v1', 'mmdet-v1'], 7, [1, 3, 32, 32], 'fp32', 'train', 'cpu',
                                        repeats=3, warmup=1)
     pids = timing['pids']
-    assert set(pids) == {'mmswin-v1', 'mmdet-v1'} and len(set(pids.values()) | {os.getpid()}) == 3
+    assert {name: len(p) for name, p in pids.items()} == {'mmswin-v1': 1, 'mmdet-v1': 1}
+    assert len({p for ps in pids.values() for p in ps} | {os.getpid()}) == 3
     for key in ('times', 'page_faults', 'system_s'):
         assert {name: len(values) for name, values in timing[key].items()} == {'mmswin-v1': 3, 'mmdet-v1': 3}
     # turns of several calls in a row, the first untimed: the timed ones in round order
@@ -404,6 +407,26 @@ def test_every_model_is_timed_in_a_process_of_its_own(monkeypatch):
         (r, n, timed) for r in (0, 1) for n in 'ab' for timed in (False, True, True)]
     with pytest.raises(RuntimeError, match="(?s)benchmark worker of resnet failed:.*unknown model 'resnet'"):
         benchmark.time_in_workers(['resnet'], 7, [1, 3, 32, 32], 'fp32', 'train', 'cpu', repeats=1, warmup=0)
+
+
+def test_rounds_can_be_shared_out_among_fresh_processes(monkeypatch):
+    """With processes above 1, each model's rounds run in that many successive worker processes of it, each
+    warmed up on its own, the rounds shared out as evenly as they go and every round timed once."""
+    monkeypatch.syspath_prepend(str(ROOT / 'tools/analysis'))
+    import benchmark
+    assert benchmark.rounds_of(5, 1) == [5] and benchmark.rounds_of(5, 2) == [3, 2]
+    assert benchmark.rounds_of(7, 3) == [3, 2, 2] and benchmark.rounds_of(2, 2) == [1, 1]
+    timing = benchmark.time_in_workers(['mmswin-v1', 'mmdet-v1'], 7, [1, 3, 32, 32], 'fp32', 'inference', 'cpu',
+                                       repeats=3, warmup=1, processes=2)
+    pids = timing['pids']
+    assert {name: len(set(p)) for name, p in pids.items()} == {'mmswin-v1': 2, 'mmdet-v1': 2}
+    assert len({p for ps in pids.values() for p in ps} | {os.getpid()}) == 5
+    for key in ('times', 'page_faults', 'system_s'):
+        assert {name: len(values) for name, values in timing[key].items()} == {'mmswin-v1': 3, 'mmdet-v1': 3}
+    for processes in (0, 4):
+        with pytest.raises(ValueError, match=f'processes must be from 1 to repeats \\(3\\), got {processes}'):
+            benchmark.time_in_workers(['mmswin-v1'], 7, [1, 3, 32, 32], 'fp32', 'inference', 'cpu', repeats=3,
+                                      warmup=0, processes=processes)
 
 
 def test_training_step_starts_from_fixed_output_gradients():
@@ -658,12 +681,15 @@ def test_benchmark_rejects_counts_and_sizes_it_cannot_run(capsys):
                           (['--warmup', '-1'], '--warmup must be at least 0, got -1'),
                           (['--calls-per-turn', '0'], '--calls-per-turn must be at least 1, got 0'),
                           (['--settle-calls', '-2'], '--settle-calls must be at least 0, got -2'),
+                          (['--processes', '0'], '--processes must be from 1 to --repeats (5), got 0'),
+                          (['--repeats', '2', '--processes', '3'],
+                           '--processes must be from 1 to --repeats (2), got 3'),
                           (['--window', '0'], '--window must be at least 1, got 0'),
                           (['--plot-sizes', '224', '-8'], '--plot-sizes must be positive, got 224 -8'),
                           (['--sizes', '1x3x0x64'], "argument --sizes: size must be BxCxHxW of positive integers")):
         assert message in _benchmark_usage_error(capsys, argv)
     args = load_benchmark_tool().parse_args(['--repeats', '1', '--warmup', '0', '--settle-calls', '0'])
-    assert (args.repeats, args.warmup, args.settle_calls) == (1, 0, 0)
+    assert (args.repeats, args.warmup, args.settle_calls, args.processes) == (1, 0, 0, 1)
 
 
 def test_benchmark_table_names_files_that_are_not_reports(tmp_path, capsys):

@@ -3,18 +3,19 @@
     python tools/analysis/benchmark.py                       # defaults: 1x3x800x1216 and 2x3x512x512
     python tools/analysis/benchmark.py --sizes 1x3x224x224 --precisions fp32 --repeats 3 --out report.json
 
-Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2`` and timm's Swin models
-when they import. Every model of one size, precision and mode runs in a process of its own, and the
-models are called in turn, one at a time (warm-up first): alternation spreads the machine's drift over
-all of them, and separate processes keep one model's memory use from changing the page faults that the
-next one meets in the C allocator. Medians and ratios are reported (the ratio of the medians, and the
-ratios of the rounds, whose calls are minutes closer than the medians' may be; on CPU with the page faults and
-system CPU time per call), with the peak memory of a training step in each precision (CUDA max allocated;
-on CPU the peak of live tensors and the RSS growth of a separate worker process per model, with glibc's
-default settings and with freed memory returned at once) and the FLOP/s reached against a dense matmul
-measured on the same device right before and right after each group (the higher of the two). FLOPs are
-mmswin's count (tools/analysis/get_flops.py), the same for every model of a size, so FLOP/s compare like
-with like.
+Peers: mmdet's ``SwinTransformer`` (V1) always; mmpretrain's ``SwinTransformerV2`` and timm's Swin models when
+they import. Every model of one size, precision and mode runs in a process of its own, and the models are
+called in turn, one at a time (warm-up first): alternation spreads the machine's drift over all of them, and
+separate processes keep one model's memory use from changing the page faults that the next one meets in the C
+allocator (``--processes N``: the rounds shared out among N successive sets of fresh processes, since one
+process of a model can run it faster or slower than the next). Medians and ratios are reported (the ratio of
+the medians, and the ratios of the rounds, whose calls are minutes closer than the medians' may be; on CPU
+with the page faults and system CPU time per call), with the peak memory of a training step in each precision
+(CUDA max allocated; on CPU the peak of live tensors and the RSS growth of a separate worker process per
+model, with glibc's default settings and with freed memory returned at once) and the FLOP/s reached against a
+dense matmul measured on the same device right before and right after each group (the higher of the two).
+FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a size, so FLOP/s compare
+like with like.
 """
 import argparse
 import importlib
@@ -208,9 +209,15 @@ def call_order(names: List[str], rounds: int, calls_per_turn: int = 1,
                 yield round_, name, call >= settle_calls
 
 
+def rounds_of(repeats: int, processes: int) -> List[int]:
+    """The timed rounds of each of ``processes`` successive sets of workers: ``repeats`` shared out as evenly
+    as whole rounds allow, the earlier sets taking the remainder."""
+    return [repeats // processes + (i < repeats % processes) for i in range(processes)]
+
+
 def time_in_workers(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
                     repeats: int, warmup: int, compile_models: bool = False, calls_per_turn: int = 1,
-                    settle_calls: int = 0, drop_path_rate: float = 0.0) -> dict:
+                    settle_calls: int = 0, drop_path_rate: float = 0.0, processes: int = 1) -> dict:
     """Times of one step of every model, each model in its own process, the models taking turns
     (``warmup`` rounds of turns first, then ``repeats``) of ``settle_calls`` untimed calls and
     ``calls_per_turn`` timed ones. Alternation spreads the machine's drift over all models, and separate
@@ -219,9 +226,25 @@ def time_in_workers(names: List[str], window: int, size: List[int], precision: s
     a training step's page faults can take twice the system time then, which a model in a training loop of
     its own does not pay; an untimed call leaves it out. In training every model has stochastic depth up to
     ``drop_path_rate``, each drawing from the same seed. With ``compile_models`` every model also runs
-    compiled, named ``<model>+compile``, in a process of its own. Returns ``times`` (seconds per timed call,
-    in round order: call ``i`` of a round at ``round * calls_per_turn + i``), ``page_faults`` and
-    ``system_s`` (per timed call) and ``pids``, each by model."""
+    compiled, named ``<model>+compile``, in a process of its own. With ``processes`` above 1 the rounds are
+    shared out among that many successive sets of fresh workers (:func:`rounds_of`), each set warmed up on its
+    own: how fast a model runs can differ from one process of it to the next (its memory's placement, the
+    allocator's state), and one process per model would carry that into the ratios. Returns ``times``
+    (seconds per timed call, in round order: call ``i`` of a round at ``round * calls_per_turn + i``),
+    ``page_faults`` and ``system_s`` (per timed call) and ``pids`` (one per set), each by model."""
+    if not 1 <= processes <= repeats:
+        raise ValueError(f'processes must be from 1 to repeats ({repeats}), got {processes}')
+    result: dict = dict(pids={}, times={}, page_faults={}, system_s={})
+    for rounds in rounds_of(repeats, processes):
+        _time_in_one_set(result, names, window, size, precision, mode, device, rounds, warmup, compile_models,
+                         calls_per_turn, settle_calls, drop_path_rate)
+    return result
+
+
+def _time_in_one_set(result: dict, names: List[str], window: int, size: List[int], precision: str, mode: str,
+                     device: str, repeats: int, warmup: int, compile_models: bool, calls_per_turn: int,
+                     settle_calls: int, drop_path_rate: float) -> None:
+    """One set of workers of :func:`time_in_workers`, its times appended to ``result``'s."""
     ctx = mp.get_context('spawn')
     specs = [(name, False) for name in names] + ([(name, True) for name in names] if compile_models else [])
     workers = {}
@@ -234,8 +257,8 @@ def time_in_workers(names: List[str], window: int, size: List[int], precision: s
             proc.start()
             child.close()
             workers[name + (COMPILED if compile_model else '')] = (conn, proc)
-        result = dict(pids={name: _reply(name, *w) for name, w in workers.items()},
-                      times={}, page_faults={}, system_s={})
+        for name, w in workers.items():
+            result['pids'].setdefault(name, []).append(_reply(name, *w))
         for round_, name, timed in call_order(list(workers), warmup + repeats, calls_per_turn, settle_calls):
             conn, proc = workers[name]
             conn.send(True)
@@ -243,7 +266,6 @@ def time_in_workers(names: List[str], window: int, size: List[int], precision: s
             if round_ >= warmup and timed:
                 for key, value in zip(('times', 'page_faults', 'system_s'), (elapsed, faults, system_s)):
                     result[key].setdefault(name, []).append(value)
-        return result
     finally:
         for conn, proc in workers.values():
             try:
@@ -582,14 +604,16 @@ def gradient_cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: 
 # ---------------------------------------------------------------------------------------- plot
 def throughput_sweep(names: List[str], window: int, sides: List[int], device: str, repeats: int, warmup: int,
                      precisions: Sequence[str] = ('fp32',),
-                     calls_per_turn: int = 1, settle_calls: int = 0) -> Dict[str, Dict[str, Dict[int, float]]]:
+                     calls_per_turn: int = 1, settle_calls: int = 0,
+                     processes: int = 1) -> Dict[str, Dict[str, Dict[int, float]]]:
     """Images per second of inference on ``side x side`` images (batch 1), per precision, model and side
     (timed as in :func:`time_in_workers`)."""
     sweep = {precision: {name: {} for name in names} for precision in precisions}
     for precision in precisions:
         for side in sides:
             timing = time_in_workers(names, window, [1, 3, side, side], precision, 'inference', device, repeats,
-                                     warmup, calls_per_turn=calls_per_turn, settle_calls=settle_calls)
+                                     warmup, calls_per_turn=calls_per_turn, settle_calls=settle_calls,
+                                     processes=processes)
             for name, times in timing['times'].items():
                 sweep[precision][name][side] = 1.0 / statistics.median(times)
     return sweep
@@ -667,6 +691,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--settle-calls', type=int, default=1,
                         help='untimed calls at the start of each turn, after the other models\' turns (the '
                         'switch between processes can slow the first call: 0 times it)')
+    parser.add_argument('--processes', type=int, default=1,
+                        help='successive sets of fresh worker processes per group, the --repeats rounds shared '
+                        'out among them, each set warmed up (a model\'s speed can differ from one process of it '
+                        'to the next)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-memory', action='store_true', help='skip the memory measurements')
     parser.add_argument('--memory-models', nargs='+', default=None, help='models to measure memory of '
@@ -696,6 +724,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error('--compile needs --warmup of at least 1 (the first call compiles)')
     if args.calls_per_turn < 1:
         parser.error(f'--calls-per-turn must be at least 1, got {args.calls_per_turn}')
+    if not 1 <= args.processes <= args.repeats:
+        parser.error(f'--processes must be from 1 to --repeats ({args.repeats}), got {args.processes}')
     if args.settle_calls < 0:
         parser.error(f'--settle-calls must be at least 0, got {args.settle_calls}')
     if not 0.0 <= args.drop_path_rate < 1.0:
@@ -733,7 +763,8 @@ def build_models(names: List[str], window: int, device: torch.device,
 
 def measure_group(names: List[str], window: int, size: List[int], precision: str, mode: str, device: str,
                   repeats: int, warmup: int, profile: bool, compile_models: bool = False,
-                  calls_per_turn: int = 1, settle_calls: int = 0, drop_path_rate: float = 0.0) -> dict:
+                  calls_per_turn: int = 1, settle_calls: int = 0, drop_path_rate: float = 0.0,
+                  processes: int = 1) -> dict:
     """Times of every model at one size, precision and mode (:func:`time_in_workers`; with ``compile_models`` also of
     each one compiled, and in inference the cosine of the compiled outputs to the eager ones); with ``profile``
     the top operators and the operator count of each eager model; for fp32 inference the output difference of
@@ -748,7 +779,7 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
     # compilation takes the first warm-up round
     timing = time_in_workers(names, window, size, precision, mode, str(device), repeats,
                              warmup + (1 if compile_models else 0), compile_models, calls_per_turn, settle_calls,
-                             drop_path_rate)
+                             drop_path_rate, processes)
     after = {p: matmul_rate(device, p) for p in before}
     group = dict(matmul_flops_per_s={p: max(before[p], after[p]) for p in before},
                  matmul_flops_per_s_before=before, matmul_flops_per_s_after=after)
@@ -827,7 +858,8 @@ def main(argv=None) -> dict:
     precisions = args.precisions or (['fp32', 'fp16', 'bf16'] if device.type == 'cuda' else ['fp32', 'bf16'])
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   window=args.window, arch='Swin-T', repeats=args.repeats, calls_per_turn=args.calls_per_turn,
-                  settle_calls=args.settle_calls, drop_path_rate=args.drop_path_rate, results=[],
+                  settle_calls=args.settle_calls, drop_path_rate=args.drop_path_rate, processes=args.processes,
+                  results=[],
                   matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', *precisions}})
     if device.type == 'cpu':
         from mmswin.models.matmul import cpu_has_bf16_arithmetic
@@ -851,7 +883,8 @@ def main(argv=None) -> dict:
             for mode in args.modes:
                 group = measure_group_in_worker(names, args.window, size, precision, mode, str(device),
                                                 args.repeats, args.warmup, args.profile, args.compile,
-                                                args.calls_per_turn, args.settle_calls, args.drop_path_rate)
+                                                args.calls_per_turn, args.settle_calls, args.drop_path_rate,
+                                                args.processes)
                 times = group['times']
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 rates = group['matmul_flops_per_s']
@@ -915,7 +948,8 @@ def main(argv=None) -> dict:
                     write_report(report, args.out)
     if args.plot:
         report['throughput_sweep'] = throughput_sweep(names, args.window, args.plot_sizes, str(device), args.repeats,
-                                                      args.warmup, precisions, args.calls_per_turn, args.settle_calls)
+                                                      args.warmup, precisions, args.calls_per_turn, args.settle_calls,
+                                                      args.processes)
         plot_sweep(report['throughput_sweep'], args.plot, report['device'])
         print(f'plot written to {args.plot}')
     write_report(report, args.out)

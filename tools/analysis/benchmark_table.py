@@ -305,6 +305,8 @@ def main(argv=None) -> str:
             calls += f' per model, each turn after {settle} untimed call{"s" if settle != 1 else ""}'
         else:
             calls += ' per model'
+        if report.get('processes', 1) > 1:
+            calls += f', the rounds shared out among {report["processes"]} successive processes of each model'
         if report.get('drop_path_rate'):
             calls += (f'; training steps with stochastic depth up to {report["drop_path_rate"]} (their shares of '
                       f'the matmul rate and dense-rate bounds count every branch, the dropped ones too)')
