@@ -55,6 +55,7 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
             assert row['speedup_vs_mmdet-v1'] > 0
     assert rows[('mmswin-v2', 'train')]['slowdown_vs_mmswin-v1'] > 0
     assert report['matmul_flops_per_s']['fp32'] > 1e9
+    assert report['code'] == load_benchmark_tool().code_identity()  # the checkout's commit, where it is one
     for row in rows.values():  # the rate around each group, and the higher of the two for the shares
         before, after = row['matmul_flops_per_s_before']['fp32'], row['matmul_flops_per_s_after']['fp32']
         assert row['matmul_flops_per_s'] == {'fp32': max(before, after)} and min(before, after) > 1e9
@@ -83,6 +84,8 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     assert (f"2 timed repeats per model, each turn after 1 untimed call, the rounds shared out among 2 successive "
             f"processes of each model{load_benchmark_tool('benchmark_table').cpu_text(report)}; dense matmul") in table
     assert load_benchmark_tool('benchmark_table').rate_lines(report)[0] in table.splitlines()
+    if report['code']['commit']:
+        assert f"; code at {load_benchmark_tool('benchmark_table').code_text(report)}\n" in table
     lines = [line for line in table.splitlines() if line.startswith('| 1x3x64x64 | fp32 |')]
     headroom_rows = [line for line in lines if ' G | ' in line]
     assert len([line for line in lines if line.count(' | ') == 9]) == 6  # speed: 3 models x 2 modes
@@ -721,3 +724,69 @@ def test_benchmark_table_names_files_that_are_not_reports(tmp_path, capsys):
     result = subprocess.run([sys.executable, str(ROOT / 'tools/analysis/benchmark_table.py'),
                              str(tmp_path / 'empty.json')], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and 'Traceback' not in result.stderr and 'empty.json' in result.stderr
+
+
+def test_reports_name_the_code_they_measured(tmp_path):
+    """A report records mmswin's version and, in a git checkout, the commit and whether tracked files differ
+    from it; the tables show the short commit."""
+    from mmswin.version import __version__
+    benchmark, table = load_benchmark_tool(), load_benchmark_tool('benchmark_table')
+    assert benchmark.code_identity(str(tmp_path)) == dict(mmswin=__version__, commit=None)  # not a checkout
+    repo = tmp_path / 'repo'
+    git = ['git', '-C', str(repo), '-c', 'user.name=a', '-c', 'user.email=a@b']
+    subprocess.run(['git', 'init', '-q', str(repo)], check=True)
+    (repo / 'f.py').write_text('a = 1\n')
+    subprocess.run(git + ['add', 'f.py'], check=True)
+    subprocess.run(git + ['commit', '-q', '-m', 'f'], check=True)
+    head = subprocess.run(git + ['rev-parse', 'HEAD'], capture_output=True, text=True, check=True).stdout.strip()
+    assert benchmark.code_identity(str(repo)) == dict(mmswin=__version__, commit=head, modified=False)
+    (repo / 'new.py').write_text('')  # untracked files are not the measured code
+    assert benchmark.code_identity(str(repo))['modified'] is False
+    (repo / 'f.py').write_text('a = 2\n')
+    code = benchmark.code_identity(str(repo))
+    assert code['modified'] is True
+    assert table.code_text(dict(code=code)) == head[:7] + '+changes'
+    assert table.code_text(dict(code=dict(code, modified=False))) == head[:7]
+    assert table.code_text(dict(code=dict(mmswin=__version__, commit=None))) == ''
+    assert table.code_text({}) == ''  # reports written before the tool recorded it
+
+
+def _run_report(code: dict, times: dict, mode: str = 'inference', **top) -> dict:
+    results = [dict(size=[1, 3, 64, 64], precision='bf16', mode=mode, model=model, median_s=statistics.median(t),
+                    times_s=t) for model, t in times.items()]
+    return dict(threads=2, code=code, results=results, **top)
+
+
+def test_runs_table_has_a_row_per_report_and_group(tmp_path, capsys):
+    table = load_benchmark_tool('benchmark_table')
+    first = _run_report(dict(commit='0123456789abcdef', modified=False),
+                        {'mmswin-v1': [1.0, 2.0, 1.0], 'mmswin-v2': [1.5, 1.5, 1.5], 'mmdet-v1': [2.0, 3.0, 4.0]})
+    first['results'] += _run_report({}, {'mmswin-v1': [2.0], 'mmdet-v1': [3.0]}, mode='train')['results']
+    second = _run_report({}, {'mmswin-v1': [1.0], 'mmdet-v1': [1.5]}, processes=5, drop_path_rate=0.2,
+                         malloc_env={'MALLOC_TRIM_THRESHOLD_': '1', 'THP_MEM_ALLOC_ENABLE': '1'})
+    second['threads'] = 1
+    lines = table.runs_table(['a/first.json', 'second.json'], [first, second])
+    assert lines[2:] == [
+        '| first | 0123456 | 2 threads | 1x3x64x64 | bf16 | inference | 1000 ms | 1500 ms | 3000 ms | 3.00x '
+        '| 2.00x (1.50-4.00x) | 2.00x |',
+        '| first | 0123456 | 2 threads | 1x3x64x64 | bf16 | train | 2000 ms |  | 3000 ms | 1.50x | 1.50x (1.50-1.50x) '
+        '|  |',
+        '| second |  | 1 thread, 5 processes, drop path 0.2, glibc MALLOC_TRIM_THRESHOLD_=1, THP_MEM_ALLOC_ENABLE=1 '
+        '| 1x3x64x64 | bf16 | inference | 1000 ms |  | 1500 ms | 1.50x | 1.50x (1.50-1.50x) |  |']
+    assert [line.split(' | ')[5] for line in table.runs_table(['f', 's'], [first, second], mode='train')[2:]] == [
+        'train']
+    assert len(table.runs_table(['f', 's'], [first, second], size='1x3x64x64', precision='bf16')) == 5
+    assert table.runs_table(['f', 's'], [first, second], precision='fp32')[2:] == []
+    # from the command line; the filters need --runs, and a selection without rows is an argument error
+    reports = [ROOT / 'docs/reports/benchmark_zen4_settled_defaults_4.json',
+               ROOT / 'docs/reports/benchmark_zen4_settled_bf16_train_14.json']
+    text = table.main(['--runs', '--size', '1x3x800x1216', '--precision', 'bf16', '--mode', 'train',
+                       *map(str, reports)])
+    rows = [line.split(' | ') for line in text.splitlines()[2:]]
+    assert [(r[0], r[9]) for r in rows] == [('| benchmark_zen4_settled_defaults_4', '1.61x'),
+                                            ('| benchmark_zen4_settled_bf16_train_14', '1.51x')]
+    for argv, message in ((['--mode', 'train'], 'select the rows of --runs; add --runs'),
+                          (['--runs', '--precision', 'fp16'], 'no report has a group with mmswin-v1 and mmdet-v1')):
+        with pytest.raises(SystemExit) as exit_info:
+            table.main(argv + [str(reports[0])])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -27,11 +27,13 @@ import os.path as osp
 import queue as queue_module
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -664,6 +666,22 @@ def cpu_identity(cpuinfo: str) -> Dict[str, object]:
     return identity
 
 
+def code_identity(root: str = ROOT) -> Dict[str, object]:
+    """The code a report measured: mmswin's version and, in a git checkout at ``root``, its commit and whether
+    tracked files differ from it (``commit`` None without git or outside a checkout)."""
+    from mmswin.version import __version__
+    identity: Dict[str, object] = dict(mmswin=__version__, commit=None)
+    try:
+        head = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'], capture_output=True, text=True)
+        changes = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+                                 capture_output=True, text=True)
+    except OSError:  # no git
+        return identity
+    if head.returncode == 0 and changes.returncode == 0:
+        identity.update(commit=head.stdout.strip(), modified=bool(changes.stdout.strip()))
+    return identity
+
+
 def parse_size(text: str) -> List[int]:
     size = [int(v) for v in text.lower().split('x')]
     if len(size) != 4 or min(size) < 1:
@@ -859,7 +877,7 @@ def main(argv=None) -> dict:
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   window=args.window, arch='Swin-T', repeats=args.repeats, calls_per_turn=args.calls_per_turn,
                   settle_calls=args.settle_calls, drop_path_rate=args.drop_path_rate, processes=args.processes,
-                  results=[],
+                  code=code_identity(), results=[],
                   matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', *precisions}})
     if device.type == 'cpu':
         from mmswin.models.matmul import cpu_has_bf16_arithmetic

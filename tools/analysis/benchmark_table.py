@@ -7,9 +7,14 @@ mmdet and V2/V1), the ratios to mmdet round by round, on CPU the page faults and
 headroom over mmdet that the dense matmul rate leaves, the training memory table, bf16/fp16 agreement with
 fp32, and, when the reports hold profiles, the matrix products replayed alone, the operators per call and the
 top operators.
+
+    python tools/analysis/benchmark_table.py --runs --size 1x3x800x1216 --precision bf16 docs/reports/*.json
+
+prints instead one row per report and group: the medians and mmswin's ratios to mmdet, run by run.
 """
 import argparse
 import json
+import os.path as osp
 import statistics
 from typing import Dict, List, Optional
 
@@ -209,6 +214,60 @@ def profile_table(reports: List[dict], top: int = 4) -> List[str]:
     return lines
 
 
+def code_text(report: dict) -> str:
+    """The short commit a report measured, ``+changes`` where tracked files differed from it; empty for reports
+    written before the tool recorded it, or outside a git checkout."""
+    code = report.get('code') or {}
+    if not code.get('commit'):
+        return ''
+    return code['commit'][:7] + ('+changes' if code.get('modified') else '')
+
+
+def settings_text(report: dict) -> str:
+    """``2 threads`` and what else changes a run's timings: successive processes per model, stochastic depth,
+    glibc's allocator settings and PyTorch's transparent huge pages from the environment."""
+    parts = [f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}"]
+    if report.get('processes', 1) > 1:
+        parts.append(f"{report['processes']} processes")
+    if report.get('drop_path_rate'):
+        parts.append(f"drop path {report['drop_path_rate']}")
+    env = report.get('malloc_env') or {}
+    if any(key.startswith('MALLOC_') for key in env):
+        parts.append('glibc ' + ' '.join(f'{key}={env[key]}' for key in sorted(env) if key.startswith('MALLOC_')))
+    if 'THP_MEM_ALLOC_ENABLE' in env:
+        parts.append(f"THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}")
+    return ', '.join(parts)
+
+
+def runs_table(paths: List[str], reports: List[dict], size: Optional[str] = None, precision: Optional[str] = None,
+               mode: Optional[str] = None, peer: str = 'mmdet-v1') -> List[str]:
+    """One row per report and group (input, precision, mode) that match the filters: the medians of mmswin-v1,
+    mmswin-v2 and ``peer``, mmswin-v1's ratio to ``peer`` (the ratio of the medians; the median and range of
+    the rounds' ratios) and mmswin-v2's."""
+    short = peer.split('-')[0]
+    lines = [f'| report | code | settings | input | precision | mode | mmswin-v1 | mmswin-v2 | {short} '
+             f'| mmswin-v1 vs {short} | median of the rounds (range) | mmswin-v2 vs {short} |',
+             '| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |']
+    for path, report in zip(paths, reports):
+        groups: Dict[tuple, Dict[str, dict]] = {}
+        for r in report['results']:
+            groups.setdefault((_size(r['size']), r['precision'], r['mode']), {})[r['model']] = r
+        for key, models in groups.items():
+            if any(want is not None and want != have for want, have in zip((size, precision, mode), key)):
+                continue
+            v1, v2, other = (models.get(name) for name in ('mmswin-v1', 'mmswin-v2', peer))
+            if v1 is None or other is None:
+                continue
+            rounds = _round_speedups(report, v1, peer)
+            spread = (f'{statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f}x)' if rounds else '')
+            cells = [osp.splitext(osp.basename(path))[0], code_text(report), settings_text(report), *key]
+            cells += ['' if r is None else f"{r['median_s'] * 1e3:.0f} ms" for r in (v1, v2, other)]
+            cells += [f"{other['median_s'] / v1['median_s']:.2f}x", spread,
+                      '' if v2 is None else f"{other['median_s'] / v2['median_s']:.2f}x"]
+            lines.append(f"| {' | '.join(cells)} |")
+    return lines
+
+
 def cpu_text(report: dict) -> str:
     """``, on <name> (<vendor> family F model M stepping S)`` for a CPU report: its name and, where recorded,
     the part (reports written before the tool recorded it have the name only)."""
@@ -285,13 +344,28 @@ def load_report(path: str):
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('reports', nargs='+', help='JSON reports of tools/analysis/benchmark.py')
+    parser.add_argument('--runs', action='store_true',
+                        help="only one row per report and group: medians and mmswin's ratios to mmdet")
+    parser.add_argument('--size', help='with --runs: only this input, e.g. 1x3x800x1216')
+    parser.add_argument('--precision', help='with --runs: only this precision (fp32, bf16, fp16)')
+    parser.add_argument('--mode', choices=('inference', 'train'), help='with --runs: only this mode')
     args = parser.parse_args(argv)
+    if not args.runs and (args.size or args.precision or args.mode):
+        parser.error('--size, --precision and --mode select the rows of --runs; add --runs')
     reports = []
     for path in args.reports:
         report = load_report(path)
         if isinstance(report, str):
             parser.error(report)
         reports.append(report)
+    if args.runs:
+        lines = runs_table(args.reports, reports, args.size, args.precision, args.mode)
+        if len(lines) == 2:
+            parser.error('no report has a group with mmswin-v1 and mmdet-v1 that matches --size, --precision '
+                         'and --mode')
+        text = '\n'.join(lines)
+        print(text)
+        return text
     first = reports[0]
     parts = [f"Device {first['device']}, {first['threads']} threads, torch {first['torch']}, {first['arch']} "
              f"window {first['window']}.", '']
@@ -310,8 +384,9 @@ def main(argv=None) -> str:
         if report.get('drop_path_rate'):
             calls += (f'; training steps with stochastic depth up to {report["drop_path_rate"]} (their shares of '
                       f'the matmul rate and dense-rate bounds count every branch, the dropped ones too)')
+        code = code_text(report)
         parts.append(f'- `{path}`: {calls}{cpu_text(report)}; dense matmul at '
-                     f'the start {rates}')
+                     f'the start {rates}' + (f'; code at {code}' if code else ''))
         parts += rate_lines(report)
     parts.append('')
     for table in (speed_table(reports), round_table(reports), kernel_table(reports), headroom_table(reports),
