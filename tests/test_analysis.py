@@ -56,9 +56,12 @@ def test_benchmark_tool_on_a_tiny_size(tmp_path):
     assert rows[('mmswin-v2', 'train')]['slowdown_vs_mmswin-v1'] > 0
     assert report['matmul_flops_per_s']['fp32'] > 1e9
     assert report['code'] == load_benchmark_tool().code_identity()  # the checkout's commit, where it is one
-    for row in rows.values():  # the rate around each group, and the higher of the two for the shares
+    assert report['shares_use_start_rate'] is True
+    for row in rows.values():  # the rate around each group; the shares use the highest of those and the start's
         before, after = row['matmul_flops_per_s_before']['fp32'], row['matmul_flops_per_s_after']['fp32']
-        assert row['matmul_flops_per_s'] == {'fp32': max(before, after)} and min(before, after) > 1e9
+        start = report['matmul_flops_per_s']['fp32']
+        assert row['matmul_flops_per_s'] == {'fp32': max(before, after, start)} and min(before, after) > 1e9
+        assert row['fraction_of_matmul'] == pytest.approx(row['flops_per_s'] / max(before, after, start))
     if os.path.exists('/proc/cpuinfo'):  # the CPU's part, which its name alone does not tell
         assert report['cpu_id'] == load_benchmark_tool().cpu_identity(Path('/proc/cpuinfo').read_text())
         assert {'vendor', 'family', 'model'} <= set(report['cpu_id'])
@@ -367,6 +370,11 @@ def test_shares_use_the_higher_matmul_rate_around_a_group(monkeypatch):
         '- measured again right before each group: bf16 5.0-6.0, fp32 1.0-2.0 GFLOP/s; right after it: '
         'bf16 1.0-4.0, fp32 0.5-3.0 GFLOP/s; the shares use the higher of each group\'s two: bf16 5.0-6.0, '
         'fp32 1.0-3.0 GFLOP/s']
+    # since reports say so, the run's start rate is among those the shares take the highest of
+    assert load_benchmark_tool('benchmark_table').rate_lines(dict(results=rows, shares_use_start_rate=True))[0] == (
+        '- measured again right before each group: bf16 5.0-6.0, fp32 1.0-2.0 GFLOP/s; right after it: '
+        'bf16 1.0-4.0, fp32 0.5-3.0 GFLOP/s; the shares use the highest of each group\'s two and the start\'s: '
+        'bf16 5.0-6.0, fp32 1.0-3.0 GFLOP/s')
     # reports written before the rate was measured after the groups too
     old = [dict(matmul_flops_per_s={'fp32': 1e9})]
     assert load_benchmark_tool('benchmark_table').rate_lines(dict(results=old)) == [

@@ -13,7 +13,8 @@ the medians, and the ratios of the rounds, whose calls are minutes closer than t
 with the page faults and system CPU time per call), with the peak memory of a training step in each precision
 (CUDA max allocated; on CPU the peak of live tensors and the RSS growth of a separate worker process per
 model, with glibc's default settings and with freed memory returned at once) and the FLOP/s reached against a
-dense matmul measured on the same device right before and right after each group (the higher of the two).
+dense matmul measured on the same device at the start of the run and right before and right after each group
+(the highest of the three: a moment when the device multiplied slowly would overstate the shares).
 FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model of a size, so FLOP/s compare
 like with like.
 """
@@ -877,7 +878,7 @@ def main(argv=None) -> dict:
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   window=args.window, arch='Swin-T', repeats=args.repeats, calls_per_turn=args.calls_per_turn,
                   settle_calls=args.settle_calls, drop_path_rate=args.drop_path_rate, processes=args.processes,
-                  code=code_identity(), results=[],
+                  code=code_identity(), shares_use_start_rate=True, results=[],
                   matmul_flops_per_s={p: matmul_rate(device, p) for p in {'fp32', *precisions}})
     if device.type == 'cpu':
         from mmswin.models.matmul import cpu_has_bf16_arithmetic
@@ -905,7 +906,8 @@ def main(argv=None) -> dict:
                                                 args.processes)
                 times = group['times']
                 medians = {name: statistics.median(t) for name, t in times.items()}
-                rates = group['matmul_flops_per_s']
+                # (the rate around a group has been measured at half the start's, the timings unaffected)
+                rates = {p: max(r, report['matmul_flops_per_s'][p]) for p, r in group['matmul_flops_per_s'].items()}
                 rate = rates[precision]
                 for name, median in medians.items():
                     work = flops[version_of(name)] * (3 if mode == 'train' else 1)

@@ -290,16 +290,19 @@ def _rate_spans(rows: List[dict], key: str) -> str:
 
 def rate_lines(report: dict) -> List[str]:
     """The dense matmul rates measured around the groups of ``report``: right before each one, and in newer
-    reports also right after it (the shares then use the higher of the two)."""
+    reports also right after it (the shares then use the higher of the two, and since reports have
+    ``shares_use_start_rate``, the run's start rate where it is higher still)."""
     rows = report['results']
     if not any('matmul_flops_per_s' in row for row in rows):
         return []
     if not any('matmul_flops_per_s_after' in row for row in rows):
         return [f"- measured again before each group (the rates the shares use): "
                 f"{_rate_spans(rows, 'matmul_flops_per_s')} GFLOP/s"]
+    used = ("the highest of each group's two and the start's" if report.get('shares_use_start_rate') else
+            "the higher of each group's two")
     return [f"- measured again right before each group: {_rate_spans(rows, 'matmul_flops_per_s_before')} GFLOP/s; "
-            f"right after it: {_rate_spans(rows, 'matmul_flops_per_s_after')} GFLOP/s; the shares use the higher "
-            f"of each group's two: {_rate_spans(rows, 'matmul_flops_per_s')} GFLOP/s"]
+            f"right after it: {_rate_spans(rows, 'matmul_flops_per_s_after')} GFLOP/s; the shares use {used}: "
+            f"{_rate_spans(rows, 'matmul_flops_per_s')} GFLOP/s"]
 
 
 def report_problem(report: object) -> Optional[str]:
