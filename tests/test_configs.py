@@ -6,7 +6,8 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / 'configs').rglob('*.py')
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py')
                  if not p.name.startswith('_'))
 
 
@@ -59,3 +60,51 @@ def test_metafile_lists_every_config_once(folder):
         assert model['Name'] == Path(model['Config']).stem
         assert model['Metadata']['Reproduced'] is False  # nothing is claimed as reproduced
         assert model['Results'] or 'not yet reproduced' in model['Source']
+
+
+def _upstream(scope: str, path: str) -> Config:
+    """An upstream config, as ``scope::path`` inheritance finds it."""
+    import importlib
+    root = Path(importlib.import_module(scope).__file__).parent / '.mim' / 'configs'
+    return Config.fromfile(str(root / path))
+
+
+def _plain(value):
+    """``value`` without the ``_scope_`` keys that inheritance through ``mmdet::`` adds."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != '_scope_'}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_swin_t_1x_is_mmdets_recipe():
+    """The 1x config carries mmdet's name and its published result: it trains mmdet's recipe, with
+    mmswin's backbone in place of mmdet's."""
+    ours = Config.fromfile(str(ROOT / 'configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'))
+    theirs = _upstream('mmdet', 'swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py')
+    for key in ('train_pipeline', 'test_pipeline', 'param_scheduler', 'train_cfg'):
+        assert _plain(ours[key]) == _plain(theirs[key]), key
+    assert ours.auto_scale_lr.base_batch_size == theirs.auto_scale_lr.base_batch_size
+    assert _plain(ours.train_dataloader.dataset.pipeline) == _plain(theirs.train_dataloader.dataset.pipeline)
+    assert ours.train_dataloader.batch_size == theirs.train_dataloader.batch_size
+    assert ours.optim_wrapper.optimizer == theirs.optim_wrapper.optimizer
+    assert ours.optim_wrapper.paramwise_cfg == theirs.optim_wrapper.paramwise_cfg
+    for key in ('neck', 'rpn_head', 'roi_head', 'train_cfg', 'test_cfg', 'data_preprocessor'):
+        assert _plain(ours.model[key]) == _plain(theirs.model[key]), key
+    backbone, upstream = ours.model.backbone, theirs.model.backbone
+    for key in ('window_size', 'drop_path_rate', 'out_indices', 'with_cp'):
+        assert backbone[key] == upstream[key], key
+    assert backbone.init_cfg.checkpoint == upstream.init_cfg.checkpoint
+
+
+def test_cascade_configs_take_cascade_rcnns_rpn():
+    """The Cascade Mask R-CNN configs train with Cascade R-CNN's RPN settings (mmdet's base, as the official
+    Swin recipe), not the Mask R-CNN ones they inherit."""
+    cascade = _upstream('mmdet', '_base_/models/cascade-mask-rcnn_r50_fpn.py').model
+    for arch in 'tsb':
+        path = ROOT / f'configs/swin/cascade-mask-rcnn_swin-{arch}-p4-w7_fpn_ms-crop-3x_coco.py'
+        model = Config.fromfile(str(path)).model
+        for key in ('rpn_head', 'test_cfg'):
+            assert _plain(model[key]) == _plain(cascade[key]), key
+        assert _plain(model.train_cfg) == _plain(cascade.train_cfg)

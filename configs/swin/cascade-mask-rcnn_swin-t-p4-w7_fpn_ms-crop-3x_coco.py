@@ -1,11 +1,13 @@
 # Cascade Mask R-CNN, Swin-T, 3x multi-scale + crop: the official recipe, with three 4conv1fc box
-# heads (SyncBN) regressing decoded boxes with a GIoU loss.
+# heads (SyncBN) regressing decoded boxes with a GIoU loss, and Cascade R-CNN's RPN settings (smooth L1
+# box loss, anchors inside the image only, 2000 training proposals per image) over Mask R-CNN's.
 _base_ = './mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py'
 
 head_norm_cfg = dict(type='SyncBN', requires_grad=True)
 stage_stds = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
 model = dict(
     type='CascadeRCNN',
+    rpn_head=dict(loss_bbox=dict(type='SmoothL1Loss', beta=1.0 / 9.0, loss_weight=1.0)),
     roi_head=dict(
         _delete_=True,
         type='CascadeRoIHead',
@@ -45,13 +47,16 @@ model = dict(
             conv_out_channels=256,
             num_classes=80,
             loss_mask=dict(type='CrossEntropyLoss', use_mask=True, loss_weight=1.0))),
-    train_cfg=dict(rcnn=[
-        dict(
-            assigner=dict(type='MaxIoUAssigner', pos_iou_thr=iou, neg_iou_thr=iou, min_pos_iou=iou,
-                          match_low_quality=False, ignore_iof_thr=-1),
-            sampler=dict(type='RandomSampler', num=512, pos_fraction=0.25, neg_pos_ub=-1,
-                         add_gt_as_proposals=True),
-            mask_size=28,
-            pos_weight=-1,
-            debug=False) for iou in (0.5, 0.6, 0.7)
-    ]))
+    train_cfg=dict(
+        rpn=dict(allowed_border=0),
+        rpn_proposal=dict(nms_pre=2000, max_per_img=2000),
+        rcnn=[
+            dict(
+                assigner=dict(type='MaxIoUAssigner', pos_iou_thr=iou, neg_iou_thr=iou, min_pos_iou=iou,
+                              match_low_quality=False, ignore_iof_thr=-1),
+                sampler=dict(type='RandomSampler', num=512, pos_fraction=0.25, neg_pos_ub=-1,
+                             add_gt_as_proposals=True),
+                mask_size=28,
+                pos_weight=-1,
+                debug=False) for iou in (0.5, 0.6, 0.7)
+        ]))

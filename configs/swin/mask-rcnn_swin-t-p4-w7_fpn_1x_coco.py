@@ -1,6 +1,8 @@
 # Mask R-CNN + FPN, Swin-T (patch 4, window 7, ImageNet-1k), 1x schedule on COCO: the primitive config
-# of the Swin V1 detection family. Official recipe: AdamW lr 1e-4, wd 0.05, no decay for position
-# tables and norms, drop path 0.1.
+# of the Swin V1 detection family, mmdet's recipe of the same name (single-scale 1333x800, drop path 0.2;
+# mmdet reports 42.7 box / 39.3 mask AP). AdamW lr 1e-4, wd 0.05, no decay for position tables and norms,
+# as in the official recipes. The official repository's 1x (43.7 / 39.8) trains with the multi-scale
+# crop of the 3x configs and drop path 0.1.
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
@@ -18,7 +20,7 @@ model = dict(
         type='mmswin.SwinTransformer',
         arch='tiny',
         window_size=7,
-        drop_path_rate=0.1,
+        drop_path_rate=0.2,
         out_indices=(0, 1, 2, 3),
         with_cp=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
