@@ -3,6 +3,7 @@ import collections
 import os
 import pickle
 import stat
+import struct
 import sys
 
 import numpy as np
@@ -231,6 +232,27 @@ def test_mmengine_local_loader_errors_name_the_file(tmp_path):
             _load_checkpoint(str(tmp_path / name))
     assert not (tmp_path / 'pwned').exists()
 
+
+
+@pytest.mark.parametrize('legacy', [True, False], ids=['legacy', 'zip'])
+def test_every_truncation_is_a_checkpoint_error_naming_the_file(tmp_path, legacy):
+    """A file cut anywhere is refused as unreadable with its name, by mmswin's reader (with and without
+    ``unsafe_load``) and by mmengine's local loader (the exception types mmengine's callers know), never a bare
+    ``struct.error`` or ``IndexError`` from inside torch.load."""
+    whole = tmp_path / 'whole.pth'
+    torch.save({'state_dict': {'layers.0.w': torch.randn(3, 2)}, 'meta': {'epoch': 1}}, whole,
+               _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    cut = tmp_path / 'cut.pth'
+    for end in range(1, len(data), 1 if legacy else 7):
+        cut.write_bytes(data[:end])
+        for unsafe in (False, True):
+            # (a cut can leave a pickle naming a global that is not one, which the safe reader refuses)
+            with pytest.raises(CheckpointError, match=f'{cut}(: refused to unpickle| is not a readable checkpoint)'):
+                read_checkpoint(str(cut), unsafe_load=unsafe)
+        with pytest.raises((pickle.UnpicklingError, EOFError, RuntimeError, struct.error, IndexError),
+                           match=str(cut)):
+            _load_checkpoint(str(cut))
 
 @pytest.fixture
 def umask_027():

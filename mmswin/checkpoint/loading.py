@@ -2,6 +2,7 @@
 import math
 import os
 import pickle
+import struct
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,6 +23,16 @@ _UNSAFE_HINT = ('It can only be read by running pickled code. If you trust its s
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+class _Unreadable(Exception):
+    """The restricted reader's failure on a file that is not a readable checkpoint."""
+
+
+# What torch.load raises on a damaged file: a truncated legacy (non-zip) file can also fail in its
+# struct.unpack calls or index past its data.
+_DAMAGED = (_Unreadable, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
+            IndexError, struct.error)
 
 
 def _mmcls_url(filename: str) -> str:
@@ -77,6 +88,22 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
         raise TypeError(f'unsafe_load must be True or False, got {unsafe_load!r}')
     filename = os.fspath(filename)
     source = _source(filename)
+    try:
+        return _load(source, map_location, unsafe_load)
+    except CheckpointError:
+        raise
+    except RestrictedUnpicklingError as error:
+        raise CheckpointError(f'{filename}: refused to unpickle {error}. {_UNSAFE_HINT}') from error
+    except _DAMAGED as error:
+        if 'map_location' in str(error):  # e.g. CUDA tensors on a machine without CUDA
+            raise CheckpointError(f'{filename} cannot be read with map_location={map_location!r}: '
+                                  f'{error}') from error
+        raise CheckpointError(f'{filename} is not a readable checkpoint (truncated or corrupt?): '
+                              f'{str(error) or type(error).__name__}') from error
+
+
+def _load(source: Source, map_location: str, unsafe_load: bool) -> object:
+    """:func:`read_checkpoint`'s reading of ``source``, its errors not yet naming the file."""
     if unsafe_load:
         with trusted_history_buffers():
             return torch.load(opened(source), map_location=map_location, weights_only=False)
@@ -85,17 +112,10 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
     except pickle.UnpicklingError as safe_error:
         try:
             return restricted_load(source, map_location=map_location)
-        except RestrictedUnpicklingError as restricted_error:
-            raise CheckpointError(f'{filename}: refused to unpickle {restricted_error}. '
-                                  f'{_UNSAFE_HINT}') from safe_error
-        except Exception as error:  # noqa: BLE001 - reported with the file name below
-            raise CheckpointError(f'{filename} is not a readable checkpoint ({error})') from error
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
-        if 'map_location' in str(error):  # e.g. CUDA tensors on a machine without CUDA
-            raise CheckpointError(f'{filename} cannot be read with map_location={map_location!r}: '
-                                  f'{error}') from error
-        raise CheckpointError(f'{filename} is not a readable checkpoint (truncated or corrupt?): '
-                              f'{error}') from error
+        except RestrictedUnpicklingError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the restricted reader met, the file is unreadable
+            raise _Unreadable(str(error) or type(error).__name__) from safe_error
 
 
 def _resize_bias_table(table: torch.Tensor, rows: int) -> torch.Tensor:

@@ -235,7 +235,7 @@ def _read_named(source: Source, name: str, map_location: Any) -> Any:
         raise RestrictedUnpicklingError(
             f'{name}: refused to unpickle {error}. mmswin reads checkpoints without running pickled code: '
             'only tensors, containers, numpy data and mmengine HistoryBuffers') from error
-    except (pickle.UnpicklingError, EOFError) as error:
+    except (pickle.UnpicklingError, EOFError, struct.error, IndexError) as error:  # the last two: legacy files
         raise type(error)(f'{name} is not a readable checkpoint (truncated or corrupt?): '
                           f'{str(error) or type(error).__name__}') from error
     except RuntimeError as error:  # torch's: a damaged zip archive, a map_location that does not exist...
