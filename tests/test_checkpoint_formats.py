@@ -93,6 +93,26 @@ def test_official_detection_checkpoint(tmp_path, v1_official_sd, v1_expected):
     _assert_v1_golden(model, v1_expected, norms=norms)
 
 
+
+@pytest.mark.parametrize('prefix', [None, 'module.backbone.', 'backbone.', 'module.backbone', 'backbone'])
+def test_data_parallel_detector_with_the_prefix_as_spelt(tmp_path, v1_official_sd, v1_expected, prefix):
+    """A detector saved from DataParallel (``module.backbone.*``) loads with no prefix, with the prefix as the
+    file spells it and without its ``module.``; a prefix no key has is named in the error."""
+    sd = {f'module.backbone.{k}': v for k, v in _body(v1_official_sd).items()}
+    sd['module.neck.lateral_convs.0.conv.weight'] = torch.randn(256, 24, 1, 1)
+    path = tmp_path / 'dp_det.pth'
+    torch.save({'state_dict': sd}, path)
+    model = _load(SwinTransformer(**SMALL), path, prefix=prefix)
+    _assert_v1_golden(model, v1_expected)
+    plain = tmp_path / 'plain.pth'
+    torch.save({'model': v1_official_sd}, plain)
+    untouched = SwinTransformer(**SMALL)
+    before = copy.deepcopy(untouched.state_dict())
+    with pytest.raises(CheckpointError, match=rf"plain\.pth: no key starts with the prefix 'neck\.' \(first keys: "
+                                              r'patch_embed\.proj\.weight, '):
+        load_pretrained(untouched, str(plain), prefix='neck.')
+    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())
+
 def test_mmdet_format_from_mmdets_own_model(tmp_path, v1_official_sd, v1_expected):
     """mmdet's SwinTransformer loads the official file with its own converter; its state dict is an
     mmdet-format checkpoint produced by upstream code, which mmswin must load to the official outputs."""

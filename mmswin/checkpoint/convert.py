@@ -13,19 +13,11 @@ import torch
 
 from ..version import __version__
 from .atomic_write import write_atomic
-from .formats import FORMATS, convert_state_dict, infer_arch, strip_prefix, unwrap_checkpoint
+from .formats import FORMATS, convert_state_dict, infer_arch, unwrap_checkpoint
 from .loading import URL_PREFIXES, CheckpointError, read_checkpoint
 
 _BLOCK_KEY = re.compile(r'^layers\.(\d+)\.blocks\.(\d+)\.(.+)$')
 _DOWNSAMPLE_KEY = re.compile(r'^layers\.(\d+)\.downsample\.(.+)$')
-
-
-def _first_keys(keys: List[str], limit: int = 5) -> str:
-    """The first ``limit`` keys, comma-separated, for error messages."""
-    if not keys:
-        return 'none'
-    shown = ', '.join(keys[:limit])
-    return shown if len(keys) <= limit else f'{shown}, ... ({len(keys)} in all)'
 
 
 def _read(src: str, unsafe_load: bool) -> object:
@@ -94,9 +86,6 @@ def convert_checkpoint(src: str, prefix: Optional[str] = None, unsafe_load: bool
     obj = _read(src, unsafe_load)
     try:
         sd, meta = unwrap_checkpoint(obj)
-        if prefix and not strip_prefix(sd, prefix)[0]:
-            raise CheckpointError(f'{src}: no key starts with the prefix {prefix!r} (first keys: '
-                                  f'{_first_keys(list(sd))})')
         converted = convert_state_dict(sd, meta, prefix=prefix)
     except CheckpointError:
         raise

@@ -67,18 +67,30 @@ def unwrap_checkpoint(obj: object) -> Tuple[Mapping[str, torch.Tensor], dict]:
 
 def strip_prefix(sd: Mapping[str, torch.Tensor],
                  prefix: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Removes ``module.`` and a backbone prefix: ``prefix`` when given, else ``backbone.`` when the
-    dict is a whole detector/segmentor (has keys under it). Returns the stripped dict and the keys
-    outside the prefix (necks, heads)."""
-    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
-    if prefix is None and any(k.startswith('backbone.') for k in sd):
-        prefix = 'backbone.'
+    """Removes ``module.`` and a backbone prefix: ``prefix`` when given (as the keys spell it, with or without
+    their ``module.``), else ``backbone.`` when the dict is a whole detector/segmentor (has keys under it).
+    Returns the stripped dict and the keys outside the prefix (necks, heads).
+
+    Raises:
+        ValueError: No key starts with ``prefix``.
+    """
+    given = prefix
     if prefix:
         prefix = prefix if prefix.endswith('.') else prefix + '.'
-        outside = [k for k in sd if not k.startswith(prefix)]
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        return sd, outside
-    return sd, []
+        if any(k.startswith(prefix) for k in sd):  # e.g. 'module.backbone.' as the file has it
+            return ({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)},
+                    [k for k in sd if not k.startswith(prefix)])
+    unwrapped = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    if prefix is None and any(k.startswith('backbone.') for k in unwrapped):
+        prefix = 'backbone.'
+    if not prefix:
+        return unwrapped, []
+    if not any(k.startswith(prefix) for k in unwrapped):
+        keys = list(sd)
+        shown = ', '.join(keys[:5]) + (f', ... ({len(keys)} in all)' if len(keys) > 5 else '')
+        raise ValueError(f'no key starts with the prefix {given!r} (first keys: {shown or "none"})')
+    return ({k[len(prefix):]: v for k, v in unwrapped.items() if k.startswith(prefix)},
+            [k for k in unwrapped if not k.startswith(prefix)])
 
 
 def detect_format(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = None) -> Tuple[str, int]:
