@@ -1,6 +1,7 @@
 """Every supported checkpoint format loads to the official outputs; bad checkpoints give clear errors."""
 import copy
 import re
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -112,6 +113,43 @@ def test_data_parallel_detector_with_the_prefix_as_spelt(tmp_path, v1_official_s
                                               r'patch_embed\.proj\.weight, '):
         load_pretrained(untouched, str(plain), prefix='neck.')
     assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())
+
+
+@pytest.mark.parametrize('size', [(64, 64), (64, 96)], ids=['square', 'not-square'])
+def test_mmdets_absolute_position_embedding(tmp_path, size):
+    """mmdet's ``(1, L, C)`` absolute position embedding, on a square and a non-square pre-training grid, loads
+    to mmdet's outputs; the converter records the pre-training size in ``meta['arch']`` (a model rebuilt from it
+    gives the same outputs), and refuses a non-square one, whose height and width the file does not give."""
+    from mmdet.models.backbones import swin as mmdet_swin
+    arch = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), use_abs_pos_embed=True)
+    torch.manual_seed(0)
+    theirs = mmdet_swin.SwinTransformer(**arch, pretrain_img_size=size)
+    theirs.init_weights()
+    assert theirs.absolute_pos_embed.shape == (1, size[0] * size[1] // 16, 24)
+    x = torch.randn(1, 3, *size)
+    expected = _run(theirs, x)  # mmdet adds the embedding as it is: inputs of the pre-training size
+    path = tmp_path / 'mmdet_abs.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in theirs.state_dict().items()}}, path)
+    ours = _load(SwinTransformer(**arch, pretrain_img_size=size), path)
+    for out, ref in zip(_run(ours, x), expected, strict=True):
+        assert (out - ref).abs().max() <= 1e-5
+    with pytest.raises(CheckpointError, match=r'mmdet_abs\.pth \(openmmlab format\): absolute_pos_embed has '
+                                              rf'{size[0] * size[1] // 16} positions, .* the model has 56x56: set '
+                                              r'pretrain_img_size') if size[0] != size[1] else nullcontext():
+        load_pretrained(SwinTransformer(**arch), str(path))  # 224: a square one is resized, bicubic
+    if size[0] != size[1]:
+        with pytest.raises(CheckpointError, match=r'mmdet_abs\.pth .*cannot infer the architecture from the weights: '
+                                                  r'absolute_pos_embed of shape \(1, 384, 24\): 384 positions are not '
+                                                  r'a square grid'):
+            convert_checkpoint(str(path))
+        return
+    converted = convert_checkpoint(str(path))
+    assert converted['meta']['arch']['pretrain_img_size'] == 64
+    rebuilt = SwinTransformer(**converted['meta']['arch'])
+    rebuilt.load_state_dict(converted['state_dict'])
+    for out, ref in zip(_run(rebuilt, x), expected, strict=True):
+        assert (out - ref).abs().max() <= 1e-5
+
 
 def test_mmdet_format_from_mmdets_own_model(tmp_path, v1_official_sd, v1_expected):
     """mmdet's SwinTransformer loads the official file with its own converter; its state dict is an

@@ -141,11 +141,12 @@ def merge_official_to_unfold(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _abs_pos_to_nchw(t: torch.Tensor) -> torch.Tensor:
-    """``(1, L, C)`` (official classification, mmdet) to ``(1, C, H, W)`` with ``H = W = sqrt(L)``."""
+    """``(1, L, C)`` (official classification, mmdet) to ``(1, C, H, W)`` with ``H = W = sqrt(L)``. A
+    non-square ``L`` stays ``(1, L, C)``: only the model it is loaded into knows its grid (``pretrain_img_size``)."""
     if t.ndim == 3:
         side = math.isqrt(t.shape[1])
         if side * side != t.shape[1]:
-            raise ValueError(f'absolute_pos_embed of shape {tuple(t.shape)} is not a square grid')
+            return t
         return t.transpose(1, 2).reshape(1, t.shape[2], side, side)
     return t
 
@@ -226,4 +227,12 @@ def infer_arch(sd: Mapping[str, torch.Tensor], version: int) -> dict:
         arch['window_size'] = [(math.isqrt(sd[f'layers.{i}.blocks.0.{head_key}'].shape[0]) + 1) // 2
                                for i in range(len(depths))]
     arch['strides'] = (arch['patch_size'],) + (2,) * (len(depths) - 1)
+    if 'absolute_pos_embed' in sd:
+        pos = sd['absolute_pos_embed']
+        if pos.ndim != 4:
+            raise ValueError(f'absolute_pos_embed of shape {tuple(pos.shape)}: {pos.shape[1]} positions are not a '
+                             'square grid, and the file does not say its height and width (load it into a model '
+                             'whose pretrain_img_size gives them)')
+        height, width = (n * arch['patch_size'] for n in pos.shape[2:])
+        arch['pretrain_img_size'] = height if height == width else [height, width]
     return arch

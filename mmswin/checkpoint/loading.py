@@ -161,6 +161,16 @@ def adapt_to_model(converted: Converted, target: Dict[str, torch.Tensor],
                 value = _resize_bias_table(value, want[0])
             elif key == 'absolute_pos_embed' and value.ndim == 4 and value.shape[:2] == want[:2]:
                 value = F.interpolate(value.float(), size=tuple(want[2:]), mode='bicubic').to(value.dtype)
+            elif (key == 'absolute_pos_embed' and value.ndim == 3 and len(want) == 4 and value.shape[0] == 1
+                  and value.shape[2] == want[1]):
+                # (1, L, C) of a grid that is not square: the model's grid, if it has L positions
+                if value.shape[1] != want[2] * want[3]:
+                    raise CheckpointError(
+                        f'{source} ({fmt} format): absolute_pos_embed has {value.shape[1]} positions, not a square '
+                        f'grid, and the model has {want[2]}x{want[3]}: set pretrain_img_size to the size the '
+                        f'checkpoint was trained at')
+                out[key] = value.transpose(1, 2).reshape(want)
+                continue
             else:
                 raise CheckpointError(
                     f'{source} ({fmt} format, Swin V{converted.version}) does not fit the model: '
