@@ -268,6 +268,37 @@ def test_norm_cfg_requires_grad_false_freezes_the_norms():
     assert len(norms) > 20 and frozen == norms
 
 
+
+@pytest.mark.parametrize('norm_cfg', [dict(type='LN', elementwise_affine=False), dict(type='LN', bias=False)],
+                         ids=['no-affine', 'no-bias'])
+def test_norms_without_weight_or_bias_as_mmdet_builds_them(tmp_path, norm_cfg):
+    """``norm_cfg`` options of ``nn.LayerNorm`` that leave a norm without weight or bias: V1 with mmdet's weights
+    gives mmdet's outputs, and both versions initialise and train (finite gradients)."""
+    from mmdet.models.backbones import swin as mmdet_swin
+
+    from mmswin.checkpoint import load_pretrained
+    arch = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    theirs = mmdet_swin.SwinTransformer(**arch, norm_cfg=norm_cfg)
+    theirs.init_weights()
+    theirs.eval()  # (mmdet's train() returns None)
+    torch.save(theirs.state_dict(), tmp_path / 'mmdet.pth')
+    ours = SwinTransformer(**arch, norm_cfg=norm_cfg)
+    load_pretrained(ours, str(tmp_path / 'mmdet.pth'))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for out, ref in zip(ours.eval()(x), theirs(x), strict=True):
+            assert (out - ref).abs().max() <= 1e-5
+    for cls in BACKBONES:
+        model = cls(**arch, norm_cfg=norm_cfg)
+        model.init_weights()
+        norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+        assert norms and all(m.bias is None for m in norms)
+        assert all((m.weight is None) == (not norm_cfg.get('elementwise_affine', True)) for m in norms)
+        sum(o.sum() for o in model.train()(x)).backward()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
 def test_strides_longer_than_the_stages_are_taken_as_mmdet_takes_them():
     model = SwinTransformer(**dict(SMALL, depths=(2, 2), num_heads=(1, 2)), out_indices=(0, 1))
     assert len(model.layers) == 2

@@ -295,9 +295,11 @@ class SwinTransformer(BaseModule):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):  # (without weight or bias with elementwise_affine or bias off)
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             if isinstance(m, CosineWindowAttention):
                 nn.init.constant_(m.logit_scale, torch.log(torch.tensor(10.0)).item())
             elif isinstance(m, WindowAttention):
@@ -421,6 +423,6 @@ class SwinTransformerV2(SwinTransformer):
         # Official res-post-norm initialisation: each residual branch starts at zero.
         for stage in self.layers:
             for blk in stage.blocks:
-                for norm in (blk.norm1, blk.norm2):
-                    nn.init.zeros_(norm.weight)
-                    nn.init.zeros_(norm.bias)
+                for param in (p for norm in (blk.norm1, blk.norm2) for p in (norm.weight, norm.bias)):
+                    if param is not None:
+                        nn.init.zeros_(param)
