@@ -31,8 +31,9 @@ def modules(affine: bool = True, biases: bool = True, seed: int = 0):
     return norm, mlp
 
 
-def half(norm, mlp, x, grad, post_norm: bool, fused: bool):
-    """The half's output, ``x``'s gradient and the parameters' gradients (``None`` where a parameter has none)."""
+def half(norm, mlp, x, grad, post_norm: bool, fused: bool, on_mlp_output=None):
+    """The half's output, ``x``'s gradient and the parameters' gradients (``None`` where a parameter has none);
+    ``on_mlp_output``, for the separate passes, is handed the gradient at the MLP's output."""
     x = x.detach().clone().requires_grad_(x.requires_grad)
     params = list(norm.parameters()) + list(mlp.parameters())
     for p in params:
@@ -42,7 +43,10 @@ def half(norm, mlp, x, grad, post_norm: bool, fused: bool):
             assert mlp_half.applies(x, norm, mlp, DropPath(0.0))
             y = mlp_half.norm_mlp_residual(x, norm, mlp, post_norm)
         else:
-            y = x + (norm(mlp(x)) if post_norm else mlp(norm(x)))
+            branch = mlp(x) if post_norm else mlp(norm(x))
+            if on_mlp_output is not None:
+                branch.register_hook(on_mlp_output)
+            y = x + (norm(branch) if post_norm else branch)
     y.backward(grad)
     return y, x.grad, [p.grad for p in params]
 
@@ -67,13 +71,10 @@ def test_the_pass_gives_the_values_of_the_separate_passes(n, post_norm, affine, 
     threads = torch.get_num_threads()
     torch.set_num_threads(n)
     at_mlp_output = []  # the separate passes' bf16 gradient at the MLP's output (its fc2)
-    hook = mlp.register_forward_hook(lambda m, args, out: out.register_hook(at_mlp_output.append) and None)
     try:
         fused = half(norm, mlp, x, grad, post_norm, fused=True)
-        at_mlp_output.clear()
-        apart = half(norm, mlp, x, grad, post_norm, fused=False)
+        apart = half(norm, mlp, x, grad, post_norm, fused=False, on_mlp_output=at_mlp_output.append)
     finally:
-        hook.remove()
         torch.set_num_threads(threads)
     assert fused[0].dtype == fused[1].dtype == torch.bfloat16 and fused[0].shape == x.shape
     assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])

@@ -119,12 +119,15 @@ class WindowAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B_, N, C)`` to ``(B_, N, 3, nH, head_dim)``."""
         b, n, c = x.shape
-        return linear(x, self.qkv.weight, self.qkv_bias()).view(b, n, 3, self.num_heads, c // self.num_heads)
+        bias = self.qkv_bias()
+        # V1's projection is the qkv layer itself (hooks see it); V2's bias is assembled from q_bias and v_bias
+        qkv = self.qkv(x) if bias is self.qkv.bias else linear(x, self.qkv.weight, bias)
+        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads)
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         """``(q, k, v, scale)``, each ``(B_, nH, N, head_dim)``, such that the logits are
         ``scale * q @ k^T``."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or layers.plain_calls(self.qkv):
             q, k, v = self.project_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
             return q, k, v, self.scale
         # q scaled first, as in the official model
@@ -149,7 +152,7 @@ class WindowAttention(nn.Module):
         """
         bw, n, _ = x.shape
         per_chunk = max(1, layers.chunk_tokens(x) // n)
-        if bw <= per_chunk or torch.compiler.is_compiling():
+        if bw <= per_chunk or torch.compiler.is_compiling() or layers.plain_calls(self):  # (hooks: one call)
             return self.attend(x, window, mask)
         parts = ((rows, self.attend(x[rows], window, None if mask is None else mask[mask_rows]))
                  for rows, mask_rows in image_chunks(bw, bw if mask is None else mask.shape[0], per_chunk))
@@ -166,7 +169,7 @@ class WindowAttention(nn.Module):
         """:meth:`forward` in one piece: ``x: (B * nW, N, C)``, ``mask: (nW, N, N)`` or ``None``."""
         bw, n, c = x.shape
         drop = self.attn_drop if self.training else 0.0
-        if self.use_sdpa and fused_attention.applies(x, self.num_heads, drop):
+        if self.use_sdpa and not layers.plain_calls(self) and fused_attention.applies(x, self.num_heads, drop):
             bias = self.attention_bias(window, torch.float32)[0]  # (nH, N, N)
             out = fused_attention.projected_window_attention(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
                                                              bias, mask, self.head_logit_scales(), self.cosine,
@@ -182,7 +185,8 @@ class WindowAttention(nn.Module):
         """Whether :meth:`attend_rows` takes windows of ``window`` whose tokens are ``x: (..., C)``: where the
         compiled kernels take the attention (:func:`.fused_attention.applies`)."""
         drop = self.attn_drop if self.training else 0.0
-        return self.use_sdpa and fused_attention.applies(x, self.num_heads, drop, window[0] * window[1])
+        return (self.use_sdpa and not layers.plain_calls(self)
+                and fused_attention.applies(x, self.num_heads, drop, window[0] * window[1]))
 
     def attend_rows(self, x: torch.Tensor, slots: torch.Tensor, window: Size2,
                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -271,7 +275,7 @@ class CosineWindowAttention(WindowAttention):
         return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or layers.plain_calls(self.qkv):
             qkv = self.project_qkv(x).permute(2, 0, 3, 1, 4)
             qk, v = qkv[:2], qkv[2]
         else:

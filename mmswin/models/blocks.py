@@ -426,7 +426,7 @@ class SwinStage(nn.Module):
         hp, wp = -(-h // window[0]) * window[0], -(-w // window[1]) * window[1]
         mask = shift_mask((hp, wp), window, shift, x.device)
         no_shift = (0, 0)
-        in_place = not layers.observed(self)  # a hooked block keeps the tensors it was handed
+        in_place = not layers.plain_calls(self)  # a hooked block keeps the tensors it was handed
         for i, blk in enumerate(self.blocks):
             args = (window, shift, mask) if i % 2 else (window, no_shift, None)
             if self.with_cp and x.requires_grad:

@@ -134,6 +134,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., C)`` to ``(..., C)``."""
+        if plain_calls(self):
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
         recorded = needs_grad(x, self.fc1.weight, self.fc2.weight)
         if recorded and isinstance(self.act, nn.GELU) and self.drop.p == 0:
             return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate, mlp_chunk_elements(x))
@@ -250,6 +252,14 @@ def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: Optional[Drop
     if needs_grad(x, branch):
         return x + branch
     return branch.add_(x)
+
+
+def plain_calls(*modules: nn.Module) -> bool:
+    """Whether the layers of ``modules`` must run as PyTorch's modules and operators, one after the other, instead
+    of mmswin's fused passes that use their weights directly: under TorchScript tracing (what FLOP counters such as
+    mmengine's ``get_model_complexity_info`` read) and where a forward hook or pre-hook would see the layers
+    (:func:`observed`: feature extraction, pruning, quantisation observers)."""
+    return torch.jit.is_tracing() or any(observed(m) for m in modules)
 
 
 def observed(module: nn.Module) -> bool:

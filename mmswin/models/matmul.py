@@ -259,7 +259,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         return out.to(torch.bfloat16)
     bw, heads, n, _ = q.shape
     nw = bw if mask is None else mask.shape[0]
-    fused = use_sdpa and (q.device.type != 'cpu' or q.dtype == torch.float32 and not (
+    # (not under TorchScript tracing: FLOP counters read matmuls, and know no SDPA)
+    fused = use_sdpa and not torch.jit.is_tracing() and (q.device.type != 'cpu' or q.dtype == torch.float32 and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))))
     if fused:
         # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).

@@ -21,7 +21,7 @@ from torch import nn
 from . import cpu_kernels
 from .cpu_kernels import first_order_only
 from .layer_norm import LayerNorm
-from .layers import mlp_chunk_elements
+from .layers import mlp_chunk_elements, plain_calls
 from .matmul import autocast_dtype, autocast_off, bf16_products_in_fp32, bias_fused
 
 
@@ -59,8 +59,8 @@ class _NormGeluMlpResidual(torch.autograd.Function):
 def applies(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, drop_path: nn.Module) -> bool:
     """Whether :func:`norm_mlp_residual` takes the MLP half of ``x: (..., C)`` with these modules: where autograd
     records, bf16 ``x`` on the CPU with bf16 products (autocast or none) in the kernels, mmswin's layer norm, the
-    exact GELU, no dropout, no stochastic depth in effect, not under torch.compile, and at least two chunks per
-    thread (:func:`.cpu_kernels.threads_share`)."""
+    exact GELU, no dropout, no stochastic depth in effect, not under torch.compile, no hook on the layers
+    (:func:`.layers.plain_calls`), and at least two chunks per thread (:func:`.cpu_kernels.threads_share`)."""
     if x.device.type != 'cpu' or x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return False
     if autocast_dtype(x) != torch.bfloat16 or bf16_products_in_fp32(x) or not cpu_kernels.use_kernels():
@@ -68,7 +68,7 @@ def applies(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, drop_path: nn.Modu
     act = getattr(mlp, 'act', None)
     if not (isinstance(act, nn.GELU) and act.approximate == 'none' and mlp.drop.p == 0):
         return False
-    if not isinstance(norm, LayerNorm) or norm.normalized_shape != x.shape[-1:]:
+    if not isinstance(norm, LayerNorm) or norm.normalized_shape != x.shape[-1:] or plain_calls(norm, mlp):
         return False
     if drop_path.training and drop_path.p > 0:
         return False
