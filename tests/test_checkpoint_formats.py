@@ -187,6 +187,56 @@ def _openmmlab_v2(sd: dict) -> dict:
     return out
 
 
+
+def test_load_state_dict_renames_a_detector_trained_with_mmdets_swin(tmp_path):
+    """A detector checkpoint whose backbone is mmdet's Swin, loaded as mmengine's ``load_from`` and ``resume`` load
+    it (``load_checkpoint``, not strict) or by ``load_state_dict`` (strict), fills mmswin's backbone with those
+    weights (mmdet's outputs), not only the neck."""
+    from mmdet.models.backbones import swin as mmdet_swin
+    from mmengine.runner.checkpoint import load_checkpoint
+
+    class Detector(nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone, self.neck = backbone, nn.Linear(2, 2)
+
+    arch = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    trained = Detector(mmdet_swin.SwinTransformer(**arch))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_(0, 0.05)
+    path = tmp_path / 'detector.pth'
+    torch.save({'state_dict': trained.state_dict(), 'meta': {}}, path)
+    x = torch.randn(1, 3, 64, 96)
+    trained.backbone.eval()
+    expected = _run(trained.backbone, x)
+    for strict in (False, True):
+        ours = Detector(SwinTransformer(**arch))
+        if strict:
+            assert ours.load_state_dict(torch.load(path)['state_dict']) is not None  # raises on any mismatch
+        else:
+            load_checkpoint(ours, str(path), map_location='cpu', strict=False)
+        assert torch.equal(ours.neck.weight, trained.neck.weight)
+        for out, ref in zip(_run(ours.backbone, x), expected, strict=True):
+            assert (out - ref).abs().max() <= 1e-5
+    own = SwinTransformer(**arch).state_dict()  # mmswin's own keys are loaded as they are
+    again = SwinTransformer(**arch)
+    again.load_state_dict(own)
+    assert all(torch.equal(v, own[k]) for k, v in again.state_dict().items())
+
+
+def test_load_state_dict_renames_timms_layout(v1_official_sd, v1_expected):
+    sd = {}
+    for k, v in _body(v1_official_sd).items():
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        sd[f'layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}' if m else k] = v
+    model = SwinTransformer(**SMALL)
+    result = model.load_state_dict(sd, strict=False)
+    assert result.missing_keys == [f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias')]
+    assert result.unexpected_keys == []
+    _assert_v1_golden(model, v1_expected)
+
 def test_mmpretrain_v2_layout(tmp_path, v2_official_sd, v2_expected):
     path = tmp_path / 'mmpretrain.pth'
     torch.save({'state_dict': _openmmlab_v2(v2_official_sd), 'meta': {}}, path)

@@ -7,7 +7,7 @@ mmswin's own names are the official ones with the downsample at the end of each 
 import math
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -190,6 +190,27 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = No
         _reorder_unfold_merges(out)
     return Converted(out, fmt, version, ignored, derived)
 
+
+
+def rename_foreign_keys(sd: Dict[str, torch.Tensor], prefix: str, own: Collection[str]) -> Optional[Converted]:
+    """In place: the keys of ``sd`` under ``prefix`` renamed from mmdet's, mmseg's, mmpretrain's or timm's Swin to
+    mmswin's, where they are not all ``own`` keys (mmswin's names, without the prefix) and are one of those
+    layouts; derived buffers dropped. Returns the conversion, or ``None`` where nothing was renamed."""
+    local = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not local or all(k in own for k in local):
+        return None
+    try:
+        fmt, _ = detect_format(local)
+    except ValueError:
+        return None
+    if fmt not in ('openmmlab', 'timm'):
+        return None
+    converted = convert_state_dict(local, prefix='')
+    for key in local:
+        del sd[prefix + key]
+    sd.update((prefix + k, v) for k, v in converted.state_dict.items())
+    sd.update((prefix + k, local[k]) for k in converted.ignored if k in local)  # left to the caller to report
+    return converted
 
 def _reorder_unfold_merges(sd: StateDict) -> None:
     """In place: reorders every merge reduction, and the V1 merge norms (4C wide, unlike V2's 2C),

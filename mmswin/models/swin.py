@@ -103,6 +103,21 @@ def _unknown_arguments_error(cls: type, unknown: Dict[str, object]) -> TypeError
     return TypeError(f'{cls.__name__} got unexpected argument(s): {"; ".join(reasons)}')
 
 
+
+def _rename_foreign_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of the backbones: weights of mmdet's, mmseg's, mmpretrain's or timm's Swin (a
+    detector or segmentor trained with one, as mmengine's ``load_from`` and ``resume`` load it) are renamed to
+    mmswin's, so that they are loaded rather than reported as unexpected while the backbone keeps its own."""
+    from mmengine.logging import print_log
+
+    from ..checkpoint.formats import FORMATS, rename_foreign_keys  # imported here: checkpoint imports the models
+    own = {k for k in module.state_dict(keep_vars=True)}
+    converted = rename_foreign_keys(state_dict, prefix, own)
+    if converted is not None:
+        print_log(f'{type(module).__name__} at {prefix[:-1] or "the top"}: renamed '
+                  f'{len(converted.state_dict)} weights of {FORMATS[converted.source_format]} to mmswin\'s names',
+                  logger='current')
+
 def _split_init_cfg(init_cfg: Union[None, dict, List[dict]]) -> Tuple[List[dict], List[dict]]:
     """``init_cfg``'s ``Pretrained`` entries and the others, each checked."""
     cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg] if init_cfg else []
@@ -286,6 +301,7 @@ class SwinTransformer(BaseModule):
 
         self._init_default_weights()
         self._freeze_stages()
+        self.register_load_state_dict_pre_hook(_rename_foreign_keys)
 
     # ------------------------------------------------------------------ weights
     def _init_default_weights(self) -> None:
