@@ -299,6 +299,31 @@ def test_norms_without_weight_or_bias_as_mmdet_builds_them(tmp_path, norm_cfg):
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
+
+@pytest.mark.parametrize('act', ['LeakyReLU', 'HSwish', 'HSigmoid', 'Clamp', 'PReLU'])
+def test_activations_mmcv_builds_give_mmdets_outputs(tmp_path, act):
+    """``act_cfg`` types beyond the GELU (mmcv's and PyTorch's, found as mmcv's ``build_activation_layer`` finds
+    them; PReLU with its weights): V1 with mmdet's weights gives mmdet's outputs, and trains."""
+    from mmdet.models.backbones import swin as mmdet_swin
+
+    from mmswin.checkpoint import load_pretrained
+    arch = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0,
+                act_cfg=dict(type=act))
+    torch.manual_seed(0)
+    theirs = mmdet_swin.SwinTransformer(**arch)
+    theirs.init_weights()
+    theirs.eval()  # (mmdet's train() returns None)
+    torch.save(theirs.state_dict(), tmp_path / 'mmdet.pth')
+    ours = SwinTransformer(**arch)
+    load_pretrained(ours, str(tmp_path / 'mmdet.pth'))
+    assert type(ours.layers[0].blocks[0].mlp.act) is type(theirs.stages[0].blocks[0].ffn.layers[0][1])
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for out, ref in zip(ours.eval()(x), theirs(x), strict=True):
+            assert (out - ref).abs().max() <= 1e-5
+    sum(o.sum() for o in ours.train()(x)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
+
 def test_strides_longer_than_the_stages_are_taken_as_mmdet_takes_them():
     model = SwinTransformer(**dict(SMALL, depths=(2, 2), num_heads=(1, 2)), out_indices=(0, 1))
     assert len(model.layers) == 2

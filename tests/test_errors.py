@@ -50,7 +50,7 @@ BACKBONES = [SwinTransformer, SwinTransformerV2]
     (dict(init_cfg=dict(type='Pretrained', checkpoint='a.pth', unsafe_load='no')), TypeError,
      r"unsafe_load must be True or False, got 'no'"),
     (dict(norm_cfg=dict(type='GN')), ValueError, r"norm_cfg type 'GN' is not supported"),
-    (dict(act_cfg=dict(type='Mish')), ValueError, r"act_cfg type 'Mish' is not supported"),
+    (dict(act_cfg=dict(type='Mesh')), ValueError, r"act_cfg type 'Mesh' is not an activation of PyTorch or mmcv"),
     # mmpretrain's arguments, and typos
     (dict(img_size=256), TypeError, r'got unexpected argument\(s\): img_size \(an mmpretrain argument: '
                                     r"mmswin's name for it is pretrain_img_size"),

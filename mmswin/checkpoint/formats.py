@@ -25,6 +25,7 @@ _OPENMMLAB_RENAMES = (
     (re.compile(r'^stages\.'), 'layers.'),
     (re.compile(r'\.attn\.w_msa\.'), '.attn.'),
     (re.compile(r'\.ffn\.layers\.0\.0\.'), '.mlp.fc1.'),
+    (re.compile(r'\.ffn\.layers\.0\.1\.'), '.mlp.act.'),  # an activation with weights (act_cfg PReLU)
     (re.compile(r'\.ffn\.layers\.1\.'), '.mlp.fc2.'),
 )
 

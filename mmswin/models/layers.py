@@ -78,11 +78,32 @@ def build_norm(norm_cfg: Optional[dict], dim: int) -> nn.Module:
 
 
 def build_activation(act_cfg: Optional[dict]) -> nn.Module:
-    """Builds an activation from an mmcv-style ``act_cfg`` such as ``dict(type='GELU')``."""
+    """Builds an activation from an mmcv-style ``act_cfg`` such as ``dict(type='GELU')``: GELU, ReLU, SiLU (Swish)
+    and Identity directly, any other type as mmcv's ``build_activation_layer`` finds it (its activations, and
+    PyTorch's, in mmengine's registry; PyTorch's by name without mmcv). Only the exact GELU takes mmswin's fused
+    passes."""
     kind, kwargs = _split_cfg(act_cfg, 'act_cfg', 'GELU')
-    if kind not in _ACTS:
-        raise ValueError(f'act_cfg type {kind!r} is not supported; use one of {sorted(_ACTS)}')
-    return _ACTS[kind](**kwargs)
+    if kind in _ACTS:
+        return _ACTS[kind](**kwargs)
+    cls = _registered_activation(kind)
+    if cls is None:
+        raise ValueError(f'act_cfg type {kind!r} is not an activation of PyTorch or mmcv '
+                         f'(mmswin builds {sorted(_ACTS)} itself)')
+    return cls(**kwargs)
+
+
+def _registered_activation(kind: str) -> Optional[type]:
+    """The activation class named ``kind`` in mmengine's registry (where mmcv registers its activations and
+    PyTorch's), or else in ``torch.nn``."""
+    try:
+        import mmcv.cnn  # noqa: F401 - registers the activations
+        from mmengine.registry import MODELS
+        cls = MODELS.get(kind)
+    except ImportError:
+        cls = None
+    if cls is None:
+        cls = getattr(nn.modules.activation, kind, None)
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
 
 
 class DropPath(nn.Module):
