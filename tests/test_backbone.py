@@ -324,6 +324,34 @@ def test_activations_mmcv_builds_give_mmdets_outputs(tmp_path, act):
     sum(o.sum() for o in ours.train()(x)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
 
+
+def test_patch_norm_off_as_mmdet_builds_it(tmp_path):
+    """``patch_norm=False`` takes the norms out of the patch embedding and of every patch merging, as in mmdet's
+    Swin: the same parameters, mmdet's weights load and give its outputs; the converter's ``meta['arch']``
+    rebuilds the model."""
+    from mmdet.models.backbones import swin as mmdet_swin
+
+    from mmswin.checkpoint import load_pretrained
+    from mmswin.checkpoint.convert import convert_checkpoint
+    arch = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0, patch_norm=False)
+    torch.manual_seed(0)
+    theirs = mmdet_swin.SwinTransformer(**arch)
+    theirs.init_weights()
+    theirs.eval()  # (mmdet's train() returns None)
+    ours = SwinTransformer(**arch)
+    assert n_params(ours) == n_params(theirs)
+    assert [type(stage.downsample.norm) for stage in ours.layers[:3]] == [nn.Identity] * 3
+    path = tmp_path / 'mmdet.pth'
+    torch.save(theirs.state_dict(), path)
+    load_pretrained(ours, str(path))
+    x = torch.randn(1, 3, 64, 96)
+    rebuilt_from = convert_checkpoint(str(path))
+    rebuilt = SwinTransformer(**rebuilt_from['meta']['arch'])
+    rebuilt.load_state_dict(rebuilt_from['state_dict'])
+    with torch.no_grad():
+        for out, again, ref in zip(ours.eval()(x), rebuilt.eval()(x), theirs(x), strict=True):
+            assert (out - ref).abs().max() <= 1e-5 and (again - ref).abs().max() <= 1e-5
+
 def test_strides_longer_than_the_stages_are_taken_as_mmdet_takes_them():
     model = SwinTransformer(**dict(SMALL, depths=(2, 2), num_heads=(1, 2)), out_indices=(0, 1))
     assert len(model.layers) == 2

@@ -326,13 +326,14 @@ class PatchEmbed(nn.Module):
 
 class PatchMerging(nn.Module):
     """2x2 patch merging (V1): concatenate neighbours ``[(0,0), (1,0), (0,1), (1,1)]`` (row, col) to 4C,
-    normalise, reduce to 2C. Odd sizes are zero-padded right/bottom."""
+    normalise (unless ``use_norm`` is off: ``nn.Identity``), reduce to 2C. Odd sizes are zero-padded
+    right/bottom."""
 
-    def __init__(self, dim: int, norm_cfg: Optional[dict] = None) -> None:
+    def __init__(self, dim: int, norm_cfg: Optional[dict] = None, use_norm: bool = True) -> None:
         super().__init__()
         self.dim = dim
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = build_norm(norm_cfg, self.norm_dim)
+        self.norm = build_norm(norm_cfg, self.norm_dim) if use_norm else nn.Identity()
 
     @property
     def norm_dim(self) -> int:

@@ -157,7 +157,8 @@ class SwinTransformer(BaseModule):
         out_indices: Stages whose outputs are returned, each through its own ``norm{i}``.
         qkv_bias: Learn q/k/v biases.
         qk_scale: Override of ``head_dim ** -0.5`` (V1 only).
-        patch_norm: Normalise the patch embedding.
+        patch_norm: Normalise the patch embedding and the patch merging's features (mmdet's and mmseg's meaning;
+            the official code's switch leaves the merging's norms, but every official model has them on).
         drop_rate: Dropout after position embedding and in MLPs.
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks to this value.
@@ -293,7 +294,7 @@ class SwinTransformer(BaseModule):
                           act_cfg=act_cfg, norm_cfg=norm_cfg)
                 for j in range(depth)
             ]
-            downsample = merge_cls(dim, norm_cfg) if i < num_stages - 1 else None
+            downsample = merge_cls(dim, norm_cfg, use_norm=patch_norm) if i < num_stages - 1 else None
             self.layers.append(SwinStage(blocks, ws, downsample, shrink_window=self.version == 2,
                                          with_cp=with_cp))
         for i in out_indices:
