@@ -110,6 +110,28 @@ def test_v2_unit_vectors_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+
+def test_v2_attention_in_fp64_passes_gradcheck():
+    """A float64 V2 attention keeps float64 throughout, its continuous position bias included: gradcheck of the
+    output against the inputs and every parameter, the position-bias MLP's among them."""
+    from torch.func import functional_call
+
+    from mmswin.models.attention import CosineWindowAttention
+    torch.manual_seed(0)
+    attn = CosineWindowAttention(16, 2, 3, use_sdpa=False).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    assert attn.position_bias((3, 3)).dtype == torch.float64
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in attn.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in attn.parameters()]
+
+    def run(inputs, *values):
+        return functional_call(attn, dict(zip(names, values)), (inputs, (3, 3)))
+
+    assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+
 def test_v2_unit_vectors_keep_their_output_not_their_input():
     """The backward works from the output: the input (V2's raw queries and keys) is not kept, and a
     scale whose exponential underflows to zero gives the exponent the zero gradient autograd gives."""

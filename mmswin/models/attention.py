@@ -262,11 +262,12 @@ class CosineWindowAttention(WindowAttention):
         coords = log_spaced_coords_on(*window, self.pretrained_window_size, str(weight.device)).to(weight.dtype)
         index = relative_position_index_on(*window, str(weight.device))
         n = window[0] * window[1]
-        # In the parameters' dtype even under autocast (fp32 for fp32 parameters): the MLP's output goes through
+        # The MLP in the parameters' dtype even under autocast (fp32 for fp32 parameters); its output goes through
         # a sigmoid scaled by 16 (applied to the table before the lookup: the same values, computed once per
-        # offset).
+        # offset), in fp32 for half-precision parameters and fp64 for fp64 ones.
         with autocast_off(weight.device.type):
-            table = 16 * torch.sigmoid(self.cpb_mlp(coords).float())  # ((2wh-1)(2ww-1), nH)
+            out = self.cpb_mlp(coords)
+            table = 16 * torch.sigmoid(out if out.dtype == torch.float64 else out.float())  # ((2wh-1)(2ww-1), nH)
         return gather_bias(table, index, n)
 
     def qkv_bias(self) -> Optional[torch.Tensor]:

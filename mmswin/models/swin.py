@@ -79,7 +79,8 @@ MMPRETRAIN_ONLY = {
     'img_size': "mmswin's name for it is pretrain_img_size (it sizes the use_abs_pos_embed table only)",
     'pad_small_map': 'maps smaller than a window are handled as in the official models: V1 pads them (the '
                      "official detection backbone, as mmdet's), V2 takes a window of min(H, W) without shift "
-                     "(the official V2, as mmpretrain's pad_small_map=False)",
+                     "(the official V2; mmpretrain pads such maps to the window with pad_small_map=True and refuses "
+                     "them with False, so its models differ there)",
     'interpolate_mode': 'use_abs_pos_embed is always interpolated bicubically',
     'stage_cfgs': 'give the stage options as arguments of their own (window_size, mlp_ratio, qkv_bias, ...)',
     'patch_cfg': 'give the patch embedding options as arguments of their own (patch_size, patch_norm, '
