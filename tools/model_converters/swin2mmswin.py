@@ -12,12 +12,14 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
-import torch
-from mmengine.logging import MMLogger
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # a clone
 
-from mmswin.checkpoint import CheckpointError, load_pretrained
-from mmswin.checkpoint.convert import convert_checkpoint, save_atomic
-from mmswin.models import SwinTransformer, SwinTransformerV2
+import torch  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
+
+from mmswin.checkpoint import CheckpointError, load_pretrained  # noqa: E402
+from mmswin.checkpoint.convert import convert_checkpoint, save_atomic  # noqa: E402
+from mmswin.models import SwinTransformer, SwinTransformerV2  # noqa: E402
 
 
 class VerificationError(Exception):
