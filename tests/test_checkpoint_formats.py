@@ -407,6 +407,8 @@ def test_error_qkv_biases_without_a_place(tmp_path):
     (lambda t: torch.empty(t.shape, device='meta'), r'is a torch\.float32 on meta, not a tensor of values'),
     (lambda t: t.to(torch.complex64), r'is a torch\.complex64 on cpu'),
     (lambda t: t.long(), r'is a torch\.int64 on cpu'),
+    (lambda t: t.to_sparse(), r'is a torch\.sparse_coo tensor'),
+    (lambda t: t.to_sparse_csr(), r'is a torch\.sparse_csr tensor'),
 ])
 def test_error_tensors_the_model_cannot_take(tmp_path, change, pattern):
     """Checked before anything is copied: the model is untouched."""

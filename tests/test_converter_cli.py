@@ -201,11 +201,11 @@ def test_verify_passes_on_a_checkpoint_of_two_stages(tmp_path, capsys):
 def test_failed_download_names_the_url(tmp_path, capsys, monkeypatch):
     url = 'https://example.invalid/models/swin_tiny.pth'
 
-    def refuse(source, dst, *args, **kwargs):
+    def refuse(request, *args, **kwargs):
         raise urllib.error.URLError(ConnectionRefusedError(111, 'Connection refused'))
 
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))  # nothing cached under the URL's name
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
+    monkeypatch.setattr(urllib.request, 'urlopen', refuse)
     assert tool.main([url, str(tmp_path / 'out.pth')]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f'error: could not download {url}') and 'Connection refused' in err, err

@@ -5,6 +5,7 @@ import pickle
 import stat
 import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,11 +41,82 @@ def _check(ckpt: dict) -> None:
     assert buf.statistics('current') == pytest.approx(1 / 3)
 
 
-def test_new_checkpoints_load_with_torchs_safe_loader(tmp_path):
+def test_new_checkpoints_need_no_getattr_and_load_safely(tmp_path):
     path = tmp_path / 'epoch_1.pth'
     torch.save(_training_checkpoint(), path)
-    assert 'getattr' not in str(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    _check(torch.load(path, weights_only=True))
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    assert 'getattr' not in str(unsafe) and any(name.startswith('numpy') for name in unsafe)
+    for ckpt in (safe_load(str(path)), CheckpointLoader.load_checkpoint(str(path), map_location='cpu'),
+                 read_checkpoint(str(path))):
+        _check(ckpt)
+        assert ckpt['meta']['np_seed'] == 7 and type(ckpt['meta']['np_seed']) is np.int64
+
+
+def test_torchs_own_allow_list_is_left_as_it_is(tmp_path):
+    """numpy's reconstructors let a file set a dtype's state; ``import mmswin`` must not allow-list them for
+    every ``torch.load(weights_only=True)`` of the process."""
+    names = [getattr(g, '__module__', '') or '' for g in torch.serialization.get_safe_globals()]
+    assert not any(n.startswith(('numpy', 'mmengine')) for n in names)
+    path = tmp_path / 'epoch_1.pth'
+    torch.save(_training_checkpoint(), path)
+    with pytest.raises(pickle.UnpicklingError, match='numpy'):
+        torch.load(path, weights_only=True)
+
+
+class _NumpyReduce:
+    """Pickles as ``function(*args)`` followed by BUILD with ``state``, as numpy's own objects pickle."""
+
+    def __init__(self, function, args, state=None):
+        self.reduced = (function, args) if state is None else (function, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _forged_dtype(spec: str, flags: int) -> _NumpyReduce:
+    return _NumpyReduce(np.dtype, (spec, False, True), (3, '|', None, None, None, -1, -1, flags))
+
+
+def _array_of(dtype, raw: bytes) -> _NumpyReduce:
+    from numpy.core.multiarray import _reconstruct
+    return _NumpyReduce(_reconstruct, (np.ndarray, (0,), b'b'), (1, (len(raw) // 8,), dtype, False, raw))
+
+
+@pytest.mark.parametrize('payload, pattern', [
+    # an object dtype whose flags say it holds no objects: its 8 bytes would be taken for a PyObject pointer
+    (_array_of(_forged_dtype('O8', 0), (0x4141414141414141).to_bytes(8, 'little')), 'dtype object'),
+    # a float dtype whose flags say it holds objects: freeing the array would release 8 bytes as an object
+    (_array_of(_forged_dtype('f8', 63), (0x4141414141414141).to_bytes(8, 'little')), 'BUILD of numpy dtype'),
+    # an array made from a buffer with strides of the file's choosing
+    (_NumpyReduce(np.ndarray, ((4,), 'f8', b'12345678', 0, (-8,))), r'numpy\.ndarray\(\.\.\.\)'),
+    (_NumpyReduce(__import__('numpy.core.multiarray', fromlist=['scalar']).scalar,
+                  (np.dtype('O'), (0x4141414141414141).to_bytes(8, 'little'))), 'dtype object'),
+], ids=['object-dtype-without-flags', 'float-dtype-with-object-flags', 'ndarray-from-buffer', 'object-scalar'])
+def test_numpy_data_the_file_forges_is_refused(tmp_path, payload, pattern):
+    path = tmp_path / 'forged.pth'
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'meta': {'seed': payload}}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    for load in (safe_load, restricted_load):
+        with pytest.raises(RestrictedUnpicklingError, match=pattern):
+            load(str(path))
+    with pytest.raises(CheckpointError, match=f'{path}: refused to unpickle'):
+        read_checkpoint(str(path))
+    with pytest.raises(RestrictedUnpicklingError, match=f'{path}: refused to unpickle'):
+        CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+
+
+def test_plain_numpy_data_round_trips(tmp_path):
+    values = {'f8': np.arange(3.0), 'f8_big': np.arange(3.0).astype('>f8'), 'i8': np.arange(4), 'b1': np.ones(2, bool),
+              'u1': np.arange(3, dtype=np.uint8), 'c16': np.array([1 + 2j]), 'U5': np.array(['car', 'bus']),
+              'S3': np.array([b'ab']), 'f2': np.float16(1.5), 'scalar': np.float64(0.25), 'empty': np.zeros((0, 3))}
+    path = tmp_path / 'plain.pth'
+    torch.save({'state_dict': {}, 'meta': values}, path)
+    loaded = safe_load(str(path))['meta']
+    for key, value in values.items():
+        expected = pickle.loads(pickle.dumps(value, protocol=2))  # what numpy's own unpickling gives
+        assert type(loaded[key]) is type(expected) and loaded[key].dtype == expected.dtype, key
+        assert np.array_equal(loaded[key], value), key
 
 
 def _legacy_file(tmp_path, **extra):
@@ -191,7 +263,9 @@ def test_history_buffer_state_cannot_change_the_class_wide_statistics(tmp_path, 
     finally:
         HistoryBuffer.__getstate__ = patched
     try:
-        for load in (lambda p: torch.load(p, weights_only=True), safe_load, restricted_load):
+        with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):  # torch's own allow-list
+            torch.load(path, weights_only=True)
+        for load in (safe_load, restricted_load):
             with pytest.raises(pickle.UnpicklingError, match='statistics method'):
                 load(str(path))
         assert HistoryBuffer._statistics_methods == registered
@@ -232,6 +306,41 @@ def test_mmengine_local_loader_errors_name_the_file(tmp_path):
             _load_checkpoint(str(tmp_path / name))
     assert not (tmp_path / 'pwned').exists()
 
+
+
+class _BadEncoding:
+    """A string pickled through ``_codecs.encode`` with an encoding that does not exist (a damaged byte)."""
+
+    def __reduce__(self):
+        import codecs
+        return codecs.encode, ('k', 'lati21')
+
+
+def _saved_with_extension_code(path, legacy: bool) -> None:
+    """A checkpoint naming ``collections.OrderedDict`` by a copyreg extension code this process does not have."""
+    import copyreg
+    copyreg.add_extension('collections', 'OrderedDict', 240)
+    try:
+        torch.save({'state_dict': collections.OrderedDict(w=torch.ones(2))}, path,
+                   _use_new_zipfile_serialization=not legacy)
+    finally:
+        copyreg.remove_extension('collections', 'OrderedDict', 240)
+
+
+@pytest.mark.parametrize('legacy', [True, False], ids=['legacy', 'zip'])
+@pytest.mark.parametrize('damage', ['encoding', 'extension'])
+def test_damaged_pickles_are_errors_naming_the_file(tmp_path, legacy, damage):
+    """Errors torch.load and pickle raise for a damaged stream beyond UnpicklingError (LookupError, ValueError)
+    are reported as unreadable files with their name, by mmswin's reader and by mmengine's loaders."""
+    path = tmp_path / 'damaged.pth'
+    if damage == 'encoding':
+        torch.save({'state_dict': {}, 'meta': {'note': _BadEncoding()}}, path, _use_new_zipfile_serialization=not legacy)
+    else:
+        _saved_with_extension_code(path, legacy)
+    with pytest.raises(CheckpointError, match=f'{path} is not a readable checkpoint'):
+        read_checkpoint(str(path))
+    with pytest.raises(pickle.UnpicklingError, match=f'{path} is not a readable checkpoint'):
+        _load_checkpoint(str(path))
 
 
 @pytest.mark.parametrize('legacy', [True, False], ids=['legacy', 'zip'])
@@ -294,6 +403,22 @@ def test_atomic_writes_keep_the_mode_of_a_replaced_file(tmp_path, umask_027):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['old.pth', 'old.txt']
 
 
+@pytest.mark.skipif(os.name == 'nt', reason='POSIX symbolic links')
+def test_atomic_writes_write_through_a_symbolic_link(tmp_path):
+    """As mmengine's plain ``open()`` does: the file the link points at is replaced and the link kept."""
+    import mmengine
+
+    (tmp_path / 'store').mkdir()
+    target = tmp_path / 'store' / 'results.pkl'
+    target.write_bytes(b'old')
+    link = tmp_path / 'results.pkl'
+    link.symlink_to(target)
+    mmengine.dump({'a': 1}, str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert mmengine.load(str(target)) == {'a': 1}
+    assert sorted(p.name for p in tmp_path.rglob('*')) == ['results.pkl', 'results.pkl', 'store']
+
+
 @pytest.fixture
 def http_dir(tmp_path, monkeypatch):
     """A folder served over HTTP on the loopback interface: ``(folder, base URL)``; torch hub's cache is a
@@ -316,6 +441,47 @@ def http_dir(tmp_path, monkeypatch):
     yield served, f'http://127.0.0.1:{server.server_address[1]}'
     server.shutdown()
     server.server_close()
+
+
+def test_a_download_cut_short_is_not_cached(tmp_path, monkeypatch):
+    """A connection closed before the announced Content-Length: an error naming the URL, nothing left in torch
+    hub's cache (torch's own downloader keeps the half file, which every later load would read), and the
+    next, whole, download loads."""
+    import http.server
+    import threading
+
+    from mmswin.checkpoint.download import IncompleteDownload
+
+    data = (DATA / 'v1_official_cls.pth').read_bytes()
+    sent = []
+
+    class HalfOnce(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data if sent else data[:len(data) // 2])
+            sent.append(self.path)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), HalfOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{server.server_address[1]}/swin_tiny.pth'
+    try:
+        with pytest.raises(IncompleteDownload, match=rf'{url}: the download stopped after {len(data) // 2} of the '
+                                                      rf'{len(data)} bytes'):
+            read_checkpoint(url)
+        cache = Path(torch.hub.get_dir()) / 'checkpoints'
+        assert list(cache.iterdir()) == []
+        assert read_checkpoint(url)['model'].keys() == torch.load(DATA / 'v1_official_cls.pth')['model'].keys()
+        assert [p.name for p in cache.iterdir()] == ['swin_tiny.pth'] and len(sent) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_mmengine_url_loads_never_run_pickled_code(http_dir, tmp_path):

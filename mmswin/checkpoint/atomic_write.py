@@ -43,8 +43,9 @@ def _existing_mode(filepath: str) -> Optional[int]:
 
 def write_atomic(data: bytes, filepath: Union[str, Path]) -> None:
     """Writes ``data`` to ``filepath`` through a temporary file and ``os.replace``, keeping the mode of
-    a file it replaces (a new one gets ``0o666`` less the umask)."""
-    filepath = str(filepath)
+    a file it replaces (a new one gets ``0o666`` less the umask). A symbolic link is written through, as
+    ``open()`` writes through it: the file it points at is replaced, the link kept."""
+    filepath = osp.realpath(filepath)
     folder = osp.dirname(osp.abspath(filepath))
     os.makedirs(folder, exist_ok=True)
     mode = _existing_mode(filepath)

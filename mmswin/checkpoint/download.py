@@ -3,7 +3,9 @@ pavi; shared by mmswin's loader and mmengine's URL and storage schemes."""
 import os
 import os.path as osp
 import re
+import secrets
 import tempfile
+import urllib.request
 import zipfile
 from typing import Optional
 from urllib.parse import urlparse
@@ -53,8 +55,57 @@ def cached_path(url: str, model_dir: Optional[str] = None) -> str:
     return osp.join(model_dir, name)
 
 
+class IncompleteDownload(OSError):
+    """The connection closed before the server's ``Content-Length`` arrived; nothing was cached."""
+
+
+def fetch(url: str, path: str, progress: bool = True) -> None:
+    """Downloads ``url`` to ``path`` through a temporary file beside it, renamed over ``path`` only once
+    the ``Content-Length`` the server announced has arrived (torch hub's downloader keeps a download the
+    connection cut short, and later loads would read it from the cache)."""
+    tmp = f'{path}.{secrets.token_hex(8)}.partial'
+    request = urllib.request.Request(url, headers={'User-Agent': 'mmswin'})
+    try:
+        with urllib.request.urlopen(request) as response, open(tmp, 'xb') as file:
+            length = response.headers.get('Content-Length')
+            expected = int(length) if length is not None and length.isdigit() else None
+            received = 0
+            with _progress_bar(expected, progress) as bar:
+                while chunk := response.read(1 << 20):
+                    file.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if expected is not None and received != expected:
+            raise IncompleteDownload(f'{url}: the download stopped after {received} of the {expected} bytes the '
+                                     'server announced (connection lost?); nothing was cached, try again')
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.unlink(tmp)
+
+
+class _NoBar:
+    def __enter__(self) -> '_NoBar':
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress_bar(total: Optional[int], progress: bool):
+    """A tqdm bar in bytes on stderr, as torch hub shows (none without tqdm or with ``progress=False``)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, disable=not progress, unit='B', unit_scale=True, unit_divisor=1024)
+
+
 def download(url: str, model_dir: Optional[str] = None, progress: bool = True) -> str:
-    """Downloads ``url`` once (torch writes a temporary file and renames it) and returns the local file.
+    """Downloads ``url`` once (whole, see :func:`fetch`) into torch hub's cache and returns the local file.
 
     A file that is a zip archive of one member, the format of torch < 1.6 model zoos, is extracted
     beside it (once) and the member's path returned, as torch's own URL loader does; into
@@ -63,7 +114,7 @@ def download(url: str, model_dir: Optional[str] = None, progress: bool = True) -
     path = cached_path(url, model_dir)
     os.makedirs(osp.dirname(path), exist_ok=True)
     if not osp.exists(path):
-        torch.hub.download_url_to_file(url, path, progress=progress)
+        fetch(url, path, progress=progress)
     if not zipfile.is_zipfile(path):
         return path
     with zipfile.ZipFile(path) as archive:

@@ -2,7 +2,6 @@
 import math
 import os
 import pickle
-import struct
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -27,12 +26,6 @@ class CheckpointError(ValueError):
 
 class _Unreadable(Exception):
     """The restricted reader's failure on a file that is not a readable checkpoint."""
-
-
-# What torch.load raises on a damaged file: a truncated legacy (non-zip) file can also fail in its
-# struct.unpack calls or index past its data.
-_DAMAGED = (_Unreadable, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
-            IndexError, struct.error)
 
 
 def _mmcls_url(filename: str) -> str:
@@ -94,7 +87,10 @@ def read_checkpoint(filename: str, map_location: str = 'cpu', unsafe_load: bool 
         raise
     except RestrictedUnpicklingError as error:
         raise CheckpointError(f'{filename}: refused to unpickle {error}. {_UNSAFE_HINT}') from error
-    except _DAMAGED as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever reading a damaged file raised (EOFError, struct.error,
+        # LookupError for a mangled string encoding...), reported with the file's name
         if 'map_location' in str(error):  # e.g. CUDA tensors on a machine without CUDA
             raise CheckpointError(f'{filename} cannot be read with map_location={map_location!r}: '
                                   f'{error}') from error
@@ -150,8 +146,11 @@ def adapt_to_model(converted: Converted, target: Dict[str, torch.Tensor],
             unused.append(key)
             continue
         if (not isinstance(value, torch.Tensor) or value.is_meta or value.is_complex()
+                or value.layout != torch.strided or value.is_nested
                 or value.is_floating_point() != target[key].is_floating_point()):
-            kind = type(value).__name__ if not isinstance(value, torch.Tensor) else f'{value.dtype} on {value.device}'
+            kind = type(value).__name__ if not isinstance(value, torch.Tensor) else (
+                f'{value.dtype} on {value.device}' if value.layout == torch.strided and not value.is_nested
+                else f'{"nested" if value.is_nested else value.layout} tensor')
             raise CheckpointError(f'{source} ({fmt} format): {key} is a {kind}, not a tensor of values the model '
                                   f'can take ({target[key].dtype})')
         want = target[key].shape

@@ -4,23 +4,23 @@ mmengine 0.10.7 checkpoints pickle, besides tensors, the message hub's ``History
 arrays and scalars inside) and, through ``HistoryBuffer.__getstate__``, its statistics functions, which
 protocol 2 rebuilds with ``builtins.getattr(HistoryBuffer, 'min')``. ``getattr`` must never be
 allow-listed in torch's safe unpickler: it would let a file call any method of anything it can reach.
+Neither may numpy's reconstructors be: a file that sets the state of a ``numpy.dtype`` can clear an
+object dtype's flags and have raw bytes taken for object pointers.
 
-:func:`install` (run by ``import mmswin``) therefore:
+:func:`install` (run by ``import mmswin``) therefore leaves torch's allow-list as it is and:
 
-* allow-lists for ``torch.load(weights_only=True)`` only ``HistoryBuffer`` and the numpy array/scalar
-  reconstructors, which build data and call nothing else;
-* makes ``HistoryBuffer`` pickle its data only, so checkpoints written from then on load with torch's
-  safe loader as they are;
+* makes ``HistoryBuffer`` pickle its data only (no ``getattr``);
 * makes ``HistoryBuffer.__setstate__`` refuse a file that would replace or add one of its class-wide
   statistics methods (mmengine's updates the dict shared by every buffer);
-* registers an mmengine local-file checkpoint loader that reads older files through
+* registers an mmengine local-file checkpoint loader that reads what torch's safe loader refuses through
   :func:`restricted_load`, an unpickler that accepts a fixed set of globals and, as the only attribute
-  look-up, ``getattr(HistoryBuffer, <statistics method>)``, and sets state (pickle's BUILD) only on
-  instances of the allow-listed classes, never on a class or function itself;
+  look-up, ``getattr(HistoryBuffer, <statistics method>)``; it sets state (pickle's BUILD) only on
+  instances of the allow-listed classes, never on a class or function itself, and builds numpy data
+  only of plain types (booleans, numbers, strings) whose dtype state is numpy's own for that type;
 * makes mmengine's URL schemes (``http(s)://``, ``torchvision://``, ``open-mmlab://``, ``mmcls://``),
   which read downloads with ``weights_only=False``, read them as local files are read;
 * does the same for its storage schemes (``s3://``, ``petrel://``, ``pavi://``), whose ``torch.load``
-  refuses mmengine training checkpoints written before :func:`install` (torch's safe default).
+  refuses mmengine training checkpoints (torch's safe default).
 
 Nothing here turns ``weights_only`` off for an arbitrary file.
 """
@@ -51,8 +51,8 @@ _STATISTICS = frozenset({'min', 'max', 'mean', 'current'})
 
 def _latin1_encode(text: str, encoding: str = 'utf-8') -> bytes:
     """``_codecs.encode`` as protocol 2 uses it for raw bytes (numpy buffers): latin-1 only."""
-    if encoding != 'latin1' or not isinstance(text, str):
-        raise RestrictedUnpicklingError(f'_codecs.encode with encoding {encoding!r}')
+    if encoding != 'latin1' or not isinstance(text, str):  # not what pickle writes: a damaged file
+        raise pickle.UnpicklingError(f'_codecs.encode of {type(text).__name__} with encoding {encoding!r}')
     return text.encode('latin1')
 
 
@@ -68,6 +68,69 @@ def _history_buffer_getattr(obj: Any, name: str, *default: Any) -> Any:
                                     f'statistics methods {sorted(_STATISTICS)} are allowed)')
 
 
+_PLAIN_KINDS = 'biufcSU'  # numpy kinds the restricted unpickler builds: no objects, records or datetimes
+
+
+class _NdarrayName:
+    """What the name ``numpy.ndarray`` stands for in a restricted file: only the first argument of
+    numpy's array reconstructor, never a constructor the file could call with a buffer of its own."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> '_NdarrayName':
+        raise RestrictedUnpicklingError('numpy.ndarray(...) (arrays are read only as numpy pickles them)')
+
+
+def _empty_bytes() -> bytes:
+    """``bytes()``, as protocol 2 pickles ``b''`` (an empty array's data); never ``bytes(n)``."""
+    return b''
+
+
+def _plain_dtype(dtype: Any) -> np.dtype:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _PLAIN_KINDS or dtype.hasobject or dtype.fields:
+        raise RestrictedUnpicklingError(f'numpy data of dtype {dtype} (only booleans, numbers and strings are read)')
+    return dtype
+
+
+def _numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype(spec, align, copy)`` as numpy pickles a dtype, for plain types only."""
+    if not isinstance(spec, str) or type(align) is not bool or type(copy) is not bool:
+        raise RestrictedUnpicklingError(f'numpy.dtype{(spec, align, copy)!r}')
+    try:
+        dtype = np.dtype(spec, align, copy)
+    except TypeError as error:
+        raise RestrictedUnpicklingError(f'numpy.dtype({spec!r}): {error}') from None
+    return _plain_dtype(dtype)
+
+
+def _numpy_reconstruct(subtype: Any, shape: Any, code: Any) -> np.ndarray:
+    """numpy's array reconstructor as numpy pickles an array: an empty ndarray, its data set by BUILD."""
+    if subtype is not _NdarrayName or shape != (0,) or code != b'b':
+        raise RestrictedUnpicklingError(f'numpy.core.multiarray._reconstruct{(subtype, shape, code)!r}')
+    return _np_multiarray._reconstruct(np.ndarray, (0,), b'b')
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """A numpy scalar of a plain dtype from its bytes."""
+    if not isinstance(data, bytes):
+        raise RestrictedUnpicklingError(f'numpy scalar of {type(data).__name__} data (bytes only)')
+    return _np_multiarray.scalar(_plain_dtype(dtype), data)
+
+
+def _check_numpy_state(obj: Any, state: Any) -> None:
+    """Refuses BUILD state numpy would not have written: a dtype's must be that of its own type (a file
+    could otherwise set its flags, size or fields), an array's must hold bytes of a plain dtype."""
+    if isinstance(obj, np.dtype):
+        own = obj.__reduce__()[2]
+        if not (isinstance(state, tuple) and len(state) == len(own) and state[0] == own[0]
+                and state[1] in ('<', '>', '|', '=') and state[2:] == own[2:]):
+            raise RestrictedUnpicklingError(f'BUILD of numpy dtype {obj} with state {state!r} (numpy writes {own!r})')
+    elif type(obj) is np.ndarray and isinstance(state, tuple) and len(state) == 5 and state[0] == 1:
+        if not isinstance(state[4], bytes):
+            raise RestrictedUnpicklingError(f'BUILD of a numpy array from {type(state[4]).__name__} (bytes only)')
+        _plain_dtype(state[2])
+    else:
+        raise RestrictedUnpicklingError(f'BUILD of {_describe(obj)} with state numpy does not write')
+
+
 def _allowed_globals() -> Dict[Tuple[str, str], Callable]:
     allowed = {
         ('collections', 'OrderedDict'): collections.OrderedDict,
@@ -78,8 +141,8 @@ def _allowed_globals() -> Dict[Tuple[str, str], Callable]:
         ('torch', 'Size'): torch.Size,
         ('torch', 'device'): torch.device,
         ('mmengine.logging.history_buffer', 'HistoryBuffer'): HistoryBuffer,
-        ('numpy', 'ndarray'): np.ndarray,
-        ('numpy', 'dtype'): np.dtype,
+        ('numpy', 'ndarray'): _NdarrayName,
+        ('numpy', 'dtype'): _numpy_dtype,
         ('builtins', 'getattr'): _history_buffer_getattr,
         ('__builtin__', 'getattr'): _history_buffer_getattr,
         ('_codecs', 'encode'): _latin1_encode,
@@ -88,15 +151,13 @@ def _allowed_globals() -> Dict[Tuple[str, str], Callable]:
     # ``find_class`` the restricted unpickler overrides.
     for name in ('set', 'frozenset', 'slice'):
         allowed[('builtins', name)] = allowed[('__builtin__', name)] = getattr(builtins, name)
+    allowed[('builtins', 'bytes')] = allowed[('__builtin__', 'bytes')] = _empty_bytes
     for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        allowed[(module, '_reconstruct')] = _np_multiarray._reconstruct
-        allowed[(module, 'scalar')] = _np_multiarray.scalar
+        allowed[(module, '_reconstruct')] = _numpy_reconstruct
+        allowed[(module, 'scalar')] = _numpy_scalar
     for name in dir(torch):
         if isinstance(getattr(torch, name, None), torch.dtype):
             allowed[('torch', name)] = getattr(torch, name)
-    for name in dir(np.dtypes):
-        if name.endswith('DType'):
-            allowed[('numpy.dtypes', name)] = getattr(np.dtypes, name)
     return allowed
 
 
@@ -104,7 +165,9 @@ _ALLOWED = _allowed_globals()
 # BUILD (``__setstate__`` or an update of ``__dict__`` / attributes) is allowed only on objects whose
 # exact type is one of these, as in torch's weights-only unpickler: never on an allow-listed class or
 # function itself, which would change it for the whole process.
-_BUILDABLE = frozenset(obj for obj in _ALLOWED.values() if isinstance(obj, type))
+# numpy's arrays and dtypes are built only with the state numpy writes (:func:`_check_numpy_state`).
+_BUILDABLE = frozenset(obj for obj in _ALLOWED.values() if isinstance(obj, type) and obj is not _NdarrayName)
+_NUMPY_BUILDABLE = (np.ndarray, np.dtype)
 
 
 def _describe(obj: Any) -> str:
@@ -136,12 +199,14 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         """Unpickles, reporting a malformed stream as the C unpickler does, with ``UnpicklingError``."""
         try:
             return super().load()
-        except (KeyError, IndexError, struct.error) as error:
+        except (KeyError, IndexError, ValueError, struct.error) as error:  # ValueError: an unknown EXT code
             raise pickle.UnpicklingError(f'malformed pickle ({type(error).__name__}: {error})') from error
 
     def load_build(self) -> None:
         """BUILD: sets the state of the object below the top of the stack, if it is buildable."""
-        if len(self.stack) >= 2 and type(self.stack[-2]) not in _BUILDABLE:
+        if len(self.stack) >= 2 and isinstance(self.stack[-2], _NUMPY_BUILDABLE):
+            _check_numpy_state(self.stack[-2], self.stack[-1])
+        elif len(self.stack) >= 2 and type(self.stack[-2]) not in _BUILDABLE:
             raise RestrictedUnpicklingError(f'BUILD (setting the state) of {_describe(self.stack[-2])}: only '
                                             'instances of allow-listed classes may be built')
         super().load_build()
@@ -240,6 +305,12 @@ def _read_named(source: Source, name: str, map_location: Any) -> Any:
                           f'{str(error) or type(error).__name__}') from error
     except RuntimeError as error:  # torch's: a damaged zip archive, a map_location that does not exist...
         raise type(error)(f'{name}: {error}') from error
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - anything else a damaged file raises (LookupError for a mangled
+        # string encoding, ValueError for an unknown pickle extension...), as an unpickling error naming the file
+        raise pickle.UnpicklingError(f'{name} is not a readable checkpoint (truncated or corrupt?): '
+                                     f'{type(error).__name__}: {error}') from error
 
 
 def load_from_local(filename: str, map_location: Any = None) -> Any:
@@ -282,9 +353,6 @@ def install() -> None:
     from mmengine.runner import checkpoint as mmengine_checkpoint
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    safe = [HistoryBuffer, np.ndarray, np.dtype, _np_multiarray._reconstruct, _np_multiarray.scalar]
-    safe += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
-    torch.serialization.add_safe_globals(safe)
     HistoryBuffer.__getstate__ = _history_buffer_getstate
     HistoryBuffer.__setstate__ = _history_buffer_setstate
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
