@@ -650,6 +650,24 @@ def test_stochastic_depth_adds_the_scaled_branch_in_one_pass(branch_dtype):
         torch.testing.assert_close(add_residual(x, branch.float().clone(), drop), expected, rtol=0, atol=0)
 
 
+def test_inference_residuals_keep_the_wider_dtype_of_the_stream():
+    """Under autocast a block's branch is half precision while its input can be fp32 (CUDA's layer norms, or an
+    absolute position embedding on the CPU): without autograd the residual sum is still ``x + branch`` in fp32,
+    as in training and in mmdet, not written into the half-precision branch."""
+    x = torch.randn(4, 6, 8)
+    branch = torch.randn(4, 6, 8).bfloat16()
+    with torch.no_grad():
+        out = add_residual(x, branch.clone())
+    assert out.dtype == torch.float32 and torch.equal(out, x + branch)
+    model = SwinTransformer(**TINY, window_size=4, use_abs_pos_embed=True, pretrain_img_size=64).eval()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            block = model.layers[0].blocks[0]
+            kept = block(torch.randn(1, 16, 16, 16), (4, 4), (0, 0), None, overwrite=True)
+        recorded = block(torch.randn(1, 16, 16, 16).requires_grad_(), (4, 4), (0, 0), None)
+    assert kept.dtype == recorded.dtype == torch.float32
+
+
 def test_patch_embedding_writes_the_token_layout():
     """The patch convolution takes the image channels-last, so its output and gradient are in the tokens'
     ``(B, H, W, C)`` layout: no transposed copy of them in the forward or the backward, and the values and

@@ -265,12 +265,12 @@ def add_kept_branch(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tens
 def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: Optional[DropPath] = None) -> torch.Tensor:
     """``x + drop_path(branch)``. With stochastic depth in training, ``x + branch * scales`` in one pass
     (``addcmul``: no branch-sized product written and read back); otherwise ``x + branch``, written into
-    ``branch`` (a fresh tensor of the block) when autograd records nothing: one memory-bound pass and
-    allocation fewer per residual."""
+    ``branch`` (a fresh tensor of the block) when autograd records nothing and both have one dtype: one
+    memory-bound pass and allocation fewer per residual."""
     scales = None if drop_path is None else drop_path.sample_scales(branch)
     if scales is not None:
         return torch.addcmul(x, branch, scales)
-    if needs_grad(x, branch):
+    if needs_grad(x, branch) or branch.dtype != x.dtype:  # a wider x (fp32 under autocast) keeps its dtype
         return x + branch
     return branch.add_(x)
 
