@@ -567,6 +567,14 @@ def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):
     assert load_benchmark_tool('benchmark_table').memory_table([dict(train_peak_memory_bytes=recorded[:2])])[2:] == [
         '| 1x3x32x32 | fp32 | mmswin-v1 | False | 6 MiB |  |  |',
         '| 1x3x32x32 | fp32 | mmswin-v1 | True | 2 MiB (67% less) |  |  |']
+    # several reports: every report's rows, each with_cp row against its own report's
+    doubled = [dict(m, tensor_bytes=2 * m['tensor_bytes']) for m in recorded[2:4]]
+    assert load_benchmark_tool('benchmark_table').memory_table([dict(train_peak_memory_bytes=recorded[2:4]),
+                                                                 dict(train_peak_memory_bytes=doubled)])[2:] == [
+        '| 1x3x32x32 | fp32 | mmdet-v1 | False | 6 MiB |  |  |',
+        '| 1x3x32x32 | fp32 | mmdet-v1 | True | 2 MiB (67% less) |  |  |',
+        '| 1x3x32x32 | fp32 | mmdet-v1 | False | 12 MiB |  |  |',
+        '| 1x3x32x32 | fp32 | mmdet-v1 | True | 4 MiB (67% less) |  |  |']
 
 
 def test_operator_count_leaves_out_views_and_allocations():
@@ -674,9 +682,16 @@ def test_benchmark_rejects_unknown_and_unimportable_models(capsys, monkeypatch):
         assert f"{flag}: unknown model 'foo'; choose from {known}" in message
         assert f'{flag}: mmswin-v2 given more than once' in _benchmark_usage_error(
             capsys, [flag, 'mmswin-v2', 'mmswin-v1', 'mmswin-v2'])
+    # a package that imports while the module its Swin is built from does not (mmcv without its ops)
+    monkeypatch.setitem(sys.modules, 'mmdet.models.backbones.swin', None)
+    message = _benchmark_usage_error(capsys, ['--models', 'mmswin-v1', 'mmdet-v1'])
+    assert '--models: mmdet-v1 needs the package mmdet (mmdet.models.backbones.swin), which does not import' in message
+    assert 'mmdet-v1' not in message.split('models that can run here:')[1]
+    assert 'mmdet-v1' not in benchmark.available_models()
+    monkeypatch.delitem(sys.modules, 'mmdet.models.backbones.swin')
     monkeypatch.setitem(sys.modules, 'timm', None)  # a known peer that does not import
     message = _benchmark_usage_error(capsys, ['--memory-models', 'timm-v2'])
-    assert '--memory-models: timm-v2 needs the package timm, which does not import here' in message
+    assert '--memory-models: timm-v2 needs the package timm (timm), which does not import here' in message
     assert 'models that can run here: mmswin-v1 mmswin-v2' in message
     args = benchmark.parse_args(['--models', 'mmswin-v1', 'mmswin-v2', '--memory-models', 'mmswin-v2'])
     assert (args.models, args.memory_models) == (['mmswin-v1', 'mmswin-v2'], ['mmswin-v2'])
@@ -697,7 +712,12 @@ def test_benchmark_rejects_counts_and_sizes_it_cannot_run(capsys):
                            '--processes must be from 1 to --repeats (2), got 3'),
                           (['--window', '0'], '--window must be at least 1, got 0'),
                           (['--plot-sizes', '224', '-8'], '--plot-sizes must be positive, got 224 -8'),
-                          (['--sizes', '1x3x0x64'], "argument --sizes: size must be BxCxHxW of positive integers")):
+                          (['--sizes', '1x3x0x64'], "argument --sizes: size must be BxCxHxW of positive integers"),
+                          (['--sizes', '1x3xax64'], "argument --sizes: size must be BxCxHxW of positive integers, "
+                                                    "got '1x3xax64'"),
+                          (['--sizes', '1x3x64x64.5'], "argument --sizes: size must be BxCxHxW of positive integers"),
+                          (['--sizes', '1x4x64x64'], "argument --sizes: size must have 3 channels (RGB images), "
+                                                     "got '1x4x64x64'")):
         assert message in _benchmark_usage_error(capsys, argv)
     args = load_benchmark_tool().parse_args(['--repeats', '1', '--warmup', '0', '--settle-calls', '0'])
     assert (args.repeats, args.warmup, args.settle_calls, args.processes) == (1, 0, 0, 1)

@@ -66,26 +66,23 @@ def build_model(name: str, window: int, with_cp: bool = False, drop_path_rate: f
     raise ValueError(f'unknown model {name!r}')
 
 
-# Every name build_model takes, with the package it needs.
+# Every name build_model takes, with the package it needs and the module of it that build_model imports (a
+# package can import while that module does not: mmdet's Swin with an mmcv built without its ops).
 MODEL_PACKAGES = {'mmswin-v1': 'mmswin', 'mmswin-v2': 'mmswin', 'mmdet-v1': 'mmdet', 'mmpretrain-v2': 'mmpretrain',
                   'timm-v1': 'timm', 'timm-v2': 'timm'}
+MODEL_MODULES = {'mmswin-v1': 'mmswin.models', 'mmswin-v2': 'mmswin.models', 'mmdet-v1': 'mmdet.models.backbones.swin',
+                 'mmpretrain-v2': 'mmpretrain.models.backbones', 'timm-v1': 'timm', 'timm-v2': 'timm'}
 
 
 def available_models() -> List[str]:
-    names = ['mmswin-v1', 'mmswin-v2', 'mmdet-v1']
-    for name, module in (('mmpretrain-v2', 'mmpretrain'), ('timm-v1', 'timm'), ('timm-v2', 'timm')):
-        try:
-            __import__(module)
-            names.append(name)
-        except Exception:  # noqa: BLE001 - a peer that does not import is simply left out
-            pass
-    return names
+    """The models whose code imports here, in :data:`MODEL_PACKAGES`' order."""
+    return [name for name in MODEL_PACKAGES if import_failure(name) is None]
 
 
 def import_failure(name: str) -> Optional[str]:
-    """Why the package that model ``name`` needs does not import (``ModuleNotFoundError: ...``), or None."""
+    """Why the module that model ``name`` is built from does not import (``ModuleNotFoundError: ...``), or None."""
     try:
-        importlib.import_module(MODEL_PACKAGES[name])
+        importlib.import_module(MODEL_MODULES[name])
     except Exception as error:  # noqa: BLE001 - any failure to import leaves the model out
         return f'{type(error).__name__}: {error}'
     return None
@@ -104,8 +101,8 @@ def model_name_error(flag: str, names: Sequence[str]) -> Optional[str]:
     for name in dict.fromkeys(names):
         failure = import_failure(name)
         if failure:
-            return (f'{flag}: {name} needs the package {MODEL_PACKAGES[name]}, which does not import here '
-                    f'({failure}); models that can run here: {" ".join(available_models())}')
+            return (f'{flag}: {name} needs the package {MODEL_PACKAGES[name]} ({MODEL_MODULES[name]}), which does '
+                    f'not import here ({failure}); models that can run here: {" ".join(available_models())}')
     return None
 
 
@@ -684,9 +681,15 @@ def code_identity(root: str = ROOT) -> Dict[str, object]:
 
 
 def parse_size(text: str) -> List[int]:
-    size = [int(v) for v in text.lower().split('x')]
+    """``BxCxHxW`` as four positive integers, three channels (RGB, what every model takes)."""
+    try:
+        size = [int(v) for v in text.lower().split('x')]
+    except ValueError:
+        size = []
     if len(size) != 4 or min(size) < 1:
         raise argparse.ArgumentTypeError(f'size must be BxCxHxW of positive integers, got {text!r}')
+    if size[1] != 3:
+        raise argparse.ArgumentTypeError(f'size must have 3 channels (RGB images), got {text!r}')
     return size
 
 
@@ -874,6 +877,9 @@ def main(argv=None) -> dict:
     import mmswin  # noqa: F401
     device = torch.device(args.device)
     names = args.models or available_models()
+    for name in MODEL_PACKAGES if args.models is None else ():
+        if name not in names:
+            print(f'left out {name}: {import_failure(name)}', file=sys.stderr)
     precisions = args.precisions or (['fp32', 'fp16', 'bf16'] if device.type == 'cuda' else ['fp32', 'bf16'])
     report = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   window=args.window, arch='Swin-T', repeats=args.repeats, calls_per_turn=args.calls_per_turn,

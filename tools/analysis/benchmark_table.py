@@ -90,20 +90,20 @@ def kernel_table(reports: List[dict]) -> List[str]:
 
 
 def memory_table(reports: List[dict]) -> List[str]:
-    rows = [m for report in reports for m in report.get('train_peak_memory_bytes', [])]
-    if not rows:
+    if not any(report.get('train_peak_memory_bytes') for report in reports):
         return []
-    # (reports written before the tool measured memory in each precision measured it in fp32)
-    by_key: Dict[tuple, dict] = {(_size(m['size']), m.get('precision', 'fp32'), m['model'], m['with_cp']): m
-                                 for m in rows}
     columns = ('tensor_bytes', 'rss_bytes_unpooled', 'rss_bytes')
     lines = ['| input | precision | model | with_cp | peak live tensors | RSS growth, unpooled malloc '
              '| RSS growth, default malloc |',
              '| --- | --- | --- | --- | ---: | ---: | ---: |']
-    for (size, precision, model, with_cp), m in by_key.items():
-        base = by_key.get((size, precision, model, False), {})
-        cells = [_memory_cell(m.get(key), base.get(key) if with_cp else None) for key in columns]
-        lines.append(f"| {size} | {precision} | {model} | {with_cp} | {' | '.join(cells)} |")
+    for report in reports:  # every report's rows, each with_cp row against its own report's without
+        # (reports written before the tool measured memory in each precision measured it in fp32)
+        by_key: Dict[tuple, dict] = {(_size(m['size']), m.get('precision', 'fp32'), m['model'], m['with_cp']): m
+                                     for m in report.get('train_peak_memory_bytes', [])}
+        for (size, precision, model, with_cp), m in by_key.items():
+            base = by_key.get((size, precision, model, False), {})
+            cells = [_memory_cell(m.get(key), base.get(key) if with_cp else None) for key in columns]
+            lines.append(f"| {size} | {precision} | {model} | {with_cp} | {' | '.join(cells)} |")
     return lines
 
 
