@@ -57,3 +57,47 @@ def test_ddp_with_frozen_stages_checkpointing_and_norm_eval(version, find_unused
     assert g0.abs().sum() > 0
     assert not frozen0 and not frozen1  # frozen stage 0 never got a gradient
     assert not pe0 and not n0  # frozen patch embedding and (norm_eval) norms stayed in eval mode
+
+
+def _rng_worker(rank: int, world: int, port: int, out: dict) -> None:
+    """Saves a checkpoint's random state as a 2-process iteration-based run does (CheckpointHook every 2
+    iterations; the first process writes the file), then resumes from it in the same processes."""
+    from types import SimpleNamespace
+
+    from mmengine.hooks import CheckpointHook
+
+    from mmswin.engine.rng_state_hook import RNGStateHook
+
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    try:
+        runner = SimpleNamespace(iter=1, epoch=0, max_iters=10, hooks=[CheckpointHook(interval=2, by_epoch=False)])
+        torch.manual_seed(0)
+        torch.rand(10 + 5 * rank)  # the processes' streams part (their samplers draw what their images need)
+        hook = RNGStateHook()
+        hook.after_train_iter(runner, batch_idx=1)  # iteration 2: CheckpointHook saves after this
+        checkpoint = [{}]
+        if rank == 0:
+            hook.before_save_checkpoint(runner, checkpoint[0])
+        continued = torch.rand(3)  # what the interrupted run draws next
+        dist.broadcast_object_list(checkpoint, src=0)  # every process resumes from the one file
+
+        resumed = RNGStateHook()
+        resumed.after_load_checkpoint(runner, checkpoint[0])
+        torch.manual_seed(0)  # Runner.resume seeds again
+        resumed.before_train(SimpleNamespace(iter=2, epoch=0))
+        out[rank] = (continued, torch.rand(3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rng_state_hook_resumes_each_process_with_its_own_stream():
+    ctx = mp.get_context('spawn')
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_rng_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method='spawn')
+        results = dict(out)
+    for rank in (0, 1):
+        continued, resumed = results[rank]
+        assert torch.equal(resumed, continued), rank
+    assert not torch.equal(results[0][0], results[1][0])  # two streams, each resumed as its own

@@ -103,9 +103,9 @@ def _records(path: Path) -> list:
 def test_interrupted_run_resumes_exactly_and_checkpoint_evaluates(demo_data, tmp_path):
     """A run SIGKILLed after iteration 3 (last checkpoint: iteration 2) resumes with --resume at
     iteration 3 and repeats the uninterrupted run's learning rates and losses exactly (dropout in the
-    heads draws from torch's random stream); the final checkpoint is then evaluated by tools/test.py,
-    which draws a picture of every prediction."""
-    opts = seg_options(demo_data, iters=6)
+    heads draws from torch's random stream, and so does the validation after each checkpoint); the final
+    checkpoint is then evaluated by tools/test.py, which draws a picture of every prediction."""
+    opts = [*seg_options(demo_data, iters=6), 'train_cfg.val_interval=2']
     train = [sys.executable, ROOT / 'tools/train.py']
     whole = tmp_path / 'whole.jsonl'
     run([*train, _with_hooks(tmp_path, 'whole', f"dict(type='RecordLossHook', path='{whole}')"),

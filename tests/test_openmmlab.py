@@ -72,24 +72,89 @@ def test_mmseg_upernet_config(tmp_path, cls):
     assert logits.shape == (2, 5, 16, 24)
 
 
+def _runner_at(iteration: int, epoch: int = 0, hooks: tuple = ()) -> object:
+    """What RNGStateHook reads of a runner: its position and hooks."""
+    from types import SimpleNamespace
+    return SimpleNamespace(iter=iteration, epoch=epoch, hooks=list(hooks), max_iters=100)
+
+
+def _warnings(monkeypatch) -> list:
+    from mmengine.logging import MMLogger
+
+    messages = []
+    logger = MMLogger.get_current_instance()
+    monkeypatch.setattr(logger, 'log', lambda level, msg, *a, **k: messages.append((level, msg)))
+    monkeypatch.setattr(logger, 'warning', lambda msg, *a, **k: messages.append((30, msg)))
+    return messages
+
+
 def test_rng_state_hook_restores_torch_state_and_skips_another_cuda_count(monkeypatch):
     """Resumed with fewer CUDA devices than the run that saved: torch's CPU state is restored, the CUDA
     states are left alone with a warning instead of failing inside ``set_rng_state_all``."""
-    from mmengine.logging import MMLogger
     from mmswin.engine.rng_state_hook import KEY, RNGStateHook
 
     hook, checkpoint = RNGStateHook(), {}
     torch.manual_seed(5)
-    hook.before_save_checkpoint(None, checkpoint)
+    hook.before_save_checkpoint(_runner_at(2), checkpoint)
     expected = torch.rand(3)
     checkpoint[KEY]['cuda'] = [torch.zeros(16, dtype=torch.uint8)] * 2
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: pytest.fail('CUDA states set'))
-    messages = []
-    logger = MMLogger.get_current_instance()
-    monkeypatch.setattr(logger, 'log', lambda level, msg, *a, **k: messages.append((level, msg)))
-    monkeypatch.setattr(logger, 'warning', lambda msg, *a, **k: messages.append((30, msg)))
-    hook.after_load_checkpoint(None, checkpoint)
+    messages = _warnings(monkeypatch)
+    hook.after_load_checkpoint(_runner_at(2), checkpoint)
+    torch.manual_seed(6)  # Runner.resume seeds anew after loading the checkpoint
+    hook.before_train(_runner_at(2))
     assert torch.equal(torch.rand(3), expected)
     assert any('random state of 2 CUDA devices' in msg and 'sees 1' in msg for _, msg in messages), messages
+
+
+def test_rng_state_hook_restores_on_resume_only(monkeypatch):
+    """mmengine calls after_load_checkpoint for load_from too: fine-tuning or testing from a checkpoint keeps the
+    new run's seed and warns of nothing; a resume gets the saved stream even where mmengine seeds again after
+    loading (configs without a fixed seed reseed with the checkpoint's seed)."""
+    from mmswin.engine.rng_state_hook import RNGStateHook
+
+    checkpoint = {}
+    torch.manual_seed(5)
+    RNGStateHook().before_save_checkpoint(_runner_at(2), checkpoint)
+    saved_stream = torch.rand(3)
+    messages = _warnings(monkeypatch)
+
+    hook = RNGStateHook()
+    hook.after_load_checkpoint(_runner_at(0), checkpoint)  # load_from: the loop starts at iteration 0
+    torch.manual_seed(1)
+    own_stream = torch.rand(3)
+    torch.manual_seed(1)
+    hook.before_train(_runner_at(0))
+    assert torch.equal(torch.rand(3), own_stream)
+    hook.after_load_checkpoint(_runner_at(0), {})  # a checkpoint without the state, for testing
+    hook.before_train(_runner_at(0))
+    assert messages == []
+
+    hook.after_load_checkpoint(_runner_at(2), checkpoint)  # resume; then mmengine seeds with the file's seed
+    torch.manual_seed(7)
+    hook.before_train(_runner_at(2))
+    assert torch.equal(torch.rand(3), saved_stream)
+    hook.after_load_checkpoint(_runner_at(2), {})
+    hook.before_train(_runner_at(2))
+    assert [msg for _, msg in messages] == ['The checkpoint has no random state: the resumed run will not repeat '
+                                            'the original']
+
+
+def test_rng_state_hook_keeps_validation_out_of_the_training_stream():
+    """Validation follows a checkpoint and its data loaders draw from torch's generator: the training stream
+    continues as if it had not run, so a run resumed from that checkpoint continues as the original did; a best
+    checkpoint saved during validation holds the training stream's state."""
+    from mmswin.engine.rng_state_hook import KEY, RNGStateHook
+
+    hook, runner = RNGStateHook(), _runner_at(4)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    hook.before_val(runner)
+    torch.rand(100)  # the validation's draws
+    best = {}
+    hook.before_save_checkpoint(runner, best)
+    hook.after_val(runner)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(best[KEY]['torch'], before)
