@@ -101,3 +101,40 @@ def test_rng_state_hook_resumes_each_process_with_its_own_stream():
         continued, resumed = results[rank]
         assert torch.equal(resumed, continued), rank
     assert not torch.equal(results[0][0], results[1][0])  # two streams, each resumed as its own
+
+
+def _syncbn_worker(rank: int, world: int, port: int, out: dict) -> None:
+    """mmengine's wrapper (what its Runner builds under torchrun) around a model with SyncBN, on the CPU."""
+    from mmengine.model.wrappers import MMDistributedDataParallel
+
+    import mmswin  # noqa: F401 - what a config's custom_imports does
+
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SyncBatchNorm(4), torch.nn.ReLU())
+        conv_weight, bn_weight = model[0].weight, model[1].weight
+        ddp = MMDistributedDataParallel(module=model, device_ids=[rank], broadcast_buffers=False)
+        torch.manual_seed(10 + rank)
+        ddp(torch.randn(2, 3, 8, 8)).mean().backward()
+        norm = ddp.module[1]
+        out[rank] = (type(norm).__name__, norm.weight is bn_weight, ddp.module[0].weight is conv_weight,
+                     norm.weight.grad.clone(), norm.running_mean.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cpu_ddp_takes_syncbn_as_bn():
+    """DDP refuses SyncBN layers in a CPU module; they become BN with the same parameters (an optimiser built
+    before still trains them), gradients all-reduced, statistics each process's own."""
+    ctx = mp.get_context('spawn')
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_syncbn_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method='spawn')
+        results = dict(out)
+    for rank in (0, 1):
+        name, same_norm_weight, same_conv_weight, _, _ = results[rank]
+        assert name == '_BatchNormXd' and same_norm_weight and same_conv_weight
+    assert torch.equal(results[0][3], results[1][3])  # gradients all-reduced
+    assert not torch.equal(results[0][4], results[1][4])  # running statistics of each process's batch
