@@ -19,6 +19,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_processes(worker, *args) -> dict:
+    """``worker(rank, 2, port, *args, out)`` in two spawned processes; what each put in ``out[rank]``."""
+    ctx = mp.get_context('spawn')
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(worker, args=(2, _free_port(), *args, out), nprocs=2, join=True, start_method='spawn')
+        return dict(out)
+
+
 def _worker(rank: int, world: int, port: int, version: int, find_unused: bool, out: dict) -> None:
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
@@ -46,12 +55,7 @@ def _worker(rank: int, world: int, port: int, version: int, find_unused: bool, o
 @pytest.mark.parametrize('version', [1, 2])
 @pytest.mark.parametrize('find_unused', [False, True])
 def test_ddp_with_frozen_stages_checkpointing_and_norm_eval(version, find_unused):
-    ctx = mp.get_context('spawn')
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_worker, args=(2, _free_port(), version, find_unused, out), nprocs=2, join=True,
-                           start_method='spawn')
-        results = dict(out)
+    results = _run_two_processes(_worker, version, find_unused)
     (g0, frozen0, pe0, n0), (g1, frozen1, _, _) = results[0], results[1]
     assert torch.equal(g0, g1)  # gradients were all-reduced, identically on both ranks
     assert g0.abs().sum() > 0
@@ -92,11 +96,7 @@ def _rng_worker(rank: int, world: int, port: int, out: dict) -> None:
 
 
 def test_rng_state_hook_resumes_each_process_with_its_own_stream():
-    ctx = mp.get_context('spawn')
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_rng_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method='spawn')
-        results = dict(out)
+    results = _run_two_processes(_rng_worker)
     for rank in (0, 1):
         continued, resumed = results[rank]
         assert torch.equal(resumed, continued), rank
@@ -128,11 +128,7 @@ def _syncbn_worker(rank: int, world: int, port: int, out: dict) -> None:
 def test_cpu_ddp_takes_syncbn_as_bn():
     """DDP refuses SyncBN layers in a CPU module; they become BN with the same parameters (an optimiser built
     before still trains them), gradients all-reduced, statistics each process's own."""
-    ctx = mp.get_context('spawn')
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_syncbn_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method='spawn')
-        results = dict(out)
+    results = _run_two_processes(_syncbn_worker)
     for rank in (0, 1):
         name, same_norm_weight, same_conv_weight, _, _ = results[rank]
         assert name == '_BatchNormXd' and same_norm_weight and same_conv_weight
