@@ -78,7 +78,7 @@ def _per_stage(value: IntOrSeq, num_stages: int, name: str, minimum: int = 1) ->
 MMPRETRAIN_ONLY = {
     'img_size': "mmswin's name for it is pretrain_img_size (it sizes the use_abs_pos_embed table only)",
     'pad_small_map': 'maps smaller than a window are handled as in the official models: V1 pads them (the '
-                     "official detection backbone, as mmdet's), V2 takes a window of min(H, W) without shift "
+                     "official detection backbone, as mmdet's), V2 takes windows of min(H, W) without shift "
                      "(the official V2; mmpretrain pads such maps to the window with pad_small_map=True and refuses "
                      "them with False, so its models differ there)",
     'interpolate_mode': 'use_abs_pos_embed is always interpolated bicubically',
