@@ -55,7 +55,7 @@ BACKBONES = [SwinTransformer, SwinTransformerV2]
     (dict(img_size=256), TypeError, r'got unexpected argument\(s\): img_size \(an mmpretrain argument: '
                                     r"mmswin's name for it is pretrain_img_size"),
     (dict(pad_small_map=True, patch_cfg={}), TypeError,
-     r'pad_small_map \(an mmpretrain argument: .*V2 takes a window of min\(H, W\).*; patch_cfg \(an mmpretrain'),
+     r'pad_small_map \(an mmpretrain argument: .*V2 takes windows of min\(H, W\).*; patch_cfg \(an mmpretrain'),
     (dict(stage_cfgs={}), TypeError, r'stage_cfgs \(an mmpretrain argument: give the stage options'),
     (dict(interpolate_mode='bilinear'), TypeError, r'interpolate_mode \(an mmpretrain argument'),
     (dict(drop_path=0.1), TypeError, r'got unexpected argument\(s\): drop_path \(did you mean drop_path_rate\?\)$'),
