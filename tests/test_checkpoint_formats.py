@@ -255,6 +255,47 @@ def test_timm_layout(tmp_path, v1_official_sd, v1_expected):
     _assert_v1_golden(_load(SwinTransformer(**SMALL), path), v1_expected)
 
 
+def test_partial_state_dicts_keep_their_merges_where_they_are(tmp_path, v1_official_sd):
+    """Files without stage 0 have no merge there in any layout: the merges' widths say where they belong."""
+    late = {k: v for k, v in v1_official_sd.items() if k.startswith(('layers.2.', 'layers.3.'))}  # with buffers
+    assert detect_format(late) == ('official', 1)
+    assert set(convert_state_dict(late).state_dict) == {k for k in late if not k.endswith(DERIVED)}
+    model = SwinTransformer(**SMALL)
+    result = model.load_state_dict(late, strict=False)
+    assert sorted(result.unexpected_keys) == sorted(k for k in late if k.endswith(DERIVED))
+    assert torch.equal(model.layers[2].downsample.reduction.weight, late['layers.2.downsample.reduction.weight'])
+    path = tmp_path / 'late.pth'
+    torch.save({'model': late}, path)
+    _expect_error(SwinTransformer(**SMALL), path, 'late.pth', r'\(official format, Swin V1\) lacks 62 weights',
+                  r'first patch_embed\.proj\.weight')
+
+    theirs = {}  # stages 1-3 as mmdet names them, merges at the end of their stage in unfold order
+    for k, v in _body(v1_official_sd).items():
+        if not k.startswith(('layers.1.', 'layers.2.', 'layers.3.')):
+            continue
+        if k.endswith('downsample.reduction.weight') or (k.endswith(('downsample.norm.weight',
+                                                                      'downsample.norm.bias'))):
+            v = _to_unfold(v)
+        k = k.replace('layers.', 'stages.').replace('.attn.', '.attn.w_msa.')
+        theirs[k.replace('.mlp.fc1.', '.ffn.layers.0.0.').replace('.mlp.fc2.', '.ffn.layers.1.')] = v
+    converted = convert_state_dict(theirs)
+    assert converted.source_format == 'openmmlab'
+    expected = {k: v for k, v in _body(v1_official_sd).items()
+                if k.startswith(('layers.1.', 'layers.2.', 'layers.3.'))}
+    assert converted.state_dict.keys() == expected.keys()
+    assert all(torch.equal(converted.state_dict[k], v) for k, v in expected.items())
+
+    timm = {}  # timm's layout of the same stages: merges move to the start of the next stage
+    for k, v in expected.items():
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        timm[f'layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}' if m else k] = v
+    del timm['layers.2.downsample.reduction.weight'], timm['layers.2.downsample.norm.weight']
+    del timm['layers.2.downsample.norm.bias']  # stage 1's merge left out: stage 2 alone shows the layout
+    assert detect_format(timm) == ('timm', 1)
+    assert convert_state_dict(timm).state_dict.keys() == expected.keys() - {
+        'layers.1.downsample.reduction.weight', 'layers.1.downsample.norm.weight', 'layers.1.downsample.norm.bias'}
+
+
 @pytest.mark.parametrize('name,cls', [('v1', SwinTransformer), ('v2', SwinTransformerV2)])
 def test_converted_checkpoint_round_trip(tmp_path, name, cls):
     src = DATA / f'{name}_official_cls.pth'

@@ -110,10 +110,7 @@ def detect_format(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = None) -
     if any(k.startswith('stages.') for k in keys) and any('.attn.w_msa.' in k for k in keys):
         return 'openmmlab', version
     if any(re.match(r'layers\.\d+\.blocks\.\d+\.attn\.', k) for k in keys):
-        starts = _downsample_stages(keys, 'layers')
-        if starts and 0 not in starts:
-            return 'timm', version
-        return 'official', version
+        return ('timm' if _merges_at_start(sd, 'layers') else 'official'), version
     sample = ', '.join(keys[:3])
     raise ValueError(f'the keys are not those of a Swin backbone (first keys: {sample})')
 
@@ -121,6 +118,24 @@ def detect_format(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = None) -
 def _downsample_stages(keys: List[str], stage_name: str) -> set:
     pattern = re.compile(rf'^{stage_name}\.(\d+)\.downsample\.')
     return {int(m.group(1)) for m in map(pattern.match, keys) if m}
+
+
+def _merges_at_start(sd: Mapping[str, torch.Tensor], stage_name: str) -> bool:
+    """Whether the patch mergings sit at the start of stages 1.. (timm, mmpretrain's V2) rather than at the end
+    of stages 0.. (official, mmdet). A merge's widths against its own stage's blocks decide: at the end it reads
+    4C of the stage's C channels, at the start it writes the stage's C. Only where no stage has both, which stages
+    have a merge decide (a file of stages 1-3 alone has no merge at stage 0 in either layout)."""
+    starts = _downsample_stages(list(sd), stage_name)
+    for i in sorted(starts):
+        reduction = sd.get(f'{stage_name}.{i}.downsample.reduction.weight')
+        norm1 = sd.get(f'{stage_name}.{i}.blocks.0.norm1.weight')
+        if reduction is None or norm1 is None or reduction.ndim != 2 or norm1.ndim != 1:
+            continue
+        if reduction.shape[1] == 4 * norm1.shape[0]:
+            return False
+        if reduction.shape[0] == norm1.shape[0]:
+            return True
+    return bool(starts) and 0 not in starts
 
 
 def merge_unfold_to_official(weight: torch.Tensor) -> torch.Tensor:
@@ -168,9 +183,7 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = No
     fmt, version = detect_format(sd, meta)
     out: StateDict = OrderedDict()
     derived = []
-    stage_name = 'stages' if fmt == 'openmmlab' else 'layers'
-    starts = _downsample_stages(list(sd), stage_name)
-    merge_at_start = bool(starts) and 0 not in starts
+    merge_at_start = _merges_at_start(sd, 'stages' if fmt == 'openmmlab' else 'layers')
     for key, value in sd.items():
         if key.endswith(DERIVED_SUFFIXES):
             derived.append(key)
