@@ -1,4 +1,8 @@
 """Backbone behaviour: presets, shapes at any size, options that must really work."""
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,3 +360,40 @@ def test_strides_longer_than_the_stages_are_taken_as_mmdet_takes_them():
     model = SwinTransformer(**dict(SMALL, depths=(2, 2), num_heads=(1, 2)), out_indices=(0, 1))
     assert len(model.layers) == 2
     assert [o.shape[1] for o in model.eval()(torch.randn(1, 3, 32, 32))] == [24, 48]
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(patch_size=(4, 4), strides=((4, 4), 2, 2, 2)),
+    dict(patch_size=(2, 2), strides=(2, 2, 2, 2)),
+    dict(use_abs_pos_embed=True, pretrain_img_size=(64,)),
+], ids=['pair-patch', 'pair-patch-int-stride', 'one-entry-size'])
+def test_argument_forms_mmdet_documents(kwargs):
+    """``patch_size`` as a square pair and ``pretrain_img_size`` as ``(size,)``, as mmdet's Swin takes them:
+    the same model, and with mmdet's weights its outputs."""
+    from mmdet.models.backbones import swin as mmdet_swin
+    arch = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+    torch.manual_seed(0)
+    if 'patch_size' in kwargs and kwargs['strides'][0] != kwargs['patch_size']:
+        theirs = mmdet_swin.SwinTransformer(**arch, patch_size=kwargs['patch_size'][0], strides=kwargs['strides'])
+    else:
+        theirs = mmdet_swin.SwinTransformer(**arch, **kwargs)
+    theirs.init_weights()
+    theirs.eval()  # (mmdet's train() returns None)
+    ours = SwinTransformer(**arch, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for out, ref in zip(ours.eval()(x), theirs(x), strict=True):
+            assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r'patch_size must be a positive int or a square \(p, p\), got \(4, 2\)'):
+        SwinTransformer(**arch, patch_size=(4, 2))
+
+
+def test_pretrained_string_warns_visibly():
+    """``pretrained=`` is deprecated with a warning Python shows by default (mmdet's and mmseg's show theirs)."""
+    code = ('from mmswin.models import SwinTransformer\n'
+            "m = SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), pretrained='a.pth')\n"
+            "assert m.init_cfg == dict(type='Pretrained', checkpoint='a.pth')\n")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert re.search(r'FutureWarning: pretrained is deprecated, use init_cfg=dict\(type="Pretrained"',
+                     result.stderr), result.stderr

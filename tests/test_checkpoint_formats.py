@@ -133,6 +133,10 @@ def test_mmdets_absolute_position_embedding(tmp_path, size):
     ours = _load(SwinTransformer(**arch, pretrain_img_size=size), path)
     for out, ref in zip(_run(ours, x), expected, strict=True):
         assert (out - ref).abs().max() <= 1e-5
+    ours = SwinTransformer(**arch, pretrain_img_size=size)  # as load_from loads a detector: load_state_dict
+    ours.load_state_dict(theirs.state_dict())
+    for out, ref in zip(_run(ours, x), expected, strict=True):
+        assert (out - ref).abs().max() <= 1e-5
     with pytest.raises(CheckpointError, match=r'mmdet_abs\.pth \(openmmlab format\): absolute_pos_embed has '
                                               rf'{size[0] * size[1] // 16} positions, .* the model has 56x56: set '
                                               r'pretrain_img_size') if size[0] != size[1] else nullcontext():

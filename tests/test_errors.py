@@ -42,7 +42,7 @@ BACKBONES = [SwinTransformer, SwinTransformerV2]
     (dict(mlp_ratio=None), ValueError, r'mlp_ratio .* got None'),
     (dict(strides=4), TypeError, r'strides must be a sequence of ints, got 4'),
     (dict(use_abs_pos_embed=True, pretrain_img_size=3), ValueError,
-     r'pretrain_img_size must be an int or \(height, width\), each at least patch_size \(4\), got 3'),
+     r'pretrain_img_size must be an int, \(size,\) or \(height, width\), each at least patch_size \(4\), got 3'),
     (dict(use_abs_pos_embed=True, pretrain_img_size=(64, 64, 64)), ValueError, r'pretrain_img_size'),
     (dict(init_cfg='file.pth'), TypeError, r"init_cfg must be a dict with a 'type'.*got 'file\.pth'"),
     (dict(init_cfg=dict(type='Pretrained')), TypeError, r"'Pretrained' needs checkpoint=PATH_OR_URL"),

@@ -63,6 +63,14 @@ def _int_sequence(value: object, name: str, minimum: int = 1) -> Tuple[int, ...]
     return value
 
 
+def _square(value: object) -> object:
+    """``(n,)`` and ``(n, n)`` as ``n``, as mmdet's and mmseg's ``to_2tuple`` take them; anything else as it is."""
+    if isinstance(value, (tuple, list)) and value and all(_is_int(v) for v in value) and len(set(value)) == 1 \
+            and len(value) <= 2:
+        return value[0]
+    return value
+
+
 def _per_stage(value: IntOrSeq, num_stages: int, name: str, minimum: int = 1) -> Tuple[int, ...]:
     """An int for every stage, or one int per stage."""
     if _is_int(value):
@@ -114,6 +122,11 @@ def _rename_foreign_keys(module: nn.Module, state_dict: dict, prefix: str, *args
     from ..checkpoint.formats import FORMATS, rename_foreign_keys  # imported here: checkpoint imports the models
     own = {k for k in module.state_dict(keep_vars=True)}
     converted = rename_foreign_keys(state_dict, prefix, own)
+    pos, mine = state_dict.get(prefix + 'absolute_pos_embed'), getattr(module, 'absolute_pos_embed', None)
+    if (converted is not None and isinstance(pos, torch.Tensor) and pos.ndim == 3 and mine is not None
+            and pos.shape[0] == 1 and pos.shape[1] == mine.shape[2] * mine.shape[3] and pos.shape[2] == mine.shape[1]):
+        # mmdet's (1, L, C) of a grid that is not square (a square one is converted already): the model's grid
+        state_dict[prefix + 'absolute_pos_embed'] = pos.transpose(1, 2).reshape(mine.shape)
     if converted is not None:
         print_log(f'{type(module).__name__} at {prefix[:-1] or "the top"}: renamed '
                   f'{len(converted.state_dict)} weights of {FORMATS[converted.source_format]} to mmswin\'s names',
@@ -146,10 +159,11 @@ class SwinTransformer(BaseModule):
     formats (mmdet/mmseg, mmpretrain, timm, detector checkpoints) are converted on load.
 
     Args:
-        pretrain_img_size: Image size of pre-training; sizes ``absolute_pos_embed``.
+        pretrain_img_size: Image size of pre-training, an int, ``(size,)`` or ``(height, width)``; sizes
+            ``absolute_pos_embed``.
         in_channels: Image channels.
         embed_dims: Width of the first stage (default from ``arch``).
-        patch_size: Patch side.
+        patch_size: Patch side, an int or a square ``(p, p)``.
         window_size: Window side, an int or one per stage.
         mlp_ratio: MLP width relative to the stage width.
         depths: Blocks per stage (default from ``arch``).
@@ -183,7 +197,7 @@ class SwinTransformer(BaseModule):
                  pretrain_img_size: IntOrSeq = 224,
                  in_channels: int = 3,
                  embed_dims: Optional[int] = None,
-                 patch_size: int = 4,
+                 patch_size: IntOrSeq = 4,
                  window_size: IntOrSeq = 7,
                  mlp_ratio: float = 4.0,
                  depths: Optional[Sequence[int]] = None,
@@ -217,7 +231,7 @@ class SwinTransformer(BaseModule):
             if not isinstance(pretrained, str):
                 raise TypeError(f'pretrained must be a str or None, got {type(pretrained).__name__}')
             warnings.warn('pretrained is deprecated, use init_cfg=dict(type="Pretrained", checkpoint=...)',
-                          DeprecationWarning)
+                          FutureWarning, stacklevel=2)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         _split_init_cfg(init_cfg)  # bad init_cfg fails here, not at init_weights
         super().__init__(init_cfg=init_cfg)
@@ -231,9 +245,11 @@ class SwinTransformer(BaseModule):
                                         minimum=0)
         if 1 in pretrained_windows:
             raise ValueError(f'pretrained_window_sizes must be 0 (none) or >= 2, got {pretrained_windows}')
+        patch_size = _square(patch_size)
         for name, value in (('patch_size', patch_size), ('in_channels', in_channels)):
             if not _is_int(value) or value <= 0:
-                raise ValueError(f'{name} must be a positive int, got {value!r}')
+                raise ValueError(f'{name} must be a positive int' + (' or a square (p, p)' if name == 'patch_size'
+                                                                     else '') + f', got {value!r}')
         if not _is_real(mlp_ratio) or int(embed_dims * mlp_ratio) < 1:
             raise ValueError(f'mlp_ratio must be a number that gives the MLP at least one channel '
                              f'(int(embed_dims * mlp_ratio) >= 1), got {mlp_ratio!r}')
@@ -241,6 +257,8 @@ class SwinTransformer(BaseModule):
                             ('drop_path_rate', drop_path_rate)):
             if not _is_real(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f'{name} must be a number in [0, 1), got {value!r}')
+        if isinstance(strides, (tuple, list)) and strides:  # mmdet's (patch_size, 2, ...), patch_size may be a pair
+            strides = (_square(strides[0]), *strides[1:])
         strides = _int_sequence(strides, 'strides')[:num_stages]  # as mmdet's, longer than the stages is fine
         if len(strides) != num_stages or strides[0] != patch_size or any(s != 2 for s in strides[1:]):
             raise ValueError(f'strides must be (patch_size, 2, 2, ...) with {num_stages} entries, i.e. '
@@ -273,11 +291,11 @@ class SwinTransformer(BaseModule):
 
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size, norm_cfg, use_norm=patch_norm)
         if use_abs_pos_embed:
-            img = (pretrain_img_size,) * 2 if _is_int(pretrain_img_size) else _int_sequence(
-                pretrain_img_size, 'pretrain_img_size')
+            img = _square(pretrain_img_size)
+            img = (img,) * 2 if _is_int(img) else _int_sequence(img, 'pretrain_img_size')
             if len(img) != 2 or min(img) < patch_size:
-                raise ValueError(f'pretrain_img_size must be an int or (height, width), each at least patch_size '
-                                 f'({patch_size}), got {pretrain_img_size!r}')
+                raise ValueError(f'pretrain_img_size must be an int, (size,) or (height, width), each at least '
+                                 f'patch_size ({patch_size}), got {pretrain_img_size!r}')
             grid = (img[0] // patch_size, img[1] // patch_size)
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dims, *grid))
         self.pos_drop = nn.Dropout(drop_rate)
