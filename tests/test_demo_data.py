@@ -3,6 +3,7 @@ demo configs describe it; the demo configs and run_demo's config preparation (no
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -248,14 +249,42 @@ def test_run_demo_passes_overrides_to_its_workers(tmp_path):
     run_demo = _load('run_demo')
     args = run_demo.parse_args(['--work-dir', str(tmp_path), '--det-iters', '7', '--det-cfg-options',
                                 'model.backbone.num_heads=[1,2,4,8]', 'model.backbone.with_cp=True',
-                                'optim_wrapper.optimizer.lr=0.002', '--jobs', '1'])
+                                'optim_wrapper.optimizer.lr=0.002',
+                                'train_dataloader.dataset.pipeline.2.scale=(160,160)', "load_from=/tmp/it's.pth", '--jobs', '1'])
     cmd = run_demo._worker_command('det', args)
     worker = run_demo.parse_args(cmd[2:])
     assert worker.worker == 'det' and worker.det_iters == 7 and worker.work_dir == str(tmp_path)
-    assert worker.det_cfg_options == {'model.backbone.num_heads': [1, 2, 4, 8], 'model.backbone.with_cp': True,
-                                      'optim_wrapper.optimizer.lr': 0.002}
+    expected = {'model.backbone.num_heads': [1, 2, 4, 8], 'model.backbone.with_cp': True,
+                'optim_wrapper.optimizer.lr': 0.002, 'train_dataloader.dataset.pipeline.2.scale': (160, 160),
+                'load_from': "/tmp/it's.pth"}
+    assert worker.det_cfg_options == args.det_cfg_options == expected  # as mmengine's DictAction parses them
+    assert type(worker.det_cfg_options['train_dataloader.dataset.pipeline.2.scale']) is tuple  # mmcv's Resize
     seg = run_demo._worker_command('seg', args)
-    assert '--cfg-json' not in seg and '--det-iters' not in seg and seg[seg.index('--worker') + 1] == 'seg'
+    assert '--cfg-literal' not in seg and '--det-iters' not in seg and seg[seg.index('--worker') + 1] == 'seg'
+
+
+def test_run_demo_refuses_a_task_named_twice(capsys):
+    run_demo = _load('run_demo')
+    with pytest.raises(SystemExit) as exit_info:
+        run_demo.parse_args(['--tasks', 'det', 'seg', 'det'])
+    assert exit_info.value.code == 2 and '--tasks lists det more than once' in capsys.readouterr().err
+
+
+def test_run_demo_summary_without_detections():
+    """mmdet's CocoMetric returns no metrics when nothing was detected: the summary says so."""
+    run_demo = _load('run_demo')
+    text = run_demo.summarize({'det': {}, 'seg': {'mIoU': 40.0, 'mAcc': 50.0, 'aAcc': 60.0}})
+    assert 'no detections on the validation split: no AP' in text and 'mIoU 40.00   mAcc 50.00   aAcc 60.00' in text
+    text = run_demo.summarize({'det': {'bbox_mAP': 0.5, 'bbox_mAP_50': 0.75}})
+    assert 'box AP 0.500   box AP50 0.750   mask AP n/a   mask AP50 n/a' in text
+
+
+def test_image_demo_names_a_file_that_is_not_an_image(tmp_path):
+    image_demo = _load('image_demo')
+    path = tmp_path / 'notimage.jpg'
+    path.write_text('not an image')
+    with pytest.raises(SystemExit, match=f'error: {re.escape(str(path))} is not an image OpenCV can read'):
+        image_demo.main([str(path), str(DET_CONFIG), str(tmp_path / 'none.pth')])
 
 
 def test_run_demo_rejects_iterations_its_schedules_cannot_take(tmp_path, capsys):

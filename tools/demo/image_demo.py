@@ -30,7 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
-    image = mmcv.imread(args.image, channel_order='rgb')
+    image = mmcv.imread(args.image)  # FileNotFoundError naming a missing file
+    if image is None:
+        raise SystemExit(f'error: {args.image} is not an image OpenCV can read')
+    image = mmcv.bgr2rgb(image)
     if default_scope_of(cfg) == 'mmseg':
         from mmseg.apis import inference_model, init_model
         from mmseg.visualization import SegLocalVisualizer

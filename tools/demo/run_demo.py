@@ -21,6 +21,7 @@ the training progress of both tasks (``--verbose``: everything they log); the fu
 ``WORK_DIR/<task>/console.log``.
 """
 import argparse
+import ast
 import json
 import os
 import os.path as osp
@@ -198,7 +199,7 @@ def _worker_command(task: str, args: argparse.Namespace) -> List[str]:
         cmd += [f'--{task}-iters', str(iters)]
     options = args.det_cfg_options if task == 'det' else args.seg_cfg_options
     if options:
-        cmd += ['--cfg-json', json.dumps(options)]     # parsed values, types kept
+        cmd += ['--cfg-literal', repr(options)]     # parsed values as Python literals: tuples stay tuples
     return cmd
 
 
@@ -248,17 +249,25 @@ def run_workers(args: argparse.Namespace) -> Dict[str, float]:
     return seconds
 
 
+def _metric(metrics: dict, key: str, digits: int) -> str:
+    return f'{metrics[key]:.{digits}f}' if key in metrics else 'n/a'
+
+
 def summarize(results: dict) -> str:
     lines = ['', '=' * 72, 'mmswin demo: small Swin backbones trained from scratch, validation-split results']
     if 'det' in results:
         det = results['det']
         lines.append(f"  {TASKS['det']['title']}")
-        lines.append(f"    box AP {det['bbox_mAP']:.3f}   box AP50 {det['bbox_mAP_50']:.3f}   "
-                     f"mask AP {det['segm_mAP']:.3f}   mask AP50 {det['segm_mAP_50']:.3f}")
+        if not det:  # mmdet's CocoMetric reports nothing when the model detected nothing
+            lines.append('    no detections on the validation split: no AP')
+        else:
+            lines.append(f"    box AP {_metric(det, 'bbox_mAP', 3)}   box AP50 {_metric(det, 'bbox_mAP_50', 3)}   "
+                         f"mask AP {_metric(det, 'segm_mAP', 3)}   mask AP50 {_metric(det, 'segm_mAP_50', 3)}")
     if 'seg' in results:
         seg = results['seg']
         lines.append(f"  {TASKS['seg']['title']}")
-        lines.append(f"    mIoU {seg['mIoU']:.2f}   mAcc {seg['mAcc']:.2f}   aAcc {seg['aAcc']:.2f}")
+        lines.append(f"    mIoU {_metric(seg, 'mIoU', 2)}   mAcc {_metric(seg, 'mAcc', 2)}   "
+                     f"aAcc {_metric(seg, 'aAcc', 2)}")
     if 'seconds' in results:
         lines.append('  time: ' + ', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items()))
     lines.append('=' * 72)
@@ -281,15 +290,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--seg-cfg-options', nargs='+', action=DictAction, help='overrides of the segmentation config')
     parser.add_argument('--verbose', action='store_true', help='show everything the trainings log')
     parser.add_argument('--worker', choices=sorted(TASKS), help=argparse.SUPPRESS)
-    parser.add_argument('--cfg-json', help=argparse.SUPPRESS)          # a worker's config overrides
+    parser.add_argument('--cfg-literal', help=argparse.SUPPRESS)       # a worker's config overrides
     args = parser.parse_args(argv)
+    repeated = sorted({task for task in args.tasks if args.tasks.count(task) > 1})
+    if repeated:
+        parser.error(f'--tasks lists {", ".join(repeated)} more than once')
     if args.jobs < 1:
         parser.error(f'--jobs must be at least 1, got {args.jobs}')
     for flag, iters in (('--det-iters', args.det_iters), ('--seg-iters', args.seg_iters)):
         if iters is not None and iters < MIN_ITERS:
             parser.error(f'{flag} must be at least {MIN_ITERS} (a warm-up iteration, then the lr decay), got {iters}')
-    if args.cfg_json:
-        options = json.loads(args.cfg_json)
+    if args.cfg_literal:
+        options = ast.literal_eval(args.cfg_literal)
         if args.worker == 'det':
             args.det_cfg_options = options
         else:
