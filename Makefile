@@ -7,6 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmswin-installed
 PYTEST_ARGS ?=
 
+ifneq ($(words $(VENV)),1)
+$(error VENV must be a path without spaces, got '$(VENV)')
+endif
+# The stamp holds the TORCH_SPEC it was installed with: another one installs again.
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
+.PHONY: $(STAMP)
+endif
+
 export VENV PYTHON TORCH_SPEC WHEEL_CACHE
 
 .PHONY: install test clean demo
@@ -15,7 +23,7 @@ install: $(STAMP)
 
 $(STAMP): tools/install_deps.sh setup.py $(wildcard requirements/*.txt) $(wildcard mmswin/csrc/*)
 	bash tools/install_deps.sh
-	touch $@
+	printf '%s\n' "$$TORCH_SPEC" > $@
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)

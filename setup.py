@@ -43,8 +43,8 @@ setup(
     long_description=(here / 'README.md').read_text() if (here / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmswin', 'mmswin.*']),
-    python_requires='>=3.8',
-    install_requires=['torch>=2.0'] + read_requirements('runtime.txt'),
+    python_requires='>=3.10',
+    install_requires=['torch>=2.4'] + read_requirements('runtime.txt'),  # torch.get_autocast_dtype, 2.4
     extras_require={
         'mmdet': ['mmcv>=2.0.0,<2.2.0', 'mmdet>=3.0.0'],
         'mmseg': ['mmcv>=2.0.0,<2.2.0', 'mmsegmentation>=1.0.0', 'ftfy', 'regex'],
