@@ -818,3 +818,12 @@ def test_runs_table_has_a_row_per_report_and_group(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             table.main(argv + [str(reports[0])])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_flops_do_not_depend_on_earlier_forwards():
+    """V2's position-bias MLP is counted whether or not an eager forward has cached its output."""
+    model = SwinTransformerV2(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4).eval()
+    fresh = backbone_flops(model, 64, 64)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert backbone_flops(model, 64, 64) == backbone_flops(model, 64, 64) == fresh

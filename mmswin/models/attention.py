@@ -92,7 +92,7 @@ class WindowAttention(nn.Module):
         synchronisation breaks CUDA graph capture.
         """
         params = self.position_bias_parameters()
-        if torch.compiler.is_compiling() or any(p.device.type != 'cpu' for p in params) or (
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or any(p.device.type != 'cpu' for p in params) or (
                 torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self.position_bias(window).to(dtype, memory_format=torch.contiguous_format).unsqueeze(0)
         key = (window, dtype, torch.is_inference_mode_enabled())
