@@ -481,3 +481,28 @@ def test_bad_inference_mlp_rows_input_is_named(arg, value, message):
 def test_inference_chunks_are_equal_and_shared_out_evenly(total, chunk, n, expected):
     with threads(n):
         assert cpu_kernels.inference_chunk(total, chunk, 128) == expected
+
+
+@pytest.mark.parametrize('device', ['cpu', 'meta'])
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_checkpointed_blocks_off_the_cpu_run_the_mlp_layer_by_layer(device, with_cp, monkeypatch):
+    """Training runs the MLP through :func:`gelu_mlp` (one hidden tensor kept), except in a checkpointed block
+    off the CPU (``meta`` standing in for a GPU), in the forward and in the recomputation: there the
+    recomputation brings the layers' saved tensors back anyway, and PyTorch's layers leave less alive at the
+    backward's peak than :func:`gelu_mlp`'s temporaries on top of the recomputed block."""
+    from mmswin.models import SwinTransformer
+    calls = []
+    original = layers.gelu_mlp
+    monkeypatch.setattr(layers, 'gelu_mlp', lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    depths = (1, 2, 1, 1)
+    model = SwinTransformer(embed_dims=16, depths=depths, num_heads=(1, 2, 4, 8), window_size=4,
+                            drop_path_rate=0.0, with_cp=with_cp).to(device).train()
+    outs = model(torch.randn(1, 3, 40, 40, device=device))
+    forward_calls = len(calls)
+    sum(o.float().sum() for o in outs).backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    if with_cp and device == 'meta':
+        assert len(calls) == 0
+    else:
+        assert forward_calls == sum(depths)
+        assert (len(calls) > forward_calls) == with_cp  # recomputed in the backward
