@@ -381,6 +381,41 @@ def test_shares_use_the_higher_matmul_rate_around_a_group(monkeypatch):
         '- measured again before each group (the rates the shares use): fp32 1.0-1.0 GFLOP/s']
 
 
+@pytest.mark.parametrize('precision,mode,check', [('fp32', 'inference', 'max_abs_diff'),
+                                                    ('bf16', 'inference', 'cosine_to_fp32'),
+                                                    ('bf16', 'train', 'gradient_cosine_to_fp32')])
+def test_checks_against_fp32_run_without_tf32(precision, mode, check, monkeypatch):
+    """A group's comparisons with fp32 (mmswin against mmdet, low precisions against fp32) run with TF32 off
+    for matrix products and cuDNN's convolutions, which cuDNN takes by default on CUDA; the settings are
+    restored afterwards."""
+    benchmark = load_benchmark_tool()
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    monkeypatch.setattr(benchmark, 'matmul_rate', lambda device, precision: 1e9)
+    monkeypatch.setattr(benchmark, 'time_in_workers', lambda names, *args: dict(
+        times={name: [1.0] for name in names}, page_faults={}, system_s={}))
+    seen = []
+
+    def settings():
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    if check == 'max_abs_diff':
+        outputs = benchmark._outputs
+        monkeypatch.setattr(benchmark, '_outputs', lambda model, x: settings() or outputs(model, x))
+    else:
+        monkeypatch.setattr(benchmark, check, lambda *args: settings() or [1.0])
+    names = ['mmswin-v1', 'mmdet-v1'] if check == 'max_abs_diff' else ['mmswin-v1']
+    try:
+        group = benchmark.measure_group(names, 7, [1, 3, 32, 32], precision, mode, 'cpu', 1, 0, False)
+        restored = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert seen and set(seen) == {(False, False)}
+    assert {'max_abs_diff': 'max_abs_diff', 'cosine_to_fp32': 'cosine',
+            'gradient_cosine_to_fp32': 'gradient_cosine'}[check] in group
+    assert restored == (True, True)
+
+
 def test_timing_counts_page_faults_per_call():
     """The page faults of a timed call: writing 64 MiB of freshly mapped anonymous memory faults in its
     pages, at least one per 2 MiB even with transparent huge pages."""

@@ -19,6 +19,7 @@ FLOPs are mmswin's count (tools/analysis/get_flops.py), the same for every model
 like with like.
 """
 import argparse
+import contextlib
 import importlib
 import itertools
 import json
@@ -829,23 +830,38 @@ def measure_group(names: List[str], window: int, size: List[int], precision: str
                 name: [float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
                        for a, b in zip(_outputs(models[name[:-len(COMPILED)]], x), _outputs(twin, x))]
                 for name, twin in twins.items()}
-    if 'mmswin-v1' in models and PEER in models and precision == 'fp32' and mode == 'inference':
-        with torch.no_grad():  # (the models are in eval mode here)
-            ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', PEER))
-        group['max_abs_diff'] = [float((a - b).abs().max()) for a, b in zip(ours, theirs)]
-    if precision != 'fp32' and mode == 'inference':
-        # (in eval mode here; mmdet's train() and eval() return None)
-        group['cosine'] = {name: cosine_to_fp32(model, x, precision) for name, model in models.items()}
-    if precision != 'fp32' and mode == 'train':
-        # every model, the peers too, on models of its own without stochastic depth (the same branches kept in
-        # both precisions) and with the norms' weights off V2's zeros
-        checked = build_models(names, window, device)
-        group['gradient_cosine'] = {}
-        for name, model in checked.items():
-            redraw_norm_weights(model)
-            model.train()
-            group['gradient_cosine'][name] = gradient_cosine_to_fp32(model, x, precision)
+    with fp32_products():  # the values checked against fp32 are fp32's, whatever the timings ran with
+        if 'mmswin-v1' in models and PEER in models and precision == 'fp32' and mode == 'inference':
+            with torch.no_grad():  # (the models are in eval mode here)
+                ours, theirs = (_outputs(models[n], x) for n in ('mmswin-v1', PEER))
+            group['max_abs_diff'] = [float((a - b).abs().max()) for a, b in zip(ours, theirs)]
+        if precision != 'fp32' and mode == 'inference':
+            # (in eval mode here; mmdet's train() and eval() return None)
+            group['cosine'] = {name: cosine_to_fp32(model, x, precision) for name, model in models.items()}
+        if precision != 'fp32' and mode == 'train':
+            # every model, the peers too, on models of its own without stochastic depth (the same branches kept
+            # in both precisions) and with the norms' weights off V2's zeros
+            checked = build_models(names, window, device)
+            group['gradient_cosine'] = {}
+            for name, model in checked.items():
+                redraw_norm_weights(model)
+                model.train()
+                group['gradient_cosine'][name] = gradient_cosine_to_fp32(model, x, precision)
     return group
+
+
+@contextlib.contextmanager
+def fp32_products() -> Iterator[None]:
+    """fp32 matrix products and convolutions on CUDA, TF32 off: cuDNN takes TF32 for fp32 convolutions by
+    default, rounding their inputs to 10 mantissa bits, so that two models with the same weights differ by
+    about 1e-3 wherever cuDNN picks different algorithms for them (mmdet's and mmswin's patch embeddings:
+    1.7e-3 in ``docs/reports/benchmark_cuda_3.json``). The settings are restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _group_worker(args: tuple, queue) -> None:
