@@ -558,6 +558,24 @@ def test_profiles_tell_the_calling_thread_from_threads_that_run_shared_chunks():
     assert profile['other_threads_ms'] > 0 and profile['caller_ms'] <= profile['step_ms']
 
 
+def test_memory_is_measured_after_a_small_step_on_every_device(monkeypatch):
+    """Before the measured step, the model takes one small training step (the batch of the measured size,
+    64x64 images) on the device asked for, so that what libraries allocate once is not counted."""
+    benchmark = load_benchmark_tool()
+    steps = []
+    step_fn = benchmark.step_fn
+
+    def recorded(model, x, mode, precision):
+        steps.append((tuple(x.shape), x.device.type, mode, precision, model.training))
+        return step_fn(model, x, mode, precision)
+
+    monkeypatch.setattr(benchmark, 'step_fn', recorded)
+    model = benchmark.started_model('mmswin-v1', 7, [2, 3, 96, 128], 'fp32', True, torch.device('cpu'))
+    assert steps == [((2, 3, 64, 64), 'cpu', 'train', 'fp32', True)]
+    assert model.training and all(stage.with_cp for stage in model.layers)
+    assert all(p.grad is None for p in model.parameters())  # the step leaves no gradients behind
+
+
 def test_training_memory_is_measured_in_each_precision(tmp_path, monkeypatch):
     """Every model's training memory is measured in each precision of the run, with and without
     checkpointing, and recorded with its precision; the run's allocator settings are recorded (timing and

@@ -345,14 +345,22 @@ UNPOOLED_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072', 'MALLOC_MMAP_MAX_': N
                        'MALLOC_TRIM_THRESHOLD_': None, 'MALLOC_TOP_PAD_': None}
 
 
+def started_model(name: str, window: int, size: List[int], precision: str, with_cp: bool,
+                  device: torch.device) -> torch.nn.Module:
+    """Model ``name`` in training mode on ``device`` after one small training step (``size``'s batch, 64x64
+    images), so that what the libraries allocate once (thread pools, cuBLAS's workspace, cuDNN's handles) is
+    not counted as a step's memory."""
+    model = build_model(name, window, with_cp=with_cp).to(device)
+    model.train()  # (mmdet's Swin returns None from train())
+    step_fn(model, torch.randn(size[0], size[1], 64, 64, device=device), 'train', precision)()
+    return model
+
+
 def _memory_worker(name: str, window: int, size: List[int], precision: str, with_cp: bool,
                    count_tensors: bool, queue) -> None:
     torch.set_num_threads(torch.get_num_threads())
     import mmswin  # noqa: F401
-    model = build_model(name, window, with_cp=with_cp)
-    model.train()
-    # one small step first, so that library start-up is not counted as the step's memory
-    step_fn(model, torch.randn(size[0], size[1], 64, 64), 'train', precision)()
+    model = started_model(name, window, size, precision, with_cp, torch.device('cpu'))
     step = step_fn(model, torch.randn(*size), 'train', precision)
     base = _peak_rss_bytes(reset=True)
     step()
@@ -388,14 +396,14 @@ def _run_memory_worker(args: tuple, env: Dict[str, Optional[str]]) -> Optional[d
 
 def peak_train_memory(name: str, window: int, size: List[int], precision: str, device: torch.device,
                       with_cp: bool = False) -> Optional[dict]:
-    """Bytes a training step adds at its peak: on CUDA the max allocated (``tensor_bytes``). On CPU, each
-    in a fresh worker process: the peak of live tensors (``tensor_bytes``), the growth of the resident
-    set under the environment's allocator settings (``rss_bytes``; with glibc's defaults it includes
-    what the allocator keeps for reuse) and with :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the
-    resident set of live memory)."""
+    """Bytes a training step adds at its peak, after a small step (:func:`started_model`): on CUDA the max
+    allocated (``tensor_bytes``; the CUDA reports in docs/reports, made before the small step was taken there,
+    also count what a first step allocates once). On CPU, each in a fresh worker process: the peak of live
+    tensors (``tensor_bytes``), the growth of the resident set under the environment's allocator settings
+    (``rss_bytes``; with glibc's defaults it includes what the allocator keeps for reuse) and with
+    :data:`UNPOOLED_MALLOC_ENV` (``rss_bytes_unpooled``, the resident set of live memory)."""
     if device.type == 'cuda':
-        model = build_model(name, window, with_cp=with_cp).to(device)
-        model.train()  # (mmdet's Swin returns None from train())
+        model = started_model(name, window, size, precision, with_cp, device)
         x = torch.randn(*size, device=device)
         step = step_fn(model, x, 'train', precision)
         torch.cuda.synchronize(device)
