@@ -3,6 +3,7 @@ pre-hooks (feature extraction, pruning) and TorchScript tracing (mmengine's FLOP
 import pytest
 import torch
 from mmengine.analysis import get_model_complexity_info
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -115,3 +116,114 @@ def test_hooked_and_traced_models_give_the_fused_outputs():
         for a, b, c in zip(fused, hooked, traced, strict=True):
             assert (a - b).abs().max() <= 1e-5 and (a - c).abs().max() <= 1e-5
         assert isinstance(model.layers[1].blocks[1].mlp.act, nn.GELU)
+
+
+class _Adapter(nn.Module):
+    """A layer wrapped as adapter libraries (LoRA) wrap it: ``base(x) + shift``, with the base layer's
+    ``weight`` and ``bias`` still reachable as attributes of the wrapper."""
+
+    def __init__(self, base: nn.Module, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer('shift', shift)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.shift.to(y.dtype)
+
+
+@pytest.fixture(scope='module')
+def swin_t_pair():
+    """Swin-T V1 and V2 with drop path off and random norm parameters (V2's start at zero)."""
+    torch.manual_seed(0)
+    models = {}
+    for cls in (SwinTransformer, SwinTransformerV2):
+        model = cls(drop_path_rate=0.0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if 'norm' in name:
+                    param.normal_(0.5, 0.2)
+        models[cls] = model
+    return models
+
+
+@pytest.mark.parametrize('training', [False, True], ids=['inference', 'training'])
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+@pytest.mark.parametrize('layer', ['attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2', 'norm1', 'norm2'])
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_replaced_layers_are_called(swin_t_pair, cls, layer, precision, training):
+    """A layer replaced by a wrapper that adds to its output (an adapter) is called, as in mmdet's Swin, by every
+    path, fused ones included: the outputs are those of the plain model with that shift in the layer's bias, and
+    the wrapped layer's weight gets the gradient it gets there. V2's qkv layer is not called, as in the official
+    model: its weight is multiplied with the bias assembled from ``q_bias`` and ``v_bias``."""
+    import copy
+    plain = swin_t_pair[cls]
+    wrapped, shifted = copy.deepcopy(plain), copy.deepcopy(plain)
+    owner, attr = f'layers.1.blocks.0.{layer}'.rsplit('.', 1)
+    base = getattr(wrapped.get_submodule(owner), attr)
+    shift = torch.linspace(-1.5, 1.5, base.weight.shape[0])
+    official_qkv = cls is SwinTransformerV2 and layer == 'attn.qkv'
+    if official_qkv:  # no bias of its own: the shift of the queries and values goes into q_bias and v_bias
+        q_shift, k_shift, v_shift = shift.chunk(3)
+        k_shift.zero_()
+        with torch.no_grad():
+            shifted.get_submodule(owner).q_bias.add_(q_shift)
+            shifted.get_submodule(owner).v_bias.add_(v_shift)
+    else:
+        with torch.no_grad():
+            getattr(shifted.get_submodule(owner), attr).bias.add_(shift)
+    setattr(wrapped.get_submodule(owner), attr, _Adapter(base, shift))
+    expected = plain if official_qkv else shifted
+    x = torch.randn(1, 3, 64, 96)
+    results = {}
+    for model in (wrapped, shifted, plain):
+        model.train(training)
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'), torch.set_grad_enabled(training):
+            outs = model(x)
+        if training:
+            sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+        results[model] = torch.cat([o.detach().float().reshape(-1) for o in outs])
+    out, ref = results[wrapped], results[expected]
+    effect = (results[shifted] - results[plain]).norm()
+    assert effect > 0.01 * ref.norm()
+    if precision == 'fp32':
+        assert (out - ref).abs().max() <= 1e-4
+    else:  # bf16 roundings of paths that differ: far below the shift's effect
+        assert (out - ref).norm() <= 0.1 * effect
+    if training:
+        grad = base.weight.grad
+        ref_grad = getattr(expected.get_submodule(owner), attr).weight.grad
+        cosine = F.cosine_similarity(grad.reshape(1, -1), ref_grad.reshape(1, -1)).item()
+        assert cosine >= (0.99999 if precision == 'fp32' else 0.999)
+
+
+@pytest.mark.parametrize('training', [False, True], ids=['inference', 'training'])
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_output_norm_hooks_run_in_every_precision(swin_t_pair, precision, training):
+    """A forward hook on an output norm (``norm{i}``) runs once per forward, in the compiled kernels' precision
+    (bf16) too, and what it returns becomes that output."""
+    model = swin_t_pair[SwinTransformer].train(training)
+    calls = []
+
+    def zero(module, args, output):
+        calls.append(module)
+        return torch.zeros_like(output)
+
+    handle = model.norm2.register_forward_hook(zero)
+    try:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'), torch.set_grad_enabled(training):
+            outs = model(torch.randn(1, 3, 64, 96))
+    finally:
+        handle.remove()
+    assert calls == [model.norm2]
+    assert outs[2].shape == (1, 384, 4, 6) and not outs[2].any()
+    assert all(out.abs().sum() > 0 for i, out in enumerate(outs) if i != 2)

@@ -89,7 +89,9 @@ def build_activation(act_cfg: Optional[dict]) -> nn.Module:
     if cls is None:
         raise ValueError(f'act_cfg type {kind!r} is not an activation of PyTorch or mmcv '
                          f'(mmswin builds {sorted(_ACTS)} itself)')
-    return cls(**kwargs)
+    act = cls(**kwargs)
+    _runs_as_built[type(act)] = True  # called as a module wherever it is not the exact GELU
+    return act
 
 
 def _registered_activation(kind: str) -> Optional[type]:
@@ -209,8 +211,9 @@ def norm_channels_first(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` of ``x: (B, H, W, C)`` as a contiguous ``(B, C, H, W)`` map (a backbone output). Without
     autograd on the CPU, bands of about :data:`CHUNK_TOKENS` tokens are normalised and transposed into the
     output: the normalised ``(B, H, W, C)`` map is never allocated. In bf16 with the compiled kernels, one
-    pass of them, with autograd or without (:meth:`.LayerNorm.channels_first`)."""
-    if isinstance(norm, LayerNorm) and norm.takes_kernel(x):
+    pass of them, with autograd or without (:meth:`.LayerNorm.channels_first`), unless hooks see the norm
+    (:func:`plain_calls`)."""
+    if isinstance(norm, LayerNorm) and norm.takes_kernel(x) and not plain_calls(norm):
         return norm.channels_first(x)
     if not runs_in_chunks(x, norm):
         return norm(x).permute(0, 3, 1, 2).contiguous()
@@ -278,14 +281,40 @@ def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: Optional[Drop
 def plain_calls(*modules: nn.Module) -> bool:
     """Whether the layers of ``modules`` must run as PyTorch's modules and operators, one after the other, instead
     of mmswin's fused passes that use their weights directly: under TorchScript tracing (what FLOP counters such as
-    mmengine's ``get_model_complexity_info`` read) and where a forward hook or pre-hook would see the layers
-    (:func:`observed`: feature extraction, pruning, quantisation observers)."""
+    mmengine's ``get_model_complexity_info`` read), where a forward hook or pre-hook would see the layers, and
+    where a layer was replaced by one whose forward the fused passes do not compute (:func:`observed`: feature
+    extraction, pruning, quantisation observers, LoRA adapters)."""
     return torch.jit.is_tracing() or any(observed(m) for m in modules)
 
 
 def observed(module: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook (of ``module``, of one inside it, or a global one) can see the
-    tensors passed between its parts: in-place inference then leaves them as they were handed over."""
+    """Whether code other than mmswin's and PyTorch's layers can see the tensors passed between the parts of
+    ``module``: a forward hook or pre-hook (of ``module``, of one inside it, or a global one), or a module inside
+    it whose forward is neither mmswin's nor that of a PyTorch layer mmswin builds (:func:`runs_as_built`), such
+    as a wrapper or replacement a user put in place of a layer. Such modules are called; in-place inference
+    leaves the tensors as they were handed over."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    # (compiled code runs no fused pass: the modules are traced as they are)
+    compiling = torch.compiler.is_compiling()
+    return any(m._forward_hooks or m._forward_pre_hooks or not (compiling or runs_as_built(type(m)))
+               for m in module.modules())
+
+
+# The PyTorch layers inside mmswin's backbones, whose forward the fused passes compute from their weights (or
+# call): a replacement of one of these types, or of mmswin's own, is taken as the layer it replaces.
+_TORCH_LAYERS = (nn.Linear, nn.GELU, nn.ReLU, nn.SiLU, nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList)
+_runs_as_built: Dict[type, bool] = {}
+
+
+def runs_as_built(cls: type) -> bool:
+    """Whether modules of class ``cls`` run the forward of a layer that mmswin builds: a forward defined in
+    mmswin or that of one of :data:`_TORCH_LAYERS` (a subclass that keeps it, such as a parametrised
+    ``nn.Linear``, counts; one that overrides it does not), or of an activation :func:`build_activation` built."""
+    known = _runs_as_built.get(cls)
+    if known is None:
+        forward = cls.forward
+        known = (any(forward is layer.forward for layer in _TORCH_LAYERS)
+                 or getattr(forward, '__module__', '').startswith('mmswin.'))
+        _runs_as_built[cls] = known
+    return known
