@@ -209,7 +209,7 @@ def test_inference_reuses_position_bias_until_parameters_change(cls, monkeypatch
             monkeypatch.setattr(cpu_kernels, 'use_kernels', lambda: False)
             model(x)  # PyTorch's bf16 path: another dtype, another bias, the fp32 one is not reused for it
         assert len(calls) == 3 * blocks
-        assert model.layers[0].blocks[0].attn._bias_cache[2].dtype == torch.bfloat16
+        assert model.layers[0].blocks[0].attn._bias_cache[3].dtype == torch.bfloat16
         expected = fresh(x)
     for a, b in zip(changed, expected):
         assert torch.equal(a, b)

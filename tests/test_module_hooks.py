@@ -227,3 +227,95 @@ def test_output_norm_hooks_run_in_every_precision(swin_t_pair, precision, traini
     assert calls == [model.norm2]
     assert outs[2].shape == (1, 384, 4, 6) and not outs[2].any()
     assert all(out.abs().sum() > 0 for i, out in enumerate(outs) if i != 2)
+
+
+def test_hooks_on_chunked_layers_see_whole_tensors():
+    """Layers whose inference runs in chunks on the CPU (the patch embedding's norm, the merges, the output norms)
+    are called once per forward with the whole tensor where a hook sees them, as in mmdet's Swin."""
+    torch.manual_seed(0)
+    model = SwinTransformer(**SMALL).eval()
+    names = ['patch_embed.norm', 'layers.0.downsample.norm', 'layers.0.downsample.reduction', 'norm0', 'norm1']
+    calls = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda m, args, out, name=name: calls[name].append(tuple(args[0].shape))) for name in names]
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, 3, 512, 512))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {'patch_embed.norm': [(2, 128, 128, 24)], 'layers.0.downsample.norm': [(2, 64, 64, 96)],
+                     'layers.0.downsample.reduction': [(2, 64, 64, 96)], 'norm0': [(2, 128, 128, 24)],
+                     'norm1': [(2, 64, 64, 48)]}
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+@pytest.mark.parametrize('layer', ['attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'])
+def test_layers_replaced_by_containers_are_called(swin_t_pair, layer, precision):
+    """A linear layer replaced by a low-rank pair in an ``nn.Sequential`` (no ``weight`` of its own) is called, in
+    inference and training: the outputs are those of the model with the product of the pair as the weight."""
+    import copy
+    model, merged = copy.deepcopy(swin_t_pair[SwinTransformer]), copy.deepcopy(swin_t_pair[SwinTransformer])
+    owner, attr = f'layers.1.blocks.0.{layer}'.rsplit('.', 1)
+    base = getattr(model.get_submodule(owner), attr)
+    down, up = nn.Linear(base.in_features, 8, bias=False), nn.Linear(8, base.out_features)
+    setattr(model.get_submodule(owner), attr, nn.Sequential(down, up))
+    with torch.no_grad():
+        target = getattr(merged.get_submodule(owner), attr)
+        target.weight.copy_(up.weight @ down.weight)
+        target.bias.copy_(up.bias)
+    x = torch.randn(1, 3, 64, 96)
+    for training in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'), torch.set_grad_enabled(training):
+            outs, refs = model.train(training)(x), merged.train(training)(x)
+        for out, ref in zip(outs, refs, strict=True):
+            if precision == 'fp32':
+                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            else:
+                assert F.cosine_similarity(out.float().reshape(1, -1), ref.float().reshape(1, -1)).item() >= 0.999
+
+
+def test_stochastic_depth_replaced_by_identity_trains():
+    """Blocks whose ``drop_path`` a user replaced (``nn.Identity``, as the official models have at rate 0) train
+    and infer with the values of rate 0."""
+    import copy
+    torch.manual_seed(0)
+    model = SwinTransformer(**SMALL)
+    reference = copy.deepcopy(model)
+    for stage in model.layers:
+        for block in stage.blocks:
+            block.drop_path = nn.Identity()
+    x = torch.randn(1, 3, 64, 96)
+    for training in (False, True):
+        with torch.set_grad_enabled(training):
+            for out, ref in zip(model.train(training)(x), reference.train(training)(x), strict=True):
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_v2_position_bias_follows_its_layers_in_inference(swin_t_pair):
+    """V2's position bias, kept between inference calls, is computed again where a hook sees ``cpb_mlp`` and where
+    one of its layers was replaced: the outputs are those of a model that kept nothing."""
+    import copy
+    model = copy.deepcopy(swin_t_pair[SwinTransformerV2]).eval()
+    attn = model.layers[1].blocks[0].attn
+    x = torch.randn(1, 3, 64, 96)
+
+    def fresh_outputs():
+        other = copy.deepcopy(model)
+        for block in (b for stage in other.layers for b in stage.blocks):
+            block.attn._bias_cache = None
+        return other(x)
+
+    with torch.no_grad():
+        plain = model(x)
+        handle = attn.cpb_mlp.register_forward_hook(lambda m, args, out: out * 2)
+        hooked = model(x)
+        handle.remove()
+        assert not torch.equal(hooked[1], plain[1])
+        for out, ref in zip(model(x), plain, strict=True):
+            assert torch.equal(out, ref)
+        attn.cpb_mlp[1] = nn.GELU()
+        swapped = model(x)
+        assert not torch.equal(swapped[1], plain[1])
+        for out, ref in zip(swapped, fresh_outputs(), strict=True):
+            assert torch.equal(out, ref)

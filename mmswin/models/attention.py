@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_attention, layers
+from .graph_capture import recording_graph
 from .layers import needs_grad
 from .matmul import Linear, attention, autocast_off, linear
 from .qkv_projection import qkv_heads
@@ -56,7 +57,7 @@ class WindowAttention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._make_position_bias(num_heads, window_size)
-        self._bias_cache: Optional[tuple] = None  # (key, parameter values, bias): see attention_bias
+        self._bias_cache: Optional[tuple] = None  # (key, layers, parameter values, bias): see attention_bias
 
     def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
@@ -79,31 +80,38 @@ class WindowAttention(nn.Module):
         """The parameters :meth:`position_bias` is computed from."""
         return [self.relative_position_bias_table]
 
+    def position_bias_layers(self) -> List[nn.Module]:
+        """The layers :meth:`position_bias` calls."""
+        return []
+
     def attention_bias(self, window: Size2, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`position_bias` as a contiguous ``(1, nH, N, N)`` in ``dtype`` (adding a permuted view of a
         table lookup to the logits is ten times slower than adding a contiguous one).
 
         On the CPU, when no gradient is wanted for it (inference, or frozen parameters), it is reused
-        while the window, dtype, inference mode and the values (and dtypes) of
-        :meth:`position_bias_parameters` stay the same. The values are compared with a copy kept beside
-        the bias (a few thousand numbers), not through version counters, which miss writes through
-        ``.data`` such as those of EMA hooks. On other devices it is computed on every call (a few
-        kernels): the comparison would make the host wait for the device once per block, and a
-        synchronisation breaks CUDA graph capture.
+        while the window, dtype, inference mode, the layers of :meth:`position_bias_layers` and the values
+        (and dtypes) of :meth:`position_bias_parameters` stay the same, and no hook sees those layers. The
+        values are compared with a copy kept beside the bias (a few thousand numbers), not through version
+        counters, which miss writes through ``.data`` such as those of EMA hooks. On other devices it is
+        computed on every call (a few kernels): the comparison would make the host wait for the device once
+        per block, and a synchronisation breaks CUDA graph capture.
         """
         params = self.position_bias_parameters()
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or any(p.device.type != 'cpu' for p in params) or (
-                torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if recording_graph() or any(p.device.type != 'cpu' for p in params) or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in params)) or layers.plain_calls(
+                    *self.position_bias_layers()):
             return self.position_bias(window).to(dtype, memory_format=torch.contiguous_format).unsqueeze(0)
         key = (window, dtype, torch.is_inference_mode_enabled())
+        modules = [m for layer in self.position_bias_layers() for m in layer.modules()]
         cache = self._bias_cache
-        if cache is not None and cache[0] == key and all(
+        if cache is not None and cache[0] == key and len(modules) == len(cache[1]) and all(
+                m is c for m, c in zip(modules, cache[1])) and len(params) == len(cache[2]) and all(
                 p.device == c.device and p.dtype == c.dtype and p.shape == c.shape and torch.equal(p, c)
-                for p, c in zip(params, cache[1])):
-            return cache[2]
+                for p, c in zip(params, cache[2])):
+            return cache[3]
         with torch.no_grad():
             bias = self.position_bias(window).to(dtype, memory_format=torch.contiguous_format).unsqueeze(0)
-            self._bias_cache = (key, [p.detach().clone() for p in params], bias)
+            self._bias_cache = (key, modules, [p.detach().clone() for p in params], bias)
         return bias
 
     cosine = False  # logits of unit vectors (V2)
@@ -117,12 +125,9 @@ class WindowAttention(nn.Module):
         return self.qkv.bias
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B_, N, C)`` to ``(B_, N, 3, nH, head_dim)``."""
+        """``(B_, N, C)`` to ``(B_, N, 3, nH, head_dim)``: the qkv layer called (hooks see it)."""
         b, n, c = x.shape
-        bias = self.qkv_bias()
-        # V1's projection is the qkv layer itself (hooks see it); V2's bias is assembled from q_bias and v_bias
-        qkv = self.qkv(x) if bias is self.qkv.bias else linear(x, self.qkv.weight, bias)
-        return qkv.view(b, n, 3, self.num_heads, c // self.num_heads)
+        return self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         """``(q, k, v, scale)``, each ``(B_, nH, N, head_dim)``, such that the logits are
@@ -225,6 +230,20 @@ class WindowAttention(nn.Module):
         return f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}'
 
 
+class PositionBiasMlp(nn.Sequential):
+    """V2's continuous position bias MLP (the official ``cpb_mlp``): ``(..., 2)`` offsets to ``(..., nH)`` through
+    ``Linear(2, hidden)``, ReLU and ``Linear(hidden, nH)`` without bias, with the official parameter names
+    (``0.weight``, ``0.bias``, ``2.weight``)."""
+
+    def __init__(self, num_heads: int, hidden: int = 512) -> None:
+        super().__init__(nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads, bias=False))
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            coords = layer(coords)
+        return coords
+
+
 class CosineWindowAttention(WindowAttention):
     """V2 window attention: cosine similarity times a learned, clamped per-head ``logit_scale``, plus
     ``16 * sigmoid`` of a continuous position bias from a small MLP (``cpb_mlp``) over log-spaced offsets.
@@ -250,15 +269,18 @@ class CosineWindowAttention(WindowAttention):
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
 
     def _make_position_bias(self, num_heads: int, window_size: int) -> None:
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True),
-                                     nn.Linear(512, num_heads, bias=False))
+        self.cpb_mlp = PositionBiasMlp(num_heads)
 
     def position_bias_parameters(self) -> List[nn.Parameter]:
         return list(self.cpb_mlp.parameters())
 
+    def position_bias_layers(self) -> List[nn.Module]:
+        return [self.cpb_mlp]
+
     def position_bias(self, window: Size2) -> torch.Tensor:
-        weight = self.cpb_mlp[0].weight
-        # the coordinates in the MLP's dtype, as the official model's buffer follows ``model.half()``
+        # the coordinates in the MLP's dtype, as the official model's buffer follows ``model.half()`` (the logit
+        # scale's where the MLP has no parameters, as a dynamically quantised one)
+        weight = next(self.cpb_mlp.parameters(), self.logit_scale)
         coords = log_spaced_coords_on(*window, self.pretrained_window_size, str(weight.device)).to(weight.dtype)
         index = relative_position_index_on(*window, str(weight.device))
         n = window[0] * window[1]
@@ -274,6 +296,12 @@ class CosineWindowAttention(WindowAttention):
         if self.q_bias is None:
             return None
         return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """As the official model: the qkv layer's weight with the bias assembled from ``q_bias`` and ``v_bias``
+        (the layer itself is not called)."""
+        b, n, c = x.shape
+        return linear(x, self.qkv.weight, self.qkv_bias()).view(b, n, 3, self.num_heads, c // self.num_heads)
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         if torch.compiler.is_compiling() or layers.plain_calls(self.qkv):

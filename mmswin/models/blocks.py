@@ -9,6 +9,7 @@ from torch import nn
 
 from . import cpu_kernels, layers, mlp_half
 from .attention import CosineWindowAttention, WindowAttention
+from .graph_capture import recording_graph
 from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear, autocast_dtype, onednn_fused_linear
@@ -115,6 +116,8 @@ class SwinBlock(nn.Module):
         """``x + drop_path(branch(x))`` of ``x: (B, H, W, C)``, ``modules`` holding the branch's parameters.
         Where stochastic depth allows (:func:`.layers.skips_dropped_branches`), the branch is computed only
         for the samples that keep it (:func:`.layers.add_kept_branch`)."""
+        if not isinstance(self.drop_path, DropPath):  # put there by the user (nn.Identity, mmcv's DropPath)
+            return x + self.drop_path(branch(x))
         if layers.skips_dropped_branches(x, self.drop_path, self.branches_draw()):
             return layers.add_kept_branch(x, branch, self.drop_path, modules)
         return add_residual(x, branch(x), self.drop_path)
@@ -291,7 +294,7 @@ def channels_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype, memory_format=torch.channels_last)``; an fp32 CPU image for bf16, where autograd records
     nothing, in one pass of the compiled kernels (PyTorch's copy takes ten times its plain cast there)."""
     if (dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == 'cpu' and x.is_contiguous()
-            and not layers.needs_grad(x) and not torch.compiler.is_compiling() and cpu_kernels.use_kernels()):
+            and not layers.needs_grad(x) and not recording_graph() and cpu_kernels.use_kernels()):
         return cpu_kernels.kernels().channels_last_bf16(x)
     return x.to(dtype=dtype, memory_format=torch.channels_last)
 

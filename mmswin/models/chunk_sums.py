@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from . import cpu_kernels
+from .graph_capture import recording_graph
 
 
 def add_chunk(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -15,7 +16,7 @@ def add_chunk(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dt
     if total is None:
         return part.to(dtype)
     if (total.dtype == torch.float32 and part.dtype == torch.bfloat16 and total.device.type == 'cpu'
-            and not torch.compiler.is_compiling() and cpu_kernels.use_kernels()
+            and not recording_graph() and cpu_kernels.use_kernels()
             and total.is_contiguous() and part.is_contiguous() and total.shape == part.shape):
         return cpu_kernels.kernels().accumulate_(total, part)
     return total.add_(part)

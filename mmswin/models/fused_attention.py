@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 from . import cpu_kernels
 from .cpu_kernels import first_order_only
+from .graph_capture import recording_graph
 from .matmul import autocast_dtype, autocast_off, bias_fused, chunk_linear, linear
 from .qkv_projection import ProjectionGrads
 from .windows import image_chunks
@@ -33,7 +34,7 @@ def applies(x: torch.Tensor, heads: int, dropout_p: float, window_tokens: Option
     (autocast, or bf16 tensors), no dropout, not under torch.compile, a head width that is a multiple of 16,
     ``N <= MAX_TOKENS``, and the kernels available and not turned off by ``MMSWIN_BF16_MATMUL``; in
     inference and where autograd records alike."""
-    if x.device.type != 'cpu' or dropout_p > 0 or torch.compiler.is_compiling():
+    if x.device.type != 'cpu' or dropout_p > 0 or recording_graph():
         return False
     n = x.shape[-2] if window_tokens is None else window_tokens
     if autocast_dtype(x) != torch.bfloat16 or (x.shape[-1] // heads) % 16 or n > MAX_TOKENS:

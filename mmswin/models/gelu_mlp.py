@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import cpu_kernels
 from .chunk_sums import add_chunk
+from .graph_capture import recording_graph
 from .matmul import autocast_dtype, autocast_off, bf16_products_in_fp32, bias_fused, chunk_linear, chunk_mm
 
 
@@ -143,7 +144,7 @@ def _shares_chunks(rows: torch.Tensor, approximate: str, fp32_products: bool, ch
 def _gelu_in_kernels(device: str, dtype: torch.dtype) -> bool:
     """Whether the backward takes the compiled kernels' GELU for fc1's output on ``device`` in ``dtype``:
     bf16 on the CPU, not under torch.compile (which traces the backward too), and the kernels in use."""
-    return (device == 'cpu' and dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+    return (device == 'cpu' and dtype == torch.bfloat16 and not recording_graph()
             and cpu_kernels.use_kernels())
 
 

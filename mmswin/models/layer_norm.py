@@ -17,6 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
+from .graph_capture import recording_graph
 
 
 class _LayerNormInKernels(torch.autograd.Function):
@@ -95,6 +96,6 @@ class LayerNorm(nn.LayerNorm):
         kernels in use."""
         if x.dtype != torch.bfloat16 or x.device.type != 'cpu' or len(self.normalized_shape) != 1:
             return False
-        if torch.compiler.is_compiling() or x.shape[-1:] != self.normalized_shape:
+        if recording_graph() or x.shape[-1:] != self.normalized_shape:
             return False
         return cpu_kernels.use_kernels()

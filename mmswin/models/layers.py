@@ -190,9 +190,10 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 def runs_in_chunks(x: torch.Tensor, module: nn.Module) -> bool:
     """Whether ``module``'s pass over ``x`` may run in cache-sized chunks written into a preallocated output
-    (or into ``x``): on the CPU, with nothing recorded for autograd, not under torch.compile."""
+    (or into ``x``): on the CPU, with nothing recorded for autograd, not under torch.compile, and where no hook
+    sees the module's calls (:func:`plain_calls`: a hook is called once, with the whole tensor)."""
     return (x.device.type == 'cpu' and not torch.compiler.is_compiling()
-            and not needs_grad(x, *module.parameters()))
+            and not needs_grad(x, *module.parameters()) and not plain_calls(module))
 
 
 def normalise_in_place(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +304,8 @@ def observed(module: nn.Module) -> bool:
 
 # The PyTorch layers inside mmswin's backbones, whose forward the fused passes compute from their weights (or
 # call): a replacement of one of these types, or of mmswin's own, is taken as the layer it replaces.
-_TORCH_LAYERS = (nn.Linear, nn.GELU, nn.ReLU, nn.SiLU, nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList)
+# (No container that is called: in a layer's place it would pass for the layer.)
+_TORCH_LAYERS = (nn.Linear, nn.GELU, nn.ReLU, nn.SiLU, nn.Identity, nn.Dropout, nn.ModuleList)
 _runs_as_built: Dict[type, bool] = {}
 
 
@@ -315,6 +317,6 @@ def runs_as_built(cls: type) -> bool:
     if known is None:
         forward = cls.forward
         known = (any(forward is layer.forward for layer in _TORCH_LAYERS)
-                 or getattr(forward, '__module__', '').startswith('mmswin.'))
+                 or (getattr(forward, '__module__', None) or '').startswith('mmswin.'))
         _runs_as_built[cls] = known
     return known

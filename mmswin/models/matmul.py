@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph_capture import recording_graph
+
 
 @lru_cache(maxsize=1)
 def _cpu_capability_has_bf16() -> bool:
@@ -94,7 +96,7 @@ def onednn_fused_linear(x: torch.Tensor, *params: Optional[torch.Tensor]) -> boo
     mode = _bf16_matmul_mode(x)
     if mode not in ('auto', 'onednn') or (mode == 'auto' and not cpu_has_bf16_arithmetic()):
         return False
-    if torch.compiler.is_compiling() or not _onednn_has_fused_linear():
+    if recording_graph() or not _onednn_has_fused_linear():
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params))
 
@@ -138,7 +140,7 @@ def bias_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> boo
     mode = bf16_matmul_setting()
     if mode not in ('auto', 'onednn') or (mode == 'auto' and not cpu_has_bf16_arithmetic()):
         return False
-    if torch.compiler.is_compiling() or not _onednn_has_fused_linear():
+    if recording_graph() or not _onednn_has_fused_linear():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)))
 

@@ -20,8 +20,9 @@ from torch import nn
 
 from . import cpu_kernels
 from .cpu_kernels import first_order_only
+from .graph_capture import recording_graph
 from .layer_norm import LayerNorm
-from .layers import mlp_chunk_elements, plain_calls
+from .layers import DropPath, mlp_chunk_elements, plain_calls
 from .matmul import autocast_dtype, autocast_off, bf16_products_in_fp32, bias_fused
 
 
@@ -61,7 +62,7 @@ def applies(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, drop_path: nn.Modu
     records, bf16 ``x`` on the CPU with bf16 products (autocast or none) in the kernels, mmswin's layer norm, the
     exact GELU, no dropout, no stochastic depth in effect, not under torch.compile, no hook on the layers
     (:func:`.layers.plain_calls`), and at least two chunks per thread (:func:`.cpu_kernels.threads_share`)."""
-    if x.device.type != 'cpu' or x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
+    if x.device.type != 'cpu' or x.dtype != torch.bfloat16 or recording_graph():
         return False
     if autocast_dtype(x) != torch.bfloat16 or bf16_products_in_fp32(x) or not cpu_kernels.use_kernels():
         return False
@@ -70,7 +71,7 @@ def applies(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, drop_path: nn.Modu
         return False
     if not isinstance(norm, LayerNorm) or norm.normalized_shape != x.shape[-1:] or plain_calls(norm, mlp):
         return False
-    if drop_path.training and drop_path.p > 0:
+    if not isinstance(drop_path, DropPath) or drop_path.training and drop_path.p > 0:
         return False
     params = [p for m in (norm, mlp) for p in m.parameters()]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):

@@ -10,6 +10,8 @@ from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .graph_capture import recording_graph
+
 Size2 = Tuple[int, int]
 
 # Value the official code adds to logits of token pairs that belong to different regions of a shifted
@@ -20,14 +22,22 @@ SHIFT_MASK_VALUE = -100.0
 def geometry_cache(maxsize: int) -> Callable[[Callable], Callable]:
     """``functools.lru_cache`` for the index and mask tensors built here from sizes, built outside inference
     mode: a cache first filled under ``torch.inference_mode()`` holds plain tensors, which autograd can save
-    when the same sizes come back in training (it refuses inference tensors)."""
+    when the same sizes come back in training (it refuses inference tensors). While a graph is recorded
+    (:func:`.recording_graph`: torch.export's fake tensors, tracing), the tensors are built afresh and not kept.
+    The cache's ``cache_info`` and ``cache_clear`` are those of the returned function."""
     def decorate(build: Callable) -> Callable:
         @functools.lru_cache(maxsize=maxsize)
-        @functools.wraps(build)
         def cached(*args, **kwargs):
             with torch.inference_mode(False):
                 return build(*args, **kwargs)
-        return cached
+
+        @functools.wraps(build)
+        def lookup(*args, **kwargs):
+            if recording_graph():
+                return build(*args, **kwargs)
+            return cached(*args, **kwargs)
+        lookup.cache_info, lookup.cache_clear = cached.cache_info, cached.cache_clear
+        return lookup
     return decorate
 
 
