@@ -300,25 +300,28 @@ def test_threads_share_equal_chunks_in_training(n, monkeypatch):
 
 
 def test_bf16_weight_gradients_are_the_fp32_sums_of_the_chunk_products(monkeypatch):
-    """Under bf16 autocast the fp32 parameters get the fp32 sum of the chunks' bf16 products, exactly,
-    not that sum rounded to bf16."""
+    """Under bf16 autocast the fp32 parameters get the fp32 sum of the chunks' bf16 products and bias sums,
+    exactly, not that sum rounded to bf16; on one thread and on two (the kernels' backward)."""
     monkeypatch.setenv('MMSWIN_BF16_MATMUL', 'native')
     monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 32 * 64)  # 32 tokens of the 64-wide hidden
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
-    x, grad = torch.randn(96, 16), torch.randn(96, 16)
-    _, _, (grad_w1, grad_b1, grad_w2, grad_b2) = run(mlp, x, grad, layer_by_layer=False, dtype=torch.bfloat16)
-    assert all(g.dtype == torch.float32 for g in (grad_w1, grad_b1, grad_w2, grad_b2))
+    x, grad = torch.randn(256, 16), torch.randn(256, 16) * 4
     w1, b1, w2 = (p.detach().bfloat16() for p in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight))
-    expected_w1, expected_w2 = torch.zeros_like(grad_w1), torch.zeros_like(grad_w2)
-    for rows in torch.arange(96).split(32):
+    expected = [torch.zeros_like(p, dtype=torch.float32) for p in mlp.parameters()]
+    for rows in torch.arange(256).split(32):
         xs, gs = x[rows].bfloat16(), grad[rows].bfloat16()
         h = torch.nn.functional.linear(xs, w1, b1)
         grad_h = torch.ops.aten.gelu_backward(gs @ w2, h)
-        expected_w2 += (gs.t() @ torch.nn.functional.gelu(h)).float()
-        expected_w1 += (grad_h.t() @ xs).float()
-    assert torch.equal(grad_w1, expected_w1) and torch.equal(grad_w2, expected_w2)
-    assert not torch.equal(grad_w1.bfloat16().float(), grad_w1)  # sums that bf16 cannot hold
+        for total, part in zip(expected, (grad_h.t() @ xs, grad_h.sum(0), gs.t() @ torch.nn.functional.gelu(h),
+                                          gs.sum(0))):
+            total += part.float()
+    for n in (1, 2):
+        with threads(n):
+            _, _, grads = run(copy.deepcopy(mlp), x, grad, layer_by_layer=False, dtype=torch.bfloat16)
+        for g, e in zip(grads, expected, strict=True):
+            assert g.dtype == torch.float32 and torch.equal(g, e)
+            assert not torch.equal(g.bfloat16().float(), g)  # sums that bf16 cannot hold
 
 
 def ops_inside(prof, name: str) -> set:

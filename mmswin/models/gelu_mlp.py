@@ -72,7 +72,7 @@ class _GeluMlp(torch.autograd.Function):
         else:
             grad_x, grad_w1, grad_b1, grad_w2 = _chunk_by_chunk(
                 ctx, grad_out, x2, hidden, w1, w2, in_kernels, (need_x, need_w1, need_b1, need_w2))
-        grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[1] else None
+        grad_b2 = _chunk_column_sums(grad_out, hidden) if need_b2 and ctx.has_bias[1] else None
         grads = [None if g is None else g.to(dtype)
                  for g, dtype in zip((grad_w1, grad_b1, grad_w2, grad_b2), ctx.param_dtypes)]
         grad_x = None if grad_x is None else grad_x.view(x.shape)
@@ -111,6 +111,17 @@ def _chunk_by_chunk(ctx, grad_out: torch.Tensor, x: torch.Tensor, hidden: List[t
         if grad_x is not None:
             chunk_mm(grad_h, w1, fp32, out=grad_x[rows])
     return grad_x, grad_w1, grad_b1, grad_w2
+
+
+def _chunk_column_sums(grad_out: torch.Tensor, hidden: List[torch.Tensor]) -> torch.Tensor:
+    """fc2's bias gradient: the column sums of ``grad_out: (tokens, C)``, one per chunk of fc1's output
+    ``hidden`` and added up over the chunks in fp32 (fp64 stays fp64), as fc1's bias gradient is."""
+    sums = torch.promote_types(grad_out.dtype, torch.float32)
+    total, start = None, 0
+    for h in hidden:
+        total = add_chunk(total, grad_out[start:start + h.shape[0]].sum(0), sums)
+        start += h.shape[0]
+    return total
 
 
 def _differentiable_grads(ctx, grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
