@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_attention, layers
-from .graph_capture import recording_graph
+from .graph_capture import recording_graph, transformed
 from .layers import needs_grad
 from .matmul import Linear, attention, autocast_off, linear
 from .qkv_projection import qkv_heads
@@ -410,8 +410,17 @@ def unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch
     one fp16 can carry (only vectors shorter than that, i.e. padding, are affected).
     """
     if x.dtype == torch.float16:
-        return _ScaledUnitVectors.apply(x.float(), scale, FP16_NORM_EPS)[0].to(x.dtype)
-    return _ScaledUnitVectors.apply(x, None if scale is None else scale.to(x.dtype), NORM_EPS)[0]
+        return _scaled_unit_vectors(x.float(), scale, FP16_NORM_EPS).to(x.dtype)
+    return _scaled_unit_vectors(x, None if scale is None else scale.to(x.dtype), NORM_EPS)
+
+
+def _scaled_unit_vectors(x: torch.Tensor, scale: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """:class:`_ScaledUnitVectors`' first output; its forward in PyTorch's operators under function transforms,
+    which take no autograd function without their own rules."""
+    if transformed():
+        factor = vector_lengths(x).clamp_min(eps).reciprocal()
+        return x * (factor if scale is None else factor * scale)
+    return _ScaledUnitVectors.apply(x, scale, eps)[0]
 
 
 def validate_heads(dims: Sequence[int], num_heads: Sequence[int]) -> None:

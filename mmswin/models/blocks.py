@@ -9,7 +9,7 @@ from torch import nn
 
 from . import cpu_kernels, layers, mlp_half
 from .attention import CosineWindowAttention, WindowAttention
-from .graph_capture import recording_graph
+from .graph_capture import recording_graph, transformed
 from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
 from .matmul import Conv2d, Linear, autocast_dtype, onednn_fused_linear
@@ -296,6 +296,8 @@ def channels_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if (dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == 'cpu' and x.is_contiguous()
             and not layers.needs_grad(x) and not recording_graph() and cpu_kernels.use_kernels()):
         return cpu_kernels.kernels().channels_last_bf16(x)
+    if transformed():  # vmap takes the memory format of the batched tensor
+        return x.to(dtype)
     return x.to(dtype=dtype, memory_format=torch.channels_last)
 
 
@@ -442,7 +444,8 @@ class SwinStage(nn.Module):
         in_place = not layers.plain_calls(self)  # a hooked block keeps the tensors it was handed
         for i, blk in enumerate(self.blocks):
             args = (window, shift, mask) if i % 2 else (window, no_shift, None)
-            if self.with_cp and x.requires_grad:
+            # (torch.func's grad takes no checkpoint: its saved-tensor hooks are not supported there)
+            if self.with_cp and x.requires_grad and not transformed():
                 x = cp.checkpoint(blk, x, *args, use_reentrant=False, checkpointed=True)
             else:
                 if in_place and i == 0 and not overwrite and blk.can_update_in_place(x):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .gelu_mlp import gelu_mlp
+from .graph_capture import transformed
 from .layer_norm import LayerNorm
 from .matmul import Linear, linear
 
@@ -284,8 +285,9 @@ def plain_calls(*modules: nn.Module) -> bool:
     of mmswin's fused passes that use their weights directly: under TorchScript tracing (what FLOP counters such as
     mmengine's ``get_model_complexity_info`` read), where a forward hook or pre-hook would see the layers, and
     where a layer was replaced by one whose forward the fused passes do not compute (:func:`observed`: feature
-    extraction, pruning, quantisation observers, LoRA adapters)."""
-    return torch.jit.is_tracing() or any(observed(m) for m in modules)
+    extraction, pruning, quantisation observers, LoRA adapters); and under ``torch.func`` transforms and
+    forward-mode AD (:func:`.graph_capture.transformed`)."""
+    return torch.jit.is_tracing() or transformed() or any(observed(m) for m in modules)
 
 
 def observed(module: nn.Module) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph_capture import recording_graph
+from .graph_capture import recording_graph, transformed
 
 
 @lru_cache(maxsize=1)
@@ -229,7 +229,7 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     PyTorch's reduced-precision CPU softmax spends most of its time in a row maximum that runs about 3x
     slower than the fp32 one (49-wide rows). Values agree to one unit in the last place; where autograd
     records, the gradient is that of PyTorch's softmax backward from these values."""
-    if x.device.type != 'cpu' or x.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+    if x.device.type != 'cpu' or x.dtype not in (torch.bfloat16, torch.float16) or recording_graph():
         return x.softmax(-1)
     if torch.is_grad_enabled() and x.requires_grad:
         return _SoftmaxInPieces.apply(x)
@@ -261,8 +261,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         return out.to(torch.bfloat16)
     bw, heads, n, _ = q.shape
     nw = bw if mask is None else mask.shape[0]
-    # (not under TorchScript tracing: FLOP counters read matmuls, and know no SDPA)
-    fused = use_sdpa and not torch.jit.is_tracing() and (q.device.type != 'cpu' or q.dtype == torch.float32 and not (
+    # (not under TorchScript tracing: FLOP counters read matmuls, and know no SDPA; nor under function
+    # transforms: SDPA's kernels have no forward-mode AD)
+    fused = use_sdpa and not (torch.jit.is_tracing() or transformed()) and (q.device.type != 'cpu' or q.dtype == torch.float32 and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))))
     if fused:
         # 4-D: the fused CPU kernel takes a 4-D mask only (a 3-D one falls back to the math kernel).

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .graph_capture import recording_graph
+from .graph_capture import recording_graph, transformed
 
 Size2 = Tuple[int, int]
 
@@ -178,7 +178,7 @@ def _window_rows(h: int, w: int, wh: int, ww: int, sh: int, sw: int, per_chunk: 
 def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` of tokens ``x: (B, L, C)`` for a permutation ``index`` of the ``L`` rows whose inverse is
     ``inverse`` (its gradient is the inverse permutation of the output's)."""
-    return _Shuffle.apply(x, index, inverse, None, None)
+    return _shuffle(x, index, inverse, None, None)
 
 
 def image_chunks(num_windows: int, mask_windows: int, per_chunk: int) -> Iterator[Tuple[slice, slice]]:
@@ -266,16 +266,26 @@ class _Shuffle(torch.autograd.Function):
         return (_Shuffle.apply(grad, *ctx.args), None, None, None, None)
 
 
+def _shuffle(x: torch.Tensor, index: torch.Tensor, adjoint: torch.Tensor, zeros: Optional[torch.Tensor],
+             adjoint_zeros: Optional[torch.Tensor]) -> torch.Tensor:
+    """:class:`_Shuffle`; PyTorch's operators under function transforms, which take no autograd function
+    without their own rules."""
+    if transformed():
+        out = x.index_select(1, index)
+        return out if zeros is None else out.index_fill(1, zeros, 0)
+    return _Shuffle.apply(x, index, adjoint, zeros, adjoint_zeros)
+
+
 def gather_windows(tokens: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
                    padding: Optional[torch.Tensor]) -> torch.Tensor:
     """Tokens ``(B, H * W, C)`` to windows ``(B, nW * N, C)`` with the indices of :func:`window_indices`."""
-    return _Shuffle.apply(tokens, gather, scatter, padding, None)
+    return _shuffle(tokens, gather, scatter, padding, None)
 
 
 def scatter_windows(windows: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
                     padding: Optional[torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`gather_windows`: windows ``(B, nW * N, C)`` to tokens ``(B, H * W, C)``."""
-    return _Shuffle.apply(windows, scatter, gather, None, padding)
+    return _shuffle(windows, scatter, gather, None, padding)
 
 
 # The geometry below depends on sizes only and is cached per size and device (plain ints and a device
