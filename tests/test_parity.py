@@ -66,3 +66,29 @@ def test_v2_window8_checkpoint_needs_pretrained_window_sizes(v2_expected):
     with torch.no_grad():
         out = model.eval()(golden_input(case))[0]
     assert (out - _layer_norm_nchw(case['stages'][0])).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize('version', ['v1', 'v2'])
+def test_new_style_config_with_pretrained_init_class_loads_the_official_checkpoint(version, tmp_path, request):
+    """Pure-Python (lazy-import) configs, as mmdet's ``mmdet/configs`` are written, name the initialiser by its
+    class: ``init_cfg=dict(type=PretrainedInit, ...)`` loads and converts the file as ``'Pretrained'`` does."""
+    from mmengine.config import Config
+    from mmengine.registry import MODELS
+
+    cls = 'SwinTransformer' if version == 'v1' else 'SwinTransformerV2'
+    config = tmp_path / 'swin_config.py'
+    config.write_text(
+        'from mmengine.model import PretrainedInit\n'
+        f'from mmswin.models import {cls}\n\n'
+        f'model = dict(type={cls}, embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0,\n'
+        f"             init_cfg=dict(type=PretrainedInit, checkpoint={str(DATA / f'{version}_official_cls.pth')!r}))\n")
+    model = MODELS.build(Config.fromfile(str(config)).model)
+    model.init_weights()
+    expected = request.getfixturevalue(f'{version}_expected')['cases']
+    case = expected['150x190'] if version == 'v1' else expected['512x512']
+    with torch.no_grad():
+        outs = model.eval()(golden_input(case))
+    refs = case['outs'] if version == 'v1' else [_layer_norm_nchw(s) for s in case['stages']]
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max() <= TOL

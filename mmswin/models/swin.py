@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, PretrainedInit
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -139,14 +139,20 @@ def _split_init_cfg(init_cfg: Union[None, dict, List[dict]]) -> Tuple[List[dict]
         if not isinstance(cfg, dict) or 'type' not in cfg:
             raise TypeError(f"init_cfg must be a dict with a 'type' (or a list of them), such as "
                             f"dict(type='Pretrained', checkpoint=PATH_OR_URL), got {cfg!r}")
-    pretrained = [c for c in cfgs if c['type'] == 'Pretrained']
+    pretrained = [c for c in cfgs if _is_pretrained(c['type'])]
     for cfg in pretrained:
         if not isinstance(cfg.get('checkpoint'), (str, os.PathLike)):
             raise TypeError(f"init_cfg of type 'Pretrained' needs checkpoint=PATH_OR_URL (a str or path), "
                             f"got {cfg!r}")
         if not isinstance(cfg.get('unsafe_load', False), bool):
             raise TypeError(f"init_cfg's unsafe_load must be True or False, got {cfg['unsafe_load']!r}")
-    return pretrained, [c for c in cfgs if c['type'] != 'Pretrained']
+    return pretrained, [c for c in cfgs if not _is_pretrained(c['type'])]
+
+
+def _is_pretrained(init_type) -> bool:
+    """Whether an ``init_cfg`` entry of this type loads a checkpoint: ``'Pretrained'``, or the class
+    ``PretrainedInit`` as new-style (pure Python) configs name it, as mmengine takes them."""
+    return init_type == 'Pretrained' or isinstance(init_type, type) and issubclass(init_type, PretrainedInit)
 
 
 @MODELS.register_module()
@@ -185,7 +191,8 @@ class SwinTransformer(BaseModule):
         convert_weights: Accepted for compatibility; the checkpoint format is detected from its keys.
         frozen_stages: Freeze the patch embedding (0) and stages ``0..k-1`` with their output norms (k);
             -1 freezes nothing.
-        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads any supported format.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` (or ``type=PretrainedInit``) loads any
+            supported format.
         arch: Preset: 'tiny', 'small', 'base', 'large' (or 't', 's', 'b', 'l').
         norm_eval: Keep norm layers in eval mode during training.
         use_sdpa: Run attention through ``F.scaled_dot_product_attention``.
