@@ -438,6 +438,14 @@ def test_error_backbone_weights_without_a_place(tmp_path, source, pattern):
     _expect_error(SwinTransformer(**SMALL), path, 'deeper.pth', pattern, 'another depth or other options')
 
 
+def test_error_model_options_the_checkpoint_lacks(tmp_path):
+    """A model with an absolute position embedding and a file without one: the message names the options."""
+    path = tmp_path / 'plain.pth'
+    torch.save({'state_dict': SwinTransformer(**SMALL).state_dict()}, path)
+    _expect_error(SwinTransformer(**SMALL, use_abs_pos_embed=True), path, 'plain.pth',
+                  r'lacks 1 weights of the model, first absolute_pos_embed', 'an absolute position embedding')
+
+
 def test_error_qkv_biases_without_a_place(tmp_path):
     path = tmp_path / 'biased.pth'
     torch.save({'state_dict': SwinTransformerV2(**SMALL).state_dict()}, path)

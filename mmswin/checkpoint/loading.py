@@ -220,16 +220,16 @@ def load_pretrained(model: nn.Module, filename: str, prefix: Optional[str] = Non
     body_unused = [k for k in unused if k.startswith(BODY)]
     if not weights:
         raise CheckpointError(f'{filename} ({fmt} format): no weight of the model found in it')
+    options = ('is it a model of another depth or other options (qkv biases, patch norm, an absolute position '
+               'embedding)?')
     if body_unused:
         raise CheckpointError(
             f'{filename} ({fmt} format, Swin V{version}) holds {len(body_unused)} weights of the backbone that the '
-            f'model has no place for, first {body_unused[0]}: is it a model of another depth or other options '
-            f'(qkv biases, an absolute position embedding)?')
+            f'model has no place for, first {body_unused[0]}: {options}')
     if body_missing:
         raise CheckpointError(
             f'{filename} ({fmt} format, Swin V{version}) lacks {len(body_missing)} weights of the model, '
-            f'first {body_missing[0]} of shape {tuple(target[body_missing[0]].shape)}: is it a model of '
-            f'another depth?')
+            f'first {body_missing[0]} of shape {tuple(target[body_missing[0]].shape)}: {options}')
     model.load_state_dict(weights, strict=False)
     print_log(f'Loaded {len(weights)} tensors from {filename} ({FORMATS[fmt]}, Swin V{version}).',
               logger='current')
