@@ -12,6 +12,23 @@ DATA = Path(__file__).parent / 'data'
 SMALL = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
 
+def position_bias_parameters(model: torch.nn.Module) -> list:
+    return [p for n, p in model.named_parameters()
+            if 'relative_position_bias_table' in n or 'cpb_mlp' in n]
+
+
+def with_visible_bias(model: torch.nn.Module) -> torch.nn.Module:
+    """V2 starts with zero res-post-norm weights (each block adds exactly zero, as in the official init): give
+    all norms weights and the position bias a spread, so that the blocks' outputs and gradients are seen."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'norm' in name and name.endswith('weight'):
+                p.normal_(1.0, 0.1)
+        for p in position_bias_parameters(model):
+            p.normal_(0.0, 0.5)
+    return model
+
+
 class CodePayload:
     """Pickles as a call to ``os.system`` touching ``marker``: what a malicious checkpoint looks like.
     The marker file exists afterwards only if the loader ran pickled code."""

@@ -16,6 +16,8 @@ from mmswin.models.layers import DropPath, add_residual
 from mmswin.models.windows import (add_tokens_, gather_windows, log_spaced_coords_on, relative_position_index,
                                    scatter_windows, select_tokens, window_indices)
 
+from .conftest import position_bias_parameters, with_visible_bias
+
 TINY = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 FUSED = 'aten::_scaled_dot_product_flash_attention_for_cpu'
 MATH = 'aten::_scaled_dot_product_attention_math'
@@ -77,7 +79,7 @@ def test_no_grad_inference_equals_recorded_forward(cls):
     the out-of-place forward's, and the caller's input must stay untouched. (The matmul attention path:
     with a bias that needs gradients SDPA picks a different kernel, which differs in the last bits.)"""
     torch.manual_seed(0)
-    model = cls(**TINY, window_size=4, use_sdpa=False).eval()
+    model = with_visible_bias(cls(**TINY, window_size=4, use_sdpa=False)).eval()
     x = torch.randn(2, 3, 70, 90)
     x_copy = x.clone()
     recorded = model(x)
@@ -148,23 +150,6 @@ def test_v2_unit_vectors_keep_their_output_not_their_input():
     assert torch.isfinite(x.grad).all() and log_scale.grad[1].item() == 0.0
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(log_scale.grad, s2.grad, rtol=1e-5, atol=1e-5)
-
-
-def position_bias_parameters(model: torch.nn.Module) -> list:
-    return [p for n, p in model.named_parameters()
-            if 'relative_position_bias_table' in n or 'cpb_mlp' in n]
-
-
-def with_visible_bias(model: torch.nn.Module) -> torch.nn.Module:
-    """V2 starts with zero res-post-norm weights (the attention is invisible in the output, as in the
-    official init); give all norms weights and the position bias a spread."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'norm' in name and name.endswith('weight'):
-                p.normal_(1.0, 0.1)
-        for p in position_bias_parameters(model):
-            p.normal_(0.0, 0.5)
-    return model
 
 
 def count_bias_computations(model: torch.nn.Module, monkeypatch) -> list:

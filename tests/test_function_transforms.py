@@ -7,14 +7,14 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 
-from .conftest import SMALL
+from .conftest import SMALL, with_visible_bias
 
 MODELS = [SwinTransformer, SwinTransformerV2]
 
 
 def _model(cls, train: bool, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = cls(**SMALL, **kwargs).double()
+    model = with_visible_bias(cls(**SMALL, **kwargs)).double()
     model.train(train)
     return model
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 
-from .conftest import SMALL
+from .conftest import SMALL, with_visible_bias
 from .test_fast_paths import clear_geometry_caches
 
 
@@ -20,7 +20,7 @@ def test_export_leaves_the_caches_real():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 96)
     for cls in (SwinTransformer, SwinTransformerV2):
-        model = cls(**SMALL).eval()
+        model = with_visible_bias(cls(**SMALL)).eval()
         with torch.no_grad():
             before = model(x)
         clear_geometry_caches()
@@ -43,7 +43,7 @@ def test_tracing_checks_pass_with_empty_caches():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 96)
     for cls in (SwinTransformer, SwinTransformerV2):
-        model = cls(**SMALL).eval()
+        model = with_visible_bias(cls(**SMALL)).eval()
         clear_geometry_caches()
         with torch.no_grad():
             traced = torch.jit.trace(model, x)
@@ -53,14 +53,18 @@ def test_tracing_checks_pass_with_empty_caches():
 
 def test_tracing_under_bf16_autocast_records_the_model():
     """``torch.jit.trace`` under CPU bf16 autocast records PyTorch's operators (not mmswin's kernels, which it
-    cannot record): the traced model runs, first call or later, and gives the eager bf16 outputs."""
+    cannot record): the traced model runs, first call or later, and gives the model's outputs to bf16's rounding,
+    as the eager bf16 forward does (V2's operators in bf16 round more than its kernels)."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 96)
-    for cls in (SwinTransformer, SwinTransformerV2):
-        model = cls(embed_dims=96, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.0).eval()
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-            traced = torch.jit.trace(model, x, check_trace=False)
-            eager, replayed = model(x), traced(x)
-        for a, b in zip(eager, replayed, strict=True):
-            assert a.shape == b.shape and torch.isfinite(b).all()
-            assert _cosine(a, b) >= 0.9999
+    for cls, least in ((SwinTransformer, 0.9999), (SwinTransformerV2, 0.998)):
+        model = with_visible_bias(cls(embed_dims=96, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
+                                      drop_path_rate=0.0)).eval()
+        with torch.no_grad():
+            reference = model(x)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                traced = torch.jit.trace(model, x, check_trace=False)
+                eager, replayed = model(x), traced(x)
+        for a, b, ref in zip(eager, replayed, reference, strict=True):
+            assert a.shape == b.shape == ref.shape and torch.isfinite(b).all()
+            assert _cosine(a, ref) >= least and _cosine(b, ref) >= least

@@ -14,6 +14,8 @@ from mmswin.models.gelu_mlp import gelu_mlp
 from mmswin.models.matmul import softmax
 from mmswin.models.qkv_projection import qkv_heads
 
+from .conftest import with_visible_bias
+
 # Two stages, shifted windows and padding at both (tokens 5x7, then 3x4, windows of 2).
 TWO_STAGES = dict(embed_dims=8, depths=(2, 2), num_heads=(1, 2), out_indices=(0, 1), strides=(2, 2),
                   patch_size=2, window_size=2, drop_path_rate=0.0)
@@ -98,7 +100,7 @@ def test_backbones(cls):
     """Whole backbones in fp64 in training mode: the blocks' hand-written backward passes (qkv projection,
     MLP, V2's normalisation, window gather and scatter) and autograd's, with padding and shifts."""
     torch.manual_seed(0)
-    model = cls(**TWO_STAGES).double().train()
+    model = with_visible_bias(cls(**TWO_STAGES)).double().train()
     assert torch.autograd.gradgradcheck(lambda x: model(x), (f64(1, 3, 10, 14),))
 
 
