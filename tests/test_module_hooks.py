@@ -165,16 +165,15 @@ def swin_t_pair():
 def test_replaced_layers_are_called(swin_t_pair, cls, layer, precision, training):
     """A layer replaced by a wrapper that adds to its output (an adapter) is called, as in mmdet's Swin, by every
     path, fused ones included: the outputs are those of the plain model with that shift in the layer's bias, and
-    the wrapped layer's weight gets the gradient it gets there. V2's qkv layer is not called, as in the official
-    model: its weight is multiplied with the bias assembled from ``q_bias`` and ``v_bias``."""
+    the wrapped layer's weight gets the gradient it gets there. V2's qkv layer has no bias of its own (``q_bias``
+    and ``v_bias`` are added to its output): the shift of the queries and values goes into those."""
     import copy
     plain = swin_t_pair[cls]
     wrapped, shifted = copy.deepcopy(plain), copy.deepcopy(plain)
     owner, attr = f'layers.1.blocks.0.{layer}'.rsplit('.', 1)
     base = getattr(wrapped.get_submodule(owner), attr)
     shift = torch.linspace(-1.5, 1.5, base.weight.shape[0])
-    official_qkv = cls is SwinTransformerV2 and layer == 'attn.qkv'
-    if official_qkv:  # no bias of its own: the shift of the queries and values goes into q_bias and v_bias
+    if cls is SwinTransformerV2 and layer == 'attn.qkv':  # keys without a shift, as without a bias
         q_shift, k_shift, v_shift = shift.chunk(3)
         k_shift.zero_()
         with torch.no_grad():
@@ -184,7 +183,7 @@ def test_replaced_layers_are_called(swin_t_pair, cls, layer, precision, training
         with torch.no_grad():
             getattr(shifted.get_submodule(owner), attr).bias.add_(shift)
     setattr(wrapped.get_submodule(owner), attr, _Adapter(base, shift))
-    expected = plain if official_qkv else shifted
+    expected = shifted
     x = torch.randn(1, 3, 64, 96)
     results = {}
     for model in (wrapped, shifted, plain):
@@ -322,3 +321,41 @@ def test_v2_position_bias_follows_its_layers_in_inference(swin_t_pair):
         assert not torch.equal(swapped[1], plain[1])
         for out, ref in zip(swapped, fresh_outputs(), strict=True):
             assert torch.equal(out, ref)
+
+
+def test_dynamic_quantisation_replaces_every_linear_layer_and_matches_mmdet(tmp_path):
+    """``quantize_dynamic(model, {nn.Linear})`` replaces every linear layer of both backbones (V2's position bias
+    MLP included), and the int8 layers are what the forward runs. With the layers that mmdet's Swin builds as
+    ``nn.Linear`` quantised in both, mmswin gives mmdet's quantised outputs."""
+    import copy
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 96)
+    for cls in (SwinTransformer, SwinTransformerV2):
+        model = with_visible_bias(cls(**SMALL)).eval()
+        with torch.no_grad():  # V2's q_bias and v_bias, added to the int8 qkv layer's output, start at zero
+            for name, p in model.named_parameters():
+                if name.endswith(('q_bias', 'v_bias')):
+                    p.normal_(0.0, 0.5)
+        linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+        quantised = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+        assert [name for name, m in quantised.named_modules() if isinstance(m, DynamicLinear)] == linears
+        assert not any(isinstance(m, nn.Linear) for m in quantised.modules())
+        with torch.no_grad():
+            for ref, out in zip(model(x), quantised(x), strict=True):
+                cosine = F.cosine_similarity(out.reshape(1, -1), ref.reshape(1, -1)).item()
+                assert (out - ref).abs().max() > 1e-3 and cosine >= 0.98
+    theirs, ours = _mmdet_pair(tmp_path)
+    names = [name for name, m in theirs.named_modules() if type(m) is nn.Linear]
+    assert len(names) == 19  # qkv and proj of 8 blocks, 3 merges' reductions; its MLPs hold mmcv's Linear
+    theirs_q = quantize_dynamic(copy.deepcopy(theirs), {name: default_dynamic_qconfig for name in names})
+    ours_q = quantize_dynamic(copy.deepcopy(ours), {name.replace('stages.', 'layers.').replace('attn.w_msa.', 'attn.'):
+                                                    default_dynamic_qconfig for name in names})
+    assert sum(isinstance(m, DynamicLinear) for m in ours_q.modules()) == len(names)
+    with torch.no_grad():
+        outs, plain = ours_q(x), ours(x)
+        for out, ref in zip(outs, theirs_q(x), strict=True):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (outs[-1] - plain[-1]).abs().max() > 1e-2  # the int8 layers ran

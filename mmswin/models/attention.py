@@ -20,7 +20,7 @@ from torch import nn
 from . import fused_attention, layers
 from .graph_capture import recording_graph, transformed
 from .layers import needs_grad
-from .matmul import Linear, attention, autocast_off, linear
+from .matmul import attention, autocast_off, linear
 from .qkv_projection import qkv_heads
 from .windows import Size2, image_chunks, log_spaced_coords_on, relative_position_index, relative_position_index_on
 
@@ -54,13 +54,13 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.use_sdpa = use_sdpa
         self._make_qkv(dim, qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._make_position_bias(num_heads, window_size)
         self._bias_cache: Optional[tuple] = None  # (key, layers, parameter values, bias): see attention_bias
 
     def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
 
     def _make_position_bias(self, num_heads: int, window_size: int) -> None:
         side = 2 * window_size - 1
@@ -127,7 +127,7 @@ class WindowAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B_, N, C)`` to ``(B_, N, 3, nH, head_dim)``: the qkv layer called (hooks see it)."""
         b, n, c = x.shape
-        return self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+        return layers.call_linear(self.qkv, x).view(b, n, 3, self.num_heads, c // self.num_heads)
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         """``(q, k, v, scale)``, each ``(B_, nH, N, head_dim)``, such that the logits are
@@ -179,12 +179,12 @@ class WindowAttention(nn.Module):
             out = fused_attention.projected_window_attention(x, self.qkv.weight, self.qkv_bias(), self.num_heads,
                                                              bias, mask, self.head_logit_scales(), self.cosine,
                                                              layers.chunk_tokens(x))
-            return self.proj_drop(self.proj(out))
+            return self.proj_drop(layers.call_linear(self.proj, out))
         q, k, v, scale = self.queries_keys_values(x)
         bias = self.attention_bias(window, q.dtype)  # (1, nH, N, N)
         out = attention(q, k, v, bias, mask, drop, scale, self.use_sdpa)
         out = out.transpose(1, 2).reshape(bw, n, c)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(layers.call_linear(self.proj, out))
 
     def attends_rows(self, x: torch.Tensor, window: Size2) -> bool:
         """Whether :meth:`attend_rows` takes windows of ``window`` whose tokens are ``x: (..., C)``: where the
@@ -203,7 +203,7 @@ class WindowAttention(nn.Module):
         out = fused_attention.projected_window_attention_rows(x, slots, self.qkv.weight, self.qkv_bias(),
                                                               self.num_heads, bias, mask, self.head_logit_scales(),
                                                               self.cosine)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(layers.call_linear(self.proj, out))
 
     def rows_kernel_args(self, window: Size2) -> tuple:
         """The arguments of the kernels' in-place inference attention (``window_attention_rows_``) from the
@@ -224,7 +224,7 @@ class WindowAttention(nn.Module):
         bias = self.attention_bias(window, torch.float32)[0]  # (nH, N, N)
         out = fused_attention.projected_rows_attention(x, chunks, self.qkv.weight, self.qkv_bias(), self.num_heads,
                                                        bias, mask, self.head_logit_scales(), self.cosine)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(layers.call_linear(self.proj, out))
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}'
@@ -264,7 +264,7 @@ class CosineWindowAttention(WindowAttention):
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
 
     def _make_qkv(self, dim: int, qkv_bias: bool) -> None:
-        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
 
@@ -298,10 +298,17 @@ class CosineWindowAttention(WindowAttention):
         return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """As the official model: the qkv layer's weight with the bias assembled from ``q_bias`` and ``v_bias``
-        (the layer itself is not called)."""
+        """As the official model: the qkv layer's weight with the bias assembled from ``q_bias`` and ``v_bias``;
+        where hooks or a replacement layer see it (:func:`.layers.observed`), the layer called and the bias
+        added to its output."""
         b, n, c = x.shape
-        return linear(x, self.qkv.weight, self.qkv_bias()).view(b, n, 3, self.num_heads, c // self.num_heads)
+        bias = self.qkv_bias()
+        if layers.observed(self.qkv):
+            out = self.qkv(x)
+            out = out if bias is None else out + bias.to(out.dtype)
+        else:
+            out = linear(x, self.qkv.weight, bias)
+        return out.view(b, n, 3, self.num_heads, c // self.num_heads)
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple:
         if torch.compiler.is_compiling() or layers.plain_calls(self.qkv):

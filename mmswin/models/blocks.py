@@ -12,7 +12,7 @@ from .attention import CosineWindowAttention, WindowAttention
 from .graph_capture import recording_graph, transformed
 from .layer_norm import LayerNorm
 from .layers import DropPath, Mlp, add_residual, build_norm
-from .matmul import Conv2d, Linear, autocast_dtype, onednn_fused_linear
+from .matmul import Conv2d, autocast_dtype, onednn_fused_linear
 from .windows import (Size2, WindowChunk, add_tokens_, gather_windows, pad_to_windows, permute_tokens,
                       scatter_windows, select_tokens, shift_mask, window_chunks, window_indices, window_partition,
                       window_reverse, window_rows)
@@ -346,7 +346,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, norm_cfg: Optional[dict] = None, use_norm: bool = True) -> None:
         super().__init__()
         self.dim = dim
-        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = build_norm(norm_cfg, self.norm_dim) if use_norm else nn.Identity()
 
     @property
@@ -365,7 +365,7 @@ class PatchMerging(nn.Module):
 
     def project(self, merged: torch.Tensor) -> torch.Tensor:
         """Norm and reduction of ``merged: (..., 4C)`` to ``(..., 2C)``."""
-        return self.reduction(self.norm(merged))
+        return layers.call_linear(self.reduction, self.norm(merged))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` to ``(B, ceil(H/2), ceil(W/2), 2C)``. Without autograd on the CPU, in bands of
@@ -393,7 +393,7 @@ class PatchMergingV2(PatchMerging):
         return 2 * self.dim
 
     def project(self, merged: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(merged))
+        return self.norm(layers.call_linear(self.reduction, merged))
 
 
 class SwinStage(nn.Module):

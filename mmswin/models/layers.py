@@ -8,7 +8,7 @@ from torch import nn
 from .gelu_mlp import gelu_mlp
 from .graph_capture import transformed
 from .layer_norm import LayerNorm
-from .matmul import Linear, linear
+from .matmul import linear
 
 # Tokens per chunk of inference: intermediates of about a MiB stay in the CPU's caches, and none is large
 # enough for the C allocator to map it afresh (page faults) on every call.
@@ -151,9 +151,9 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, act_cfg: Optional[dict] = None,
                  drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = build_activation(act_cfg)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +180,8 @@ class Mlp(nn.Module):
         if isinstance(self.act, nn.GELU):
             x = linear(x, self.fc1.weight, self.fc1.bias, gelu=self.act.approximate)
         else:
-            x = self.act(self.fc1(x))
-        return self.drop(self.fc2(self.drop(x)))
+            x = self.act(call_linear(self.fc1, x))
+        return self.drop(call_linear(self.fc2, self.drop(x)))
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -288,6 +288,16 @@ def plain_calls(*modules: nn.Module) -> bool:
     extraction, pruning, quantisation observers, LoRA adapters); and under ``torch.func`` transforms and
     forward-mode AD (:func:`.graph_capture.transformed`)."""
     return torch.jit.is_tracing() or transformed() or any(observed(m) for m in modules)
+
+
+def call_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a linear layer of the backbones (an ``nn.Linear``, which PyTorch's tools such as
+    ``quantize_dynamic`` recognise): its product through :func:`.matmul.linear` (oneDNN's fused bf16 linear in CPU
+    inference, the fp32 kernels for bf16 on CPUs without bf16 instructions), or the layer called where
+    :func:`plain_calls` (hooks, tracing, a quantised or wrapped replacement)."""
+    if plain_calls(layer):
+        return layer(x)
+    return linear(x, layer.weight, layer.bias)
 
 
 def observed(module: nn.Module) -> bool:

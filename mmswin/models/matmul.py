@@ -173,15 +173,8 @@ def chunk_mm(a: torch.Tensor, b: torch.Tensor, fp32_products: bool,
     return a @ b if out is None else torch.mm(a, b, out=out)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and initialisation) whose product goes through :func:`linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, like :class:`Linear`, takes the fp32 kernels for bf16 values on CPUs without
+    """``nn.Conv2d`` that, like :func:`linear`, takes the fp32 kernels for bf16 values on CPUs without
     bf16 instructions (PyTorch's bf16 convolution falls back to a slow path there)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
