@@ -7,7 +7,7 @@ import torch
 
 from mmswin.models import SwinTransformer, SwinTransformerV2
 
-TINY = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0)
+TINY = dict(embed_dims=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0)
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])

@@ -14,7 +14,7 @@ from .conftest import DATA, SMALL, golden_input
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
 CUDA = torch.device('cuda')
-TINY = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+TINY = dict(embed_dims=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
 
 @pytest.fixture(autouse=True)

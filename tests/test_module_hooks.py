@@ -359,3 +359,20 @@ def test_dynamic_quantisation_replaces_every_linear_layer_and_matches_mmdet(tmp_
         for out, ref in zip(outs, theirs_q(x), strict=True):
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert (outs[-1] - plain[-1]).abs().max() > 1e-2  # the int8 layers ran
+
+
+def test_a_patched_and_restored_forward_leaves_the_fused_passes(monkeypatch):
+    """A layer class whose forward a tool patches (a profiler, an adapter library) is called while patched, and
+    once the forward is restored the model takes the fused passes again."""
+    from mmswin.models.layers import Mlp, observed
+    model = SwinTransformer(**SMALL).eval()
+    x = torch.randn(1, 3, 64, 96)
+    assert not observed(model)
+    calls, original = [], Mlp.forward
+    with monkeypatch.context() as patch:
+        patch.setattr(Mlp, 'forward', lambda self, t: calls.append(t.shape) or original(self, t))
+        assert observed(model)
+        with torch.no_grad():
+            model(x)
+    assert len(calls) == sum(SMALL['depths'])
+    assert not observed(model)

@@ -10,7 +10,7 @@ from mmswin.models.attention import CosineWindowAttention, unit_vectors
 from mmswin.models import cpu_kernels, matmul
 from mmswin.models.matmul import Conv2d, attention, bf16_products_in_fp32, linear, softmax
 
-TINY = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+TINY = dict(embed_dims=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 
 
 def perturbed_model_and_input(cls: type) -> tuple:

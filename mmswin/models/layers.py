@@ -318,17 +318,17 @@ def observed(module: nn.Module) -> bool:
 # call): a replacement of one of these types, or of mmswin's own, is taken as the layer it replaces.
 # (No container that is called: in a layer's place it would pass for the layer.)
 _TORCH_LAYERS = (nn.Linear, nn.GELU, nn.ReLU, nn.SiLU, nn.Identity, nn.Dropout, nn.ModuleList)
-_runs_as_built: Dict[type, bool] = {}
+_runs_as_built: Dict[Callable, bool] = {}  # by forward function: a class's forward may be patched and restored
 
 
 def runs_as_built(cls: type) -> bool:
     """Whether modules of class ``cls`` run the forward of a layer that mmswin builds: a forward defined in
     mmswin or that of one of :data:`_TORCH_LAYERS` (a subclass that keeps it, such as a parametrised
     ``nn.Linear``, counts; one that overrides it does not), or of an activation :func:`build_activation` built."""
-    known = _runs_as_built.get(cls)
+    forward = cls.forward
+    known = _runs_as_built.get(forward)
     if known is None:
-        forward = cls.forward
         known = (any(forward is layer.forward for layer in _TORCH_LAYERS)
                  or (getattr(forward, '__module__', None) or '').startswith('mmswin.'))
-        _runs_as_built[cls] = known
+        _runs_as_built[forward] = known
     return known
