@@ -3,6 +3,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 _MODE_KEYS = tuple(getattr(getattr(torch._C, '_TorchDispatchModeKey', None), name, None) for name in ('FAKE', 'PROXY'))
+_TRANSFORMS = getattr(getattr(torch._C, '_functorch', None), 'peek_interpreter_stack', lambda: None)
 
 
 def transformed() -> bool:
@@ -10,7 +11,7 @@ def transformed() -> bool:
     them) or forward-mode AD (:func:`torch.autograd.forward_ad.dual_level`) is active. The tensors are then
     wrapped or carry tangents, which mmswin's autograd functions and compiled kernels do not handle: the model
     runs PyTorch's operators, as under tracing."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if _TRANSFORMS() is not None:
         return True
     return getattr(forward_ad, '_current_level', -1) >= 0
 
