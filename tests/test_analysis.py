@@ -674,7 +674,8 @@ def test_get_flops_applies_cfg_options_to_a_config(capsys):
     shallow = get_flops.main(base + ['--cfg-options', 'model.backbone.depths=1,1,1,1'])
     assert 0 < shallow['params'] < full['params'] and 0 < shallow['flops'] < full['flops']
     capsys.readouterr()
-    assert '--cfg-options' in _get_flops_usage_error(capsys, ['SwinTransformer', '--cfg-options', 'a=1'])
+    assert ('--cfg-options applies to a config file, not to the backbone name SwinTransformer'
+            in _get_flops_usage_error(capsys, ['SwinTransformer', '--cfg-options', 'a=1']))
 
 
 def test_get_flops_takes_one_or_two_shape_values(capsys):
@@ -687,7 +688,8 @@ def test_get_flops_takes_one_or_two_shape_values(capsys):
     assert (args.target, args.shape) == ('SwinTransformer', (32, 48))
     assert get_flops.main(['SwinTransformer', '--shape', '32', '--json'])['input_shape'] == [1, 3, 32, 32]
     capsys.readouterr()
-    assert '--shape' in _get_flops_usage_error(capsys, ['SwinTransformer', '--shape', '32', '32', '32'])
+    assert ('--shape takes one or two values (H W), got 32 32 32'
+            in _get_flops_usage_error(capsys, ['SwinTransformer', '--shape', '32', '32', '32']))
     for bad in ('0', 'x'):
         assert '--shape takes positive integers' in _get_flops_usage_error(capsys, ['SwinTransformer', '--shape', bad])
     assert 'required: TARGET' in _get_flops_usage_error(capsys, ['--shape', '32', '48'])

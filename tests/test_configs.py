@@ -108,3 +108,34 @@ def test_cascade_configs_take_cascade_rcnns_rpn():
         for key in ('rpn_head', 'test_cfg'):
             assert _plain(model[key]) == _plain(cascade[key]), key
         assert _plain(model.train_cfg) == _plain(cascade.train_cfg)
+
+
+_SIZES = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large'}
+_NAMED = [p for p in CONFIGS if p.parent.name != 'demo']
+
+
+@pytest.mark.parametrize('path', _NAMED, ids=[p.name for p in _NAMED])
+def test_backbone_is_the_size_and_window_of_its_name(path):
+    """The backbone a config builds is the architecture of its file name (``swin-s``/``swin-small``, ``w7`` or
+    ``window7``), and its checkpoint is one of that size; with a namesake in mmdet's or mmseg's own configs, it is
+    the namesake's backbone too."""
+    import re
+
+    from mmswin.models import ARCH_ZOO
+    from mmswin.registry import MODELS
+    cfg = Config.fromfile(str(path))
+    size = re.search(r'swin(?:v2)?-(tiny|small|base|large|[tsbl])-', path.name).group(1)
+    size = _SIZES.get(size, size)
+    window = int(re.search(r'-(?:w|window)(\d+)', path.name).group(1))
+    backbone = MODELS.build({k: v for k, v in cfg.model.backbone.items() if k != 'init_cfg'})
+    arch = ARCH_ZOO[size]
+    assert (backbone.embed_dims, list(backbone.depths), list(backbone.num_heads)) == (
+        arch['embed_dims'], list(arch['depths']), list(arch['num_heads']))
+    assert list(backbone.window_sizes) == [window] * len(backbone.depths)
+    assert f'_{size}_' in Path(cfg.model.backbone.init_cfg.checkpoint).name
+    for scope in ('mmdet', 'mmseg'):
+        if (Path(__import__(scope).__file__).parent / '.mim/configs/swin' / path.name).exists():
+            theirs = _upstream(scope, f'swin/{path.name}').model.backbone
+            assert backbone.embed_dims == theirs.embed_dims and list(backbone.depths) == list(theirs.depths)
+            assert list(backbone.num_heads) == list(theirs.num_heads)
+            assert list(backbone.window_sizes) == [theirs.window_size] * len(theirs.depths)

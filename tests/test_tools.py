@@ -38,14 +38,15 @@ def test_bad_config_and_checkpoint_arguments(tmp_path, capsys):
     argument_error(capsys, train, [notes], 'notes.txt: a config file ends with one of .py, .json, .yaml, .yml')
     argument_error(capsys, train, [DET_CFG, '--cfg-options', 'foo'], '--cfg-options takes KEY=VALUE pairs')
     argument_error(capsys, train, [DET_CFG, '--cfg-options', 'a=[1,2'], "got 'a=[1,2'")
-    argument_error(capsys, test, [DET_CFG, tmp_path / 'nothing.pth'], 'checkpoint ')
+    argument_error(capsys, test, [DET_CFG, tmp_path / 'nothing.pth'],
+                   f'checkpoint {tmp_path / "nothing.pth"}: no such file')
     argument_error(capsys, test, [DET_CFG, tmp_path], 'a directory, not a checkpoint file')
-    argument_error(capsys, test, [DET_CFG, ckpt, '--out', tmp_path / 'res.json'],
-                   '--out ' + str(tmp_path / 'res.json') + ': detection predictions are dumped to a .pkl')
+    out_error = '--out ' + str(tmp_path / 'res.json') + ': detection predictions are dumped to a .pkl'
+    argument_error(capsys, test, [DET_CFG, ckpt, '--out', tmp_path / 'res.json'], out_error)
     argument_error(capsys, test, [DET_CFG, ckpt, '--tta'], '--tta needs tta_model and tta_pipeline in the config')
     for remote in ('https://example.invalid/x.pth', 'open-mmlab://x', 's3://bucket/x.pth', 'c:s3://bucket/x.pth'):
         # left to mmengine's loaders: the next check is reached
-        argument_error(capsys, test, [DET_CFG, remote, '--out', tmp_path / 'res.json'], '--out ')
+        argument_error(capsys, test, [DET_CFG, remote, '--out', tmp_path / 'res.json'], out_error)
 
 
 def test_auto_scale_lr_error_names_the_option(tmp_path, capsys):
