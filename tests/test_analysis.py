@@ -673,6 +673,14 @@ def test_get_flops_applies_cfg_options_to_a_config(capsys):
     full = get_flops.main(base)
     shallow = get_flops.main(base + ['--cfg-options', 'model.backbone.depths=1,1,1,1'])
     assert 0 < shallow['params'] < full['params'] and 0 < shallow['flops'] < full['flops']
+    from mmengine.config import Config
+
+    from mmswin.registry import MODELS
+    backbone = Config.fromfile(cfg).model.backbone  # the backbone alone, built here: what --backbone-only counts
+    for result, depths in ((full, None), (shallow, (1, 1, 1, 1))):
+        model = MODELS.build(dict(backbone, **({} if depths is None else dict(depths=depths))))
+        assert result['flops'] == backbone_flops(model, 32, 32)
+        assert result['params'] == sum(p.numel() for p in model.parameters())
     capsys.readouterr()
     assert ('--cfg-options applies to a config file, not to the backbone name SwinTransformer'
             in _get_flops_usage_error(capsys, ['SwinTransformer', '--cfg-options', 'a=1']))
