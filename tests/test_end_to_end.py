@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'demo'))
@@ -77,17 +78,35 @@ def assert_evaluates_the_checkpoint(tested: str, trained: str, names: tuple) -> 
         assert metric(tested, name) == metric(trained, name), name
 
 
+def assert_same_predictions(trained: Path, tested: Path, num_images: int) -> None:
+    """The boxes, scores, labels and masks of a test run, image by image, are those of the training run's
+    validation (files of ``train_hooks.RecordPredictionsHook``), and there are some."""
+    trained, tested = torch.load(trained), torch.load(tested)
+    assert [r['img_id'] for r in tested] == [r['img_id'] for r in trained] and len(trained) == num_images
+    assert sum(len(r['scores']) for r in trained) > 0
+    for before, after in zip(trained, tested):
+        assert before.keys() == after.keys() == {'img_id', 'bboxes', 'scores', 'labels', 'masks'}
+        for key in ('bboxes', 'scores', 'labels', 'masks'):
+            assert torch.equal(before[key], after[key]), (before['img_id'], key)
+
+
 def test_mmdet_tools_train_and_test(demo_data, tmp_path):
-    work = tmp_path / 'det'
-    out = run([sys.executable, upstream_tool('mmdet', 'train.py'), DET_CFG, '--work-dir', work,
+    """mmdet's train.py, then its test.py on the last checkpoint. After 4 iterations the detector's mAP is
+    still 0, so besides the metrics the test compares what it predicted: test.py must give, image by image,
+    the boxes, scores, labels and masks the training run's validation gave."""
+    work, trained_pkl, tested_pkl = tmp_path / 'det', tmp_path / 'trained.pkl', tmp_path / 'tested.pkl'
+    cfg = _with_hooks(tmp_path, 'det', f"dict(type='RecordPredictionsHook', path='{trained_pkl}')", DET_CFG)
+    out = run([sys.executable, upstream_tool('mmdet', 'train.py'), cfg, '--work-dir', work,
                '--cfg-options', *det_options(demo_data)])
     log = out.stdout + out.stderr
     for name in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP'):
         assert 0.0 <= metric(log, name) <= 1.0
     assert (work / 'iter_4.pth').exists()
-    out = run([sys.executable, upstream_tool('mmdet', 'test.py'), DET_CFG, work / 'iter_4.pth', '--work-dir',
+    cfg = _with_hooks(tmp_path, 'det_test', f"dict(type='RecordPredictionsHook', path='{tested_pkl}')", DET_CFG)
+    out = run([sys.executable, upstream_tool('mmdet', 'test.py'), cfg, work / 'iter_4.pth', '--work-dir',
                tmp_path / 'det_test', '--cfg-options', *det_options(demo_data)])
     assert_evaluates_the_checkpoint(out.stdout + out.stderr, log, DET_METRICS)
+    assert_same_predictions(trained_pkl, tested_pkl, num_images=4)
 
 
 def test_mmseg_tools_train_and_test(demo_data, tmp_path):
@@ -101,9 +120,9 @@ def test_mmseg_tools_train_and_test(demo_data, tmp_path):
     assert_evaluates_the_checkpoint(out.stdout + out.stderr, trained, SEG_METRICS)
 
 
-def _with_hooks(tmp_path: Path, name: str, hooks: str) -> Path:
+def _with_hooks(tmp_path: Path, name: str, hooks: str, base: Path = SEG_CFG) -> Path:
     path = tmp_path / f'{name}.py'
-    path.write_text(f"_base_ = '{SEG_CFG}'\n"
+    path.write_text(f"_base_ = '{base}'\n"
                     "custom_imports = dict(imports=['mmswin', 'tests.train_hooks'], allow_failed_imports=False)\n"
                     f"custom_hooks = [dict(type='mmswin.RNGStateHook'), {hooks}]\n")
     return path
@@ -151,17 +170,24 @@ def test_interrupted_run_resumes_exactly_and_checkpoint_evaluates(demo_data, tmp
 
 def test_torchrun_two_processes(demo_data, tmp_path):
     """Distributed training and testing with torchrun, 2 processes on CPU (gloo; the configs' nccl becomes
-    gloo on a CPU-only machine), started from another folder than the repository's."""
+    gloo on a CPU-only machine), started from another folder than the repository's. Each process's test
+    predictions are those of its validation in training."""
     work = tmp_path / 'dist'
-    out = run(['bash', ROOT / 'tools/dist_train.sh', DET_CFG, 2, '--work-dir', work, '--cfg-options',
+    cfg = _with_hooks(tmp_path, 'dist', f"dict(type='RecordPredictionsHook', path='{tmp_path}/trained_{{rank}}.pkl')",
+                      DET_CFG)
+    out = run(['bash', ROOT / 'tools/dist_train.sh', cfg, 2, '--work-dir', work, '--cfg-options',
                *det_options(demo_data)], cwd=tmp_path)
     log = out.stdout + out.stderr
     assert 'Distributed launcher: pytorch' in log and 'Distributed training: True' in log
     assert 'GPU number: 2' in log  # mmengine's name for the world size, also on CPU
     assert (work / 'iter_4.pth').exists()
-    out = run(['bash', ROOT / 'tools/dist_test.sh', DET_CFG, work / 'iter_4.pth', 2, '--work-dir',
+    cfg = _with_hooks(tmp_path, 'dist_test',
+                      f"dict(type='RecordPredictionsHook', path='{tmp_path}/tested_{{rank}}.pkl')", DET_CFG)
+    out = run(['bash', ROOT / 'tools/dist_test.sh', cfg, work / 'iter_4.pth', 2, '--work-dir',
                tmp_path / 'dist_test', '--cfg-options', *det_options(demo_data)], cwd=tmp_path)
     assert_evaluates_the_checkpoint(out.stdout + out.stderr, log, DET_METRICS)
+    for rank in (0, 1):
+        assert_same_predictions(tmp_path / f'trained_{rank}.pkl', tmp_path / f'tested_{rank}.pkl', num_images=2)
 
 
 def test_mim_train_and_test(demo_data, tmp_path):
