@@ -185,6 +185,18 @@ def test_verified_dst_gets_the_permissions_of_a_plain_write(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ['new.pth']
 
 
+@pytest.mark.parametrize('flags', [[], ['--verify']])
+def test_dst_that_is_a_symbolic_link_stays_one(tmp_path, capsys, flags):
+    """The link is kept and the file it points to replaced, with or without verification."""
+    target, link = tmp_path / 'v3.pth', tmp_path / 'latest.pth'
+    target.write_bytes(b'old')
+    link.symlink_to(target.name)
+    assert tool.main([str(DATA / 'v1_official_cls.pth'), str(link), *flags]) == 0, capsys.readouterr().err
+    assert link.is_symlink() and os.readlink(link) == 'v3.pth'
+    assert set(torch.load(target, weights_only=True)) == {'state_dict', 'meta'}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['latest.pth', 'v3.pth']
+
+
 def test_verify_passes_on_a_checkpoint_of_two_stages(tmp_path, capsys):
     later = ('layers.2.', 'layers.3.', 'layers.1.downsample.')
     src = _partial(tmp_path, 'two_stages.pth', lambda k: k.startswith(later))

@@ -126,11 +126,13 @@ def save_atomic(obj: dict, dst: str, check: Optional[Callable[[str], None]] = No
 
     ``check``, when given, is called with the path of the complete file before it replaces ``dst``; if it
     raises, that file (and any folder made for ``dst``) is removed again and ``dst`` is left as it was.
-    Folders made for ``dst`` are removed as well when the write fails.
+    Folders made for ``dst`` are removed as well when the write fails. A ``dst`` that is a symbolic link
+    stays one: the file it points to is replaced.
     """
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    folder = osp.dirname(osp.abspath(dst))
+    dst = osp.realpath(dst)
+    folder = osp.dirname(dst)
     made = _missing_folders(folder)
     staged = None
     try:
