@@ -103,7 +103,9 @@ def test_data_parallel_detector_with_the_prefix_as_spelt(tmp_path, v1_official_s
     sd['module.neck.lateral_convs.0.conv.weight'] = torch.randn(256, 24, 1, 1)
     path = tmp_path / 'dp_det.pth'
     torch.save({'state_dict': sd}, path)
-    model = _load(SwinTransformer(**SMALL), path, prefix=prefix)
+    model = SwinTransformer(**SMALL)
+    report = load_pretrained(model, str(path), prefix=prefix)
+    assert [k.removeprefix('module.') for k in report['unused']] == ['neck.lateral_convs.0.conv.weight']
     _assert_v1_golden(model, v1_expected)
     plain = tmp_path / 'plain.pth'
     torch.save({'model': v1_official_sd}, plain)
@@ -235,10 +237,11 @@ def test_load_state_dict_renames_timms_layout(v1_official_sd, v1_expected):
     for k, v in _body(v1_official_sd).items():
         m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
         sd[f'layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}' if m else k] = v
+    sd['head.fc.weight'] = torch.randn(10, 192)  # not the backbone's: reported, as load_state_dict does
     model = SwinTransformer(**SMALL)
     result = model.load_state_dict(sd, strict=False)
     assert result.missing_keys == [f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias')]
-    assert result.unexpected_keys == []
+    assert result.unexpected_keys == ['head.fc.weight']
     _assert_v1_golden(model, v1_expected)
 
 def test_mmpretrain_v2_layout(tmp_path, v2_official_sd, v2_expected):
@@ -257,6 +260,26 @@ def test_timm_layout(tmp_path, v1_official_sd, v1_expected):
     torch.save(sd, path)
     assert detect_format(sd)[0] == 'timm'
     _assert_v1_golden(_load(SwinTransformer(**SMALL), path), v1_expected)
+
+
+def test_timm_layout_without_block_norms_is_still_timms(v1_official_sd):
+    """Without any block's norm width to compare with, the merges' widths against the blocks' qkv say where
+    they belong."""
+    sd = {}
+    for k, v in _body(v1_official_sd).items():
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        if not k.endswith(('norm1.weight', 'norm1.bias')):
+            sd[f'layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}' if m else k] = v
+    assert detect_format(sd) == ('timm', 1)
+    assert detect_format(_body(v1_official_sd)) == ('official', 1)
+
+
+def test_timms_v2_k_bias_buffer_is_dropped_as_derived(v2_official_sd):
+    """timm's SwinV2 keeps a zero ``k_bias`` buffer: recomputed, not a weight and not an error."""
+    sd = dict(_body(v2_official_sd), **{'layers.0.blocks.0.attn.k_bias': torch.zeros(24)})
+    converted = convert_state_dict(sd)
+    assert converted.derived == ['layers.0.blocks.0.attn.k_bias']
+    assert converted.state_dict.keys() == _body(v2_official_sd).keys()
 
 
 def test_partial_state_dicts_keep_their_merges_where_they_are(tmp_path, v1_official_sd):
@@ -310,11 +333,49 @@ def test_converted_checkpoint_round_trip(tmp_path, name, cls):
     direct = _load(cls(**SMALL), src)
     converted = _load(cls(**SMALL, convert_weights=False), dst)
     # the saved dict holds exactly the model's weights, except the dense output norms
-    missing, unexpected = cls(**SMALL).load_state_dict(saved['state_dict'], strict=False)
-    assert unexpected == [] and all(re.fullmatch(r'norm\d\.(weight|bias)', k) for k in missing)
+    arch = saved['meta']['arch']
+    assert (arch['embed_dims'], arch['depths'], arch['num_heads']) == (24, [2, 2, 2, 2], [1, 2, 4, 8])
+    for model in (cls(**SMALL), cls(**arch)):
+        missing, unexpected = model.load_state_dict(saved['state_dict'], strict=False)
+        assert unexpected == [] and all(re.fullmatch(r'norm\d\.(weight|bias)', k) for k in missing)
     x = torch.randn(1, 3, 97, 131)
     for a, b in zip(_run(direct, x), _run(converted, x), strict=True):
         assert torch.equal(a, b)
+    again = convert_checkpoint(str(dst))  # a converted file is recognised as one
+    assert again['meta']['source_format'] == 'mmswin' and again['meta']['arch'] == arch
+    assert again['state_dict'].keys() == saved['state_dict'].keys()
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_converter_records_the_options_the_weights_show(tmp_path, cls):
+    """``meta['arch']`` gives ``qkv_bias=False`` and a non-square pre-training size when the weights say so,
+    and the model rebuilt from it takes the weights whole."""
+    path = tmp_path / 'options.pth'
+    options = dict(qkv_bias=False, use_abs_pos_embed=True, pretrain_img_size=(64, 96))
+    torch.save({'state_dict': cls(**SMALL, **options).state_dict()}, path)
+    converted = convert_checkpoint(str(path))
+    arch = converted['meta']['arch']
+    assert arch['qkv_bias'] is False and arch['use_abs_pos_embed'] is True and arch['pretrain_img_size'] == [64, 96]
+    missing, unexpected = cls(**arch).load_state_dict(converted['state_dict'], strict=False)
+    assert missing == [] and unexpected == []
+
+
+@pytest.mark.parametrize('key', ['module', 'state_dict_ema', 'model_ema'])
+def test_wrapped_state_dicts(tmp_path, v1_official_sd, v1_expected, key):
+    path = tmp_path / 'wrapped.pth'
+    torch.save({key: _body(v1_official_sd), 'optimizer': {}}, path)
+    _assert_v1_golden(_load(SwinTransformer(**SMALL), path), v1_expected)
+
+
+def test_absolute_position_embedding_resize_is_bicubic(tmp_path):
+    theirs = SwinTransformer(**SMALL, use_abs_pos_embed=True, pretrain_img_size=64)
+    nn.init.normal_(theirs.absolute_pos_embed)
+    path = tmp_path / 'abs.pth'
+    torch.save({'state_dict': theirs.state_dict()}, path)
+    model = SwinTransformer(**SMALL, use_abs_pos_embed=True, pretrain_img_size=96)
+    assert load_pretrained(model, str(path))['resized'] == ['absolute_pos_embed']
+    expected = F.interpolate(theirs.absolute_pos_embed.detach(), size=(24, 24), mode='bicubic')
+    assert torch.equal(model.absolute_pos_embed.detach(), expected)
 
 
 def test_relative_position_bias_table_resize_is_bicubic(tmp_path, v1_official_sd):
@@ -350,6 +411,14 @@ def test_error_not_a_swin(tmp_path):
     torch.save({'state_dict': {'conv1.weight': torch.randn(64, 3, 7, 7), 'bn1.weight': torch.ones(64)}},
                path)
     _expect_error(SwinTransformer(**SMALL), path, 'resnet.pth', 'not those of a Swin', 'conv1.weight')
+
+
+def test_error_not_a_swin_with_stages(tmp_path):
+    """Keys under ``stages.`` (ConvNeXt's, mmdet's ResNet-like backbones) are not an openmmlab Swin."""
+    path = tmp_path / 'convnext.pth'
+    torch.save({'state_dict': {'backbone.downsample_layers.0.0.weight': torch.randn(8, 3, 4, 4),
+                               'backbone.stages.0.0.depthwise_conv.weight': torch.randn(8, 1, 7, 7)}}, path)
+    _expect_error(SwinTransformer(**SMALL), path, 'convnext.pth', 'not those of a Swin')
 
 
 def test_error_other_size(tmp_path):

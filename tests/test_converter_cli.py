@@ -100,6 +100,12 @@ def test_missing_src_is_named_even_when_dst_exists(tmp_path, capsys):
     assert 'error: SRC' in capsys.readouterr().err and not (tmp_path / 'out.pth').exists()
 
 
+def test_missing_local_src_is_not_a_failed_download(tmp_path):
+    from mmswin.checkpoint.convert import convert_checkpoint
+    with pytest.raises(FileNotFoundError, match='nonexist.pth'):
+        convert_checkpoint(str(tmp_path / 'nonexist.pth'))
+
+
 def test_missing_src_in_a_subprocess_is_not_a_traceback(tmp_path):
     dst = tmp_path / 'exists.pth'
     dst.write_bytes(b'old')
@@ -241,6 +247,7 @@ def test_failed_download_in_a_subprocess(tmp_path):
     ('no_merge', lambda k: k.startswith('layers.1.downsample.'), 'layers.1.downsample.'),
     ('no_last_stage', lambda k: k.startswith('layers.3.'), 'layers.3.blocks.0.*'),
     ('no_block', lambda k: k.startswith('layers.2.blocks.0.'), 'layers.2.blocks.0.'),
+    ('no_merges', lambda k: '.downsample.' in k, 'layers.0.downsample.reduction.weight'),
 ])
 def test_partial_checkpoint_names_the_missing_key(tmp_path, capsys, name, drop, missing):
     src = _partial(tmp_path, f'{name}.pth', drop)

@@ -208,6 +208,10 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
     backend.put_text(str(path), str(tmp_path / 'last_checkpoint'))
     assert (tmp_path / 'last_checkpoint').read_text() == str(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_100.pth', 'last_checkpoint']
+    with pytest.raises(UnicodeEncodeError):  # a text write that fails (mmengine's own leaves an empty file)
+        backend.put_text('iter_200.pth \u00fc', str(tmp_path / 'last_checkpoint'), encoding='ascii')
+    assert (tmp_path / 'last_checkpoint').read_text() == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_100.pth', 'last_checkpoint']
 
 
 def _build_on_global(module: str, name: str, state: object) -> bytes:
@@ -334,7 +338,8 @@ def test_damaged_pickles_are_errors_naming_the_file(tmp_path, legacy, damage):
     are reported as unreadable files with their name, by mmswin's reader and by mmengine's loaders."""
     path = tmp_path / 'damaged.pth'
     if damage == 'encoding':
-        torch.save({'state_dict': {}, 'meta': {'note': _BadEncoding()}}, path, _use_new_zipfile_serialization=not legacy)
+        torch.save({'state_dict': {}, 'meta': {'note': _BadEncoding()}}, path,
+                   _use_new_zipfile_serialization=not legacy)
     else:
         _saved_with_extension_code(path, legacy)
     with pytest.raises(CheckpointError, match=f'{path} is not a readable checkpoint'):
@@ -517,12 +522,14 @@ def test_url_loads_extract_a_legacy_zip_archive(http_dir, tmp_path):
         archive.write(tmp_path / 'weights.pth', 'weights.pth')
     with zipfile.ZipFile(served / 'old.pth', 'w') as archive:  # the member named as the archive
         archive.write(tmp_path / 'weights.pth', 'old.pth')
-    for name in ('weights.zip', 'old.pth'):
+    with zipfile.ZipFile(served / 'nested.zip', 'w') as archive:  # the member in a folder of the archive
+        archive.write(tmp_path / 'weights.pth', 'models/nested.pth')
+    for name in ('weights.zip', 'old.pth', 'nested.zip'):
         for ckpt in (_load_checkpoint(f'{base}/{name}', map_location='cpu'), read_checkpoint(f'{base}/{name}')):
             assert torch.equal(ckpt['state_dict']['w'], torch.arange(4.0))
     cache = tmp_path / 'hub' / 'hub' / 'checkpoints'
     assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob('*') if p.is_file()) == [
-        'old.pth', 'old.pth.unzipped/old.pth', 'weights.pth', 'weights.zip']
+        'nested.pth', 'nested.zip', 'old.pth', 'old.pth.unzipped/old.pth', 'weights.pth', 'weights.zip']
 
 
 def test_read_checkpoint_url_is_restricted_unless_opted_in(http_dir, tmp_path):
