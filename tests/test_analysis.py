@@ -269,21 +269,26 @@ def test_norm_weights_are_redrawn_around_one():
 
 
 @pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="needs mmswin's CPU kernels (AVX512-BF16)")
-@pytest.mark.parametrize('name,least', [('mmswin-v1', 0.999), ('mmswin-v2', 0.997)])
-def test_bf16_training_gradients_of_the_kernels_stay_close_to_fp32(name, least):
+@pytest.mark.parametrize('name', ['mmswin-v1', 'mmswin-v2'])
+def test_bf16_training_gradients_of_the_kernels_stay_close_to_fp32(name):
     """Swin-T's parameter gradients under CPU bf16 autocast, through the kernels, against fp32, per parameter at
-    1x3x224x320. PyTorch's own bf16 operators (``MMSWIN_BF16_MATMUL=native``, or mmdet's Swin) give the
-    layer norms' weight and bias gradients cosines down to 0.995 here (and 0.87 at 800x1216); the kernels sum
-    those in fp32. V2's lowest is a head's logit scale."""
+    1x3x224x320: 0.999 or closer. PyTorch's own bf16 operators (``MMSWIN_BF16_MATMUL=native``, or mmdet's Swin)
+    give the layer norms' weight and bias gradients cosines down to 0.975 here (and 0.87 at 800x1216); the
+    kernels sum those in fp32. The exception is V2's logit scales, a few sums each over every attention logit of
+    a block, which bf16 logits take to about 0.996 with PyTorch's operators as well as with the kernels."""
     benchmark = load_benchmark_tool()
     torch.manual_seed(0)
     model = benchmark.build_model(name, 7)
     benchmark.redraw_norm_weights(model)
     model.train()
     x = torch.randn(1, 3, 224, 320, generator=torch.Generator().manual_seed(1))
-    agreement = benchmark.gradient_cosine_to_fp32(model, x, 'bf16')
-    assert agreement['parameters'] == len(list(model.parameters()))
-    assert agreement['worst'] >= least, agreement
+    cosines = benchmark.gradient_cosines_to_fp32(model, x, 'bf16')
+    assert cosines.keys() == dict(model.named_parameters()).keys()
+    logit_scales = {k: v for k, v in cosines.items() if k.endswith('.attn.logit_scale')}
+    assert len(logit_scales) == (12 if name == 'mmswin-v2' else 0)
+    others = {k: v for k, v in cosines.items() if k not in logit_scales}
+    assert min(others.values()) >= 0.999, sorted(others.items(), key=lambda kv: kv[1])[:5]
+    assert all(v >= 0.99 for v in logit_scales.values()), logit_scales
 
 
 def test_compile_needs_a_warmup_round():
@@ -890,3 +895,97 @@ def test_flops_do_not_depend_on_earlier_forwards():
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert backbone_flops(model, 64, 64) == backbone_flops(model, 64, 64) == fresh
+
+
+def test_benchmark_rows_from_known_times(tmp_path, monkeypatch):
+    """Medians, ratios, FLOP rates and matmul shares of a report and its table, from timings given to the tool."""
+    benchmark = load_benchmark_tool()
+    times = {'mmswin-v1': [1.0, 2.0, 6.0], 'mmswin-v2': [2.0, 3.0, 3.0], 'mmdet-v1': [4.0, 4.0, 5.0]}
+    rates = {'fp32': 1e9, 'bf16': 2e9}
+    monkeypatch.setattr(benchmark, 'measure_group_in_worker', lambda *args: dict(
+        times=times, matmul_flops_per_s=rates, matmul_flops_per_s_before=rates, matmul_flops_per_s_after=rates))
+    monkeypatch.setattr(benchmark, 'matmul_rate', lambda device, precision: 1e9)
+    monkeypatch.setattr(benchmark, 'flops_of', lambda size, window, version: 100 * version)
+    report = benchmark.main(['--sizes', '1x3x32x32', '--models', 'mmswin-v1', 'mmswin-v2', 'mmdet-v1',
+                             '--precisions', 'bf16', '--modes', 'train', '--repeats', '3', '--no-memory',
+                             '--out', str(tmp_path / 'report.json')])
+    rows = {row['model']: row for row in report['results']}
+    for name, seconds in times.items():
+        median, flops = statistics.median(seconds), 2 * 100 * benchmark.version_of(name) * 3  # forward + backward
+        assert rows[name]['median_s'] == median and rows[name]['times_s'] == seconds
+        assert rows[name]['flops_per_s'] == pytest.approx(flops / median)
+        assert rows[name]['fraction_of_matmul'] == pytest.approx(flops / median / 2e9)
+        assert rows[name]['fraction_of_fp32_matmul'] == pytest.approx(flops / median / 1e9)
+    assert rows['mmswin-v1']['speedup_vs_mmdet-v1'] == pytest.approx(4.0 / 2.0)
+    assert rows['mmswin-v1']['round_speedups_vs_mmdet-v1'] == pytest.approx([4.0, 2.0, 5.0 / 6.0])
+    assert rows['mmswin-v2']['speedup_vs_mmdet-v1'] == pytest.approx(4.0 / 3.0)
+    assert rows['mmswin-v2']['slowdown_vs_mmswin-v1'] == pytest.approx(3.0 / 2.0)
+    assert 'speedup_vs_mmdet-v1' not in rows['mmdet-v1'] and 'slowdown_vs_mmswin-v1' not in rows['mmswin-v1']
+    table = load_benchmark_tool('benchmark_table').speed_table([report])
+    line = next(line for line in table if '| mmswin-v2 |' in line)
+    assert line.startswith('| 1x3x32x32 | bf16 | train | mmswin-v2 | 3000 ms |') and line.endswith('| 1.33x | 1.50x |')
+    line = next(line for line in table if '| mmswin-v1 |' in line)
+    assert line.endswith('| 2.00x |  |')
+
+
+def test_benchmark_cosine_compares_autocast_outputs_with_fp32_ones():
+    benchmark = load_benchmark_tool()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+    x = torch.randn(32, 64)
+    (cosine,) = benchmark.cosine_to_fp32(model, x, 'bf16')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        low = model(x)
+    expected = torch.nn.functional.cosine_similarity(model(x).double().flatten(), low.double().flatten(), dim=0)
+    assert cosine == pytest.approx(float(expected), abs=1e-12) and 0.99 < cosine < 1 - 1e-7
+
+
+def test_get_flops_backbone_options_reach_the_model():
+    """``--arch`` and ``--window-size`` build the backbone asked for: the published FLOPs of Swin-S at 224 and
+    SwinV2-T with window 16 at 256 (the default size of a V2 backbone)."""
+    get_flops = load_benchmark_tool('get_flops')
+    small = get_flops.main(['SwinTransformer', '--arch', 'small', '--json'])
+    assert small['input_shape'] == [1, 3, 224, 224] and small['flops'] / 1e9 == pytest.approx(8.7, abs=0.1)
+    classifier = 768 * 1000 + 1000  # the ImageNet head: with it Swin-S has the 50M parameters of Table 1
+    assert (small['params'] + classifier) / 1e6 == pytest.approx(50, abs=0.5)
+    v2 = get_flops.main(['SwinTransformerV2', '--window-size', '16', '--json'])
+    assert v2['input_shape'] == [1, 3, 256, 256] and v2['flops'] / 1e9 == pytest.approx(6.6, abs=0.1)
+
+
+def test_get_flops_whole_detector_and_default_sizes():
+    """A detection config counts the whole detector (more than backbone and neck, which are more than the
+    backbone), at 800x1216 unless told; a segmentation config at 512x512."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    from mmswin.analysis import count_flops
+    get_flops = load_benchmark_tool('get_flops')
+    det = ROOT / 'configs/demo/mask-rcnn_swin-demo_fpn_demo-shapes-128.py'
+    whole = get_flops.main([str(det), '--shape', '128', '--json'])
+    backbone = get_flops.main([str(det), '--shape', '128', '--json', '--backbone-only'])
+    model = MODELS.build(Config.fromfile(str(det)).model).eval()
+    with torch.no_grad():
+        features = count_flops(_ExtractFeat(model), (torch.zeros(1, 3, 128, 128),))
+    assert whole['flops'] > features > backbone['flops'] > 0
+    assert get_flops.main([str(det), '--json', '--backbone-only'])['input_shape'] == [1, 3, 800, 1216]
+    seg = ROOT / 'configs/demo/swin-demo_upernet_demo-shapes-128x128.py'
+    assert get_flops.main([str(seg), '--json', '--backbone-only'])['input_shape'] == [1, 3, 512, 512]
+
+
+class _ExtractFeat(torch.nn.Module):
+    def __init__(self, detector: torch.nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor):
+        return self.detector.extract_feat(x)
+
+
+def test_backbone_flops_leaves_the_model_in_its_mode():
+    model = SwinTransformer(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+    model.train()
+    backbone_flops(model, 64, 64)
+    assert all(module.training for module in model.modules())
+    model.eval()
+    backbone_flops(model, 64, 64)
+    assert not any(module.training for module in model.modules())

@@ -145,6 +145,22 @@ def test_write_failure_is_reported_and_leaves_no_temporary_file(tmp_path, capsys
     assert list(tmp_path.iterdir()) == []  # neither the file, its temporary, nor the folder made for it
 
 
+def test_verify_compares_the_converted_file_with_the_source(tmp_path, capsys, monkeypatch):
+    """A conversion that changed one weight is caught by the real verification, not only a faked one."""
+    convert = tool.convert_checkpoint
+
+    def one_weight_off(*args, **kwargs):
+        ckpt = convert(*args, **kwargs)
+        ckpt['state_dict']['layers.1.blocks.0.mlp.fc1.weight'] += 0.1
+        return ckpt
+
+    monkeypatch.setattr(tool, 'convert_checkpoint', one_weight_off)
+    dst = tmp_path / 'swin.pth'
+    assert tool.main([str(DATA / 'v1_official_cls.pth'), str(dst), '--verify']) == 1
+    assert 'gives different outputs (max abs difference ' in capsys.readouterr().err
+    assert not dst.exists()
+
+
 def test_failed_verification_writes_nothing_and_keeps_dst(tmp_path, capsys, monkeypatch):
     src = str(DATA / 'v1_official_cls.pth')
     seen = []

@@ -207,6 +207,8 @@ def test_cli_and_safety(tmp_path):
     assert stamp.stat().st_mtime_ns == before
     gen.ensure_demo_data(str(out), num_train=2, num_val=1, size=96, seed=5)
     assert gen.existing_settings(str(out))['num_train'] == 2
+    gen.ensure_demo_data(str(out), num_train=2, num_val=1, size=96, seed=6)
+    assert gen.existing_settings(str(out))['seed'] == 6
     # folders it did not write are never deleted
     foreign = tmp_path / 'foreign'
     (foreign / 'coco').mkdir(parents=True)
@@ -261,6 +263,10 @@ def test_run_demo_passes_overrides_to_its_workers(tmp_path):
     assert type(worker.det_cfg_options['train_dataloader.dataset.pipeline.2.scale']) is tuple  # mmcv's Resize
     seg = run_demo._worker_command('seg', args)
     assert '--cfg-literal' not in seg and '--det-iters' not in seg and seg[seg.index('--worker') + 1] == 'seg'
+    args = run_demo.parse_args(['--work-dir', str(tmp_path), '--seg-iters', '5', '--det-iters', '6'])
+    det, seg = (run_demo.parse_args(run_demo._worker_command(task, args)[2:]) for task in ('det', 'seg'))
+    assert (det.worker, det.det_iters, det.seg_iters) == ('det', 6, None)
+    assert (seg.worker, seg.seg_iters, seg.det_iters) == ('seg', 5, None)
 
 
 def test_run_demo_refuses_a_task_named_twice(capsys):

@@ -158,3 +158,83 @@ def test_rng_state_hook_keeps_validation_out_of_the_training_stream():
     hook.after_val(runner)
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(best[KEY]['torch'], before)
+
+
+def test_rng_state_hook_saves_and_restores_the_cuda_states(monkeypatch):
+    """Once CUDA is in use its generators' states are saved and, on as many devices, restored."""
+    from mmswin.engine.rng_state_hook import KEY, RNGStateHook
+
+    states, restored = [torch.arange(16, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: states)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', restored.append)
+    hook, checkpoint = RNGStateHook(), {}
+    hook.before_save_checkpoint(_runner_at(2), checkpoint)
+    assert checkpoint[KEY]['cuda'] == states
+    hook.after_load_checkpoint(_runner_at(2), checkpoint)
+    hook.before_train(_runner_at(2))
+    assert restored == [states]
+
+
+def test_rng_state_hook_restores_nothing_with_another_number_of_processes(monkeypatch):
+    """A checkpoint of 2 processes resumed by 1: the saved states belong to other processes' streams."""
+    from mmswin.engine.rng_state_hook import KEY, RNGStateHook
+
+    torch.manual_seed(0)
+    saved = torch.get_rng_state()
+    checkpoint = {KEY: dict(torch=saved, world_size=2, ranks=[dict(torch=saved), dict(torch=saved)])}
+    messages = _warnings(monkeypatch)
+    hook = RNGStateHook()
+    hook.after_load_checkpoint(_runner_at(2), checkpoint)
+    torch.manual_seed(1)
+    own = torch.get_rng_state()
+    hook.before_train(_runner_at(2))
+    assert torch.equal(torch.get_rng_state(), own)
+    assert [msg for _, msg in messages] == ['The checkpoint holds the random states of 2 processes and this run has '
+                                            '1 processes: the random state is not restored']
+
+
+def test_rng_state_hook_runs_before_the_checkpoint_hook():
+    """It gathers the processes' states in the same after_train_iter in which CheckpointHook saves them."""
+    from mmengine.hooks import CheckpointHook
+    from mmengine.runner.priority import get_priority
+
+    from mmswin.engine.rng_state_hook import RNGStateHook
+    assert get_priority(RNGStateHook.priority) < get_priority(CheckpointHook.priority)
+
+
+def test_rng_state_hook_gathers_the_processes_states_for_every_save(monkeypatch):
+    """Epoch- and iteration-based checkpoints, the last one (save_last) and best ones hold every process's state;
+    a save at another position than the last gathering holds none (they would be stale)."""
+    from mmengine.hooks import CheckpointHook
+
+    from mmswin.engine import rng_state_hook
+    monkeypatch.setattr(rng_state_hook, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(rng_state_hook, 'all_gather_object', lambda state: [state, dict(torch=torch.zeros(2))])
+
+    def ranks_saved(checkpoint_hook: CheckpointHook, iteration: int, epoch: int, event) -> bool:
+        hook, runner = rng_state_hook.RNGStateHook(), _runner_at(iteration, epoch, hooks=(checkpoint_hook,))
+        runner.max_epochs = 3
+        event(hook, runner)
+        checkpoint = {}
+        hook.before_save_checkpoint(runner, checkpoint)
+        return 'ranks' in checkpoint[rng_state_hook.KEY]
+
+    every_epoch = CheckpointHook(interval=1, by_epoch=True)
+    assert ranks_saved(every_epoch, 5, 0, lambda hook, runner: hook.after_train_epoch(runner))
+    last = CheckpointHook(interval=7, by_epoch=False, save_last=True)  # the 100th iteration is not a 7th
+    assert ranks_saved(last, 99, 0, lambda hook, runner: hook.after_train_iter(runner, batch_idx=99))
+    every_4 = CheckpointHook(interval=4, by_epoch=False)
+    assert ranks_saved(every_4, 3, 0, lambda hook, runner: hook.after_train_iter(runner, batch_idx=3))
+    assert not ranks_saved(every_4, 4, 0, lambda hook, runner: hook.after_train_iter(runner, batch_idx=4))
+    best = CheckpointHook(interval=4, by_epoch=False, save_best='auto')
+    assert ranks_saved(best, 5, 0, lambda hook, runner: hook.before_val(runner))
+
+    hook = rng_state_hook.RNGStateHook()
+    hook.after_train_iter(_runner_at(3, hooks=(every_4,)), batch_idx=3)  # gathered for a save at iteration 4
+    stale, fresh = {}, {}
+    hook.before_save_checkpoint(_runner_at(7), stale)
+    hook.before_save_checkpoint(_runner_at(3), fresh)
+    assert 'ranks' not in stale[rng_state_hook.KEY] and len(fresh[rng_state_hook.KEY]['ranks']) == 2

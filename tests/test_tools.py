@@ -1,6 +1,7 @@
 """tools/train.py and tools/test.py: the options of mmdet's and mmseg's tools, and clear argument errors."""
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mmengine.config import Config
@@ -77,6 +78,63 @@ def test_tta_wraps_the_model_and_replaces_the_test_pipeline():
     enable_test_time_augmentation(cfg)
     assert cfg.model.type == 'SegTTAModel' and cfg.model.module == model
     assert cfg.test_dataloader.dataset.pipeline == tta_pipeline
+
+
+def _configs_run(monkeypatch, module, loop: str) -> list:
+    """Stubs ``module.build_runner``: the configs it would have run ``loop`` with are appended to the list."""
+    built = []
+    monkeypatch.setenv('LOCAL_RANK', '0')  # the tools set it where a launcher has not
+    monkeypatch.setattr(module, 'build_runner',
+                        lambda cfg: built.append(cfg) or SimpleNamespace(**{loop: lambda: None}))
+    return built
+
+
+def test_train_options_reach_the_config(tmp_path, monkeypatch):
+    train = tool('train')
+    built = _configs_run(monkeypatch, train, 'train')
+    ckpt = tmp_path / 'iter_2.pth'
+    train.main([str(DET_CFG), '--work-dir', str(tmp_path / 'work'), '--resume', str(ckpt), '--amp',
+                '--auto-scale-lr', '--launcher', 'pytorch'])
+    train.main([str(DET_CFG), '--resume'])
+    train.main([str(DET_CFG)])
+    given, auto, plain = built
+    assert given.work_dir == str(tmp_path / 'work') and given.launcher == 'pytorch'
+    assert given.resume is True and given.load_from == str(ckpt)
+    assert given.optim_wrapper.type == 'AmpOptimWrapper' and given.optim_wrapper.loss_scale == 'dynamic'
+    assert given.auto_scale_lr == dict(base_batch_size=2, enable=True)
+    assert auto.resume is True and auto.load_from is None  # the latest checkpoint in the work dir
+    assert plain.work_dir == './work_dirs/mask-rcnn_swin-demo_fpn_demo-shapes-128' and plain.launcher == 'none'
+    assert not plain.get('resume') and plain.load_from is None
+    assert plain.optim_wrapper.type == 'OptimWrapper' and plain.auto_scale_lr.get('enable', False) is False
+
+
+@pytest.mark.parametrize('config,out', [(SEG_CFG, 'predictions'), (DET_CFG, 'predictions.pkl')])
+def test_test_options_reach_the_config(tmp_path, monkeypatch, config, out):
+    """``--out`` as mmdet's and mmseg's test.py: segmentation keeps its result maps in the folder, detection
+    adds mmdet's DumpDetResults; ``--show`` shows each picture for ``--wait-time`` seconds."""
+    test = tool('test')
+    built = _configs_run(monkeypatch, test, 'test')
+    ckpt = tmp_path / 'iter_4.pth'
+    ckpt.write_bytes(b'')
+    test.main([str(config), str(ckpt), '--out', out, '--show', '--wait-time', '5'])
+    (cfg,) = built
+    assert cfg.load_from == str(ckpt)
+    assert cfg.default_hooks.visualization.show is True and cfg.default_hooks.visualization.wait_time == 5
+    if config == SEG_CFG:
+        assert cfg.test_evaluator.output_dir == out and cfg.test_evaluator.keep_results is True
+    else:
+        assert cfg.test_evaluator[0].type == 'CocoMetric'
+        assert cfg.test_evaluator[1:] == [dict(type='DumpDetResults', out_file_path=out)]
+
+
+def test_tta_reaches_the_dataset_inside_wrappers():
+    cfg = prepare_config(Config.fromfile(str(SEG_CFG)), str(SEG_CFG))
+    inner = dict(cfg.test_dataloader.dataset, batch_shapes_cfg=dict(size=64))
+    cfg.test_dataloader.dataset = dict(type='RepeatDataset', times=2, dataset=inner)
+    enable_test_time_augmentation(cfg)
+    inner = cfg.test_dataloader.dataset.dataset
+    assert inner.pipeline == cfg.tta_pipeline and inner.batch_shapes_cfg is None
+    assert cfg.test_dataloader.dataset.type == 'RepeatDataset'
 
 
 def test_runner_type_is_built(tmp_path, monkeypatch):

@@ -592,19 +592,24 @@ def training_gradients(model: torch.nn.Module, x: torch.Tensor, precision: str,
     return grads
 
 
-def gradient_cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> dict:
+def gradient_cosines_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> Dict[str, float]:
     """How close the parameters' gradients of a ``precision`` autocast training step are to the fp32 step's,
     from the same output gradients (random, bf16 values): per parameter with a non-zero fp32 gradient, the
-    cosine similarity of the two, in float64. Gives the lowest with its parameter, the median, and how many
-    parameters fall under 0.999. ``model`` is in training mode, without stochastic depth."""
+    cosine similarity of the two, in float64. ``model`` is in training mode, without stochastic depth."""
     with torch.no_grad():
         shapes = [o.shape for o in _outputs(model, x)]
     generator = torch.Generator().manual_seed(2)
     out_grads = [torch.randn(s, generator=generator).bfloat16().float().to(x.device) for s in shapes]
     ref = training_gradients(model, x, 'fp32', out_grads)
     low = training_gradients(model, x, precision, out_grads)
-    cosines = {name: float(F.cosine_similarity(low[name].double().flatten(), g.double().flatten(), dim=0))
-               for name, g in ref.items() if bool(g.any()) and name in low}
+    return {name: float(F.cosine_similarity(low[name].double().flatten(), g.double().flatten(), dim=0))
+            for name, g in ref.items() if bool(g.any()) and name in low}
+
+
+def gradient_cosine_to_fp32(model: torch.nn.Module, x: torch.Tensor, precision: str) -> dict:
+    """:func:`gradient_cosines_to_fp32` summed up: the lowest cosine with its parameter, the median, and how many
+    parameters fall under 0.999."""
+    cosines = gradient_cosines_to_fp32(model, x, precision)
     worst = min(cosines, key=cosines.get)
     return dict(worst=cosines[worst], worst_parameter=worst, median=statistics.median(cosines.values()),
                 parameters=len(cosines), below_0_999=sum(c < 0.999 for c in cosines.values()))
