@@ -41,7 +41,8 @@ def test_inference_attention_is_fused(cls, batch):
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 def test_cpu_training_attention_avoids_the_math_kernel(cls):
     """With gradients SDPA's CPU kernel for an additive mask is its math fallback (slower than the plain
-    matmul/softmax path, which training takes there); the outputs are the fused inference ones."""
+    matmul/softmax path, which training takes there); the outputs are the fused inference ones, to the rounding
+    of two fp32 softmax implementations carried through six blocks (up to 1.2e-5 on one CPU)."""
     torch.manual_seed(0)
     model = with_visible_bias(cls(**TINY, window_size=4)).train()
     x = torch.randn(2, 3, 70, 90)
@@ -51,7 +52,7 @@ def test_cpu_training_attention_avoids_the_math_kernel(cls):
     assert FUSED not in names and MATH not in names
     with torch.no_grad():
         for a, b in zip(outs, model(x)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5)
 
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])

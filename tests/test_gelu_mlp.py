@@ -18,9 +18,14 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels.kernels_available(),
 
 
 def run(mlp: Mlp, x: torch.Tensor, grad: torch.Tensor, layer_by_layer: bool, dtype=None):
+    """The MLP's output and gradients, fused or layer by layer (each layer's product as the backbones take it,
+    the fp32 kernels' with ``MMSWIN_BF16_MATMUL=fp32``)."""
     x = x.clone().requires_grad_()
     with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        out = mlp.fc2(mlp.act(mlp.fc1(x))) if layer_by_layer else mlp(x)
+        if layer_by_layer:
+            out = layers.call_linear(mlp.fc2, mlp.act(layers.call_linear(mlp.fc1, x)))
+        else:
+            out = mlp(x)
     out.backward(grad.to(out.dtype))
     return out, x.grad, [p.grad for p in mlp.parameters()]
 

@@ -104,7 +104,11 @@ def test_dropped_branches_are_skipped_with_the_plain_values(cls, batch, autocast
             inexact = set() if not autocast or cpu_kernels.use_kernels() else norm_parameters(model)
             for name, grad in skipping[2].items():  # to the rounding of the largest entry
                 if name not in inexact:
-                    assert (grad - plain[2][name]).abs().max() <= 1e-5 * plain[2][name].abs().max(), name
+                    ref = plain[2][name]
+                    tolerance = 1e-5 * ref.abs().max()
+                    if autocast:  # the bf16 weight's gradient: the two sums may round to neighbouring bf16 values
+                        tolerance = torch.maximum(tolerance, ref.abs() * 2 ** -7)
+                    assert ((grad - ref).abs() <= tolerance).all(), name
     # the seeds above met all three cases: branches kept whole, dropped whole and (batch 3) dropped in part
     counts = {k for seed in range(3) for k in kept_per_branch(model, batch, seed)}
     assert {0, batch} <= counts and (batch == 1 or counts - {0, batch})
