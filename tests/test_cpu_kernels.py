@@ -75,9 +75,13 @@ def inputs(bw: int, heads: int, n: int, d: int, nw, cosine: bool, seed: int = 0)
 
 
 # (windows, heads, tokens, head width, mask windows): Swin's 7x7 windows at three head counts, two images
-# sharing a mask, V2's 12x12 and 16x16 windows, odd token counts, and head widths of 16 to 64.
+# sharing a mask, V2's 12x12 and 16x16 windows, odd token counts, and head widths of 16 to 64. The token counts
+# leave every remainder of the kernels' steps (4 and 2 query rows, 16-lane vectors; windows over 64 tokens take
+# another softmax): 1, 5, 6, 7, 10, 17, 30, 49, 81 and 100 as well as 64, 144 and 256.
 SHAPES = [(83, 3, 49, 32, 83), (12, 6, 49, 32, None), (24, 12, 49, 32, 12), (4, 2, 144, 32, 2),
-          (2, 2, 256, 32, None), (3, 1, 5, 16, None), (2, 2, 64, 64, 1), (4, 3, 17, 48, 2), (2, 1, 1, 16, None)]
+          (2, 2, 256, 32, None), (3, 1, 5, 16, None), (2, 2, 64, 64, 1), (4, 3, 17, 48, 2), (2, 1, 1, 16, None),
+          (4, 2, 100, 32, 2), (2, 1, 81, 16, None), (3, 2, 6, 16, None), (4, 2, 7, 16, 2), (2, 1, 10, 32, None),
+          (2, 2, 30, 16, 1)]
 
 
 @needs_kernels
@@ -494,8 +498,9 @@ def test_layer_norm_takes_the_kernels_for_bf16_only(monkeypatch):
 @pytest.mark.parametrize('wanted', ['all', 'x', 'params'])
 def test_layer_norm_gradients_are_the_exact_ones_to_bf16(rows, channels, wanted):
     """The backward of the kernels' layer norm against the fp64 gradients of the same bf16 values: the
-    input's within bf16's rounding, the weight's and bias's (fp32 sums over all rows) to 1e-5 relative,
-    where PyTorch's bf16 backward loses several percent over ten thousand rows."""
+    input's within half a bf16 ulp (rounded once, to nearest, from fp32 sums), the weight's and bias's (fp32
+    sums over all rows) to 1e-5 relative, where PyTorch's bf16 backward loses several percent over ten thousand
+    rows."""
     torch.manual_seed(0)
     norm = LayerNorm(channels)
     with torch.no_grad():
@@ -513,7 +518,8 @@ def test_layer_norm_gradients_are_the_exact_ones_to_bf16(rows, channels, wanted)
     if wanted != 'params':
         assert x.grad.dtype == torch.bfloat16 and x.grad.shape == x.shape
         scale = x64.grad.abs().max()
-        assert ((x.grad.double() - x64.grad).abs() <= bf16_ulp(x64.grad.abs().float()).double() + 1e-6 * scale).all()
+        ulp = bf16_ulp(x64.grad.abs().float()).double()
+        assert ((x.grad.double() - x64.grad).abs() <= ulp / 2 + 1e-6 * scale).all()
     else:
         assert x.grad is None
     if wanted != 'x':

@@ -55,6 +55,22 @@ def test_bf16_autocast_values_and_gradients(bf16_matmul, monkeypatch):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@needs_kernels
+def test_bf16_tanh_gelu_is_never_the_kernels_exact_one(monkeypatch):
+    """The kernels' one-call forward computes the exact GELU: a tanh-GELU MLP in bf16 training, with enough
+    chunks for every thread to take whole ones, gives the values of the chunk-by-chunk pass."""
+    monkeypatch.setattr(layers, 'MLP_CHUNK_ELEMENTS', 8 * 64)  # chunks of 8 tokens: 75 of them
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64, act_cfg=dict(type='GELU', approximate='tanh'))
+    x, grad = torch.randn(3, 200, 16), torch.randn(3, 200, 16)
+    assert cpu_kernels.threads_share(75)
+    shared = run(mlp, x, grad, layer_by_layer=False, dtype=torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, 'threads_share', lambda chunks: False)
+    chunked = run(copy.deepcopy(mlp), x, grad, layer_by_layer=False, dtype=torch.bfloat16)
+    for a, b in zip([shared[0], shared[1], *shared[2]], [chunked[0], chunked[1], *chunked[2]], strict=True):
+        assert torch.equal(a, b)
+
+
 def saved_activations(mlp: Mlp, x: torch.Tensor) -> list:
     """The tensors autograd keeps for the backward of ``mlp(x)``, parameters left out."""
     params = {p.data_ptr() for p in mlp.parameters()}

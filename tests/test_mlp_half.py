@@ -97,17 +97,34 @@ def test_the_pass_gives_the_values_of_the_separate_passes(n, post_norm, affine, 
 
 
 @needs_kernels
+@pytest.mark.parametrize('post_norm', [False, True])
 @pytest.mark.parametrize('frozen', ['x', 'norm', 'fc1', 'fc2'])
-def test_the_backward_gives_only_what_is_needed(frozen, small_chunks):
+def test_the_backward_gives_only_what_is_needed(frozen, post_norm, small_chunks):
+    """With the input or a layer frozen, the pass leaves out exactly those gradients and gives the others the
+    values of the separate passes (as :func:`test_the_pass_gives_the_values_of_the_separate_passes` compares
+    them): a frozen input, as under a frozen stage, must not cost the norm its gradients."""
     norm, mlp = modules()
-    x = torch.randn(1, 150, C).bfloat16().requires_grad_(frozen != 'x')
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 150, C, generator=g).bfloat16().requires_grad_(frozen != 'x')
+    grad = torch.randn(1, 150, C, generator=g).bfloat16()
     for name, module in (('norm', norm), ('fc1', mlp.fc1), ('fc2', mlp.fc2)):
         module.requires_grad_(name != frozen)
-    fused = half(norm, mlp, x, torch.randn(1, 150, C).bfloat16(), False, fused=True)
-    apart = half(copy.deepcopy(norm), copy.deepcopy(mlp), x, torch.randn(1, 150, C).bfloat16(), False, fused=False)
+    fused = half(norm, mlp, x, grad, post_norm, fused=True)
+    apart = half(copy.deepcopy(norm), copy.deepcopy(mlp), x, grad, post_norm, fused=False)
     assert (fused[1] is None) == (apart[1] is None) == (frozen == 'x')
+    assert frozen == 'x' or torch.equal(fused[1], apart[1])
     assert [g is None for g in fused[2]] == [g is None for g in apart[2]]
     assert sum(g is None for g in fused[2]) == (0 if frozen == 'x' else 2)
+    names = ['norm.weight', 'norm.bias', 'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
+    for name, ours, theirs in zip(names, fused[2], apart[2]):
+        if ours is None:
+            continue
+        if name.startswith('norm'):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        elif name == 'fc2.bias':  # an fp32 sum against the separate passes' bf16 one
+            torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=2e-3 * theirs.abs().max().item())
+        else:
+            assert torch.equal(ours, theirs), name
 
 
 class Half(nn.Module):
