@@ -70,7 +70,7 @@ def strip_prefix(sd: Mapping[str, torch.Tensor],
                  prefix: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Removes ``module.`` and a backbone prefix: ``prefix`` when given (as the keys spell it, with or without
     their ``module.``), else ``backbone.`` when the dict is a whole detector/segmentor (has keys under it).
-    Returns the stripped dict and the keys outside the prefix (necks, heads).
+    Returns the stripped dict and the keys outside the prefix (necks, heads), as the file spells them.
 
     Raises:
         ValueError: No key starts with ``prefix``.
@@ -81,7 +81,8 @@ def strip_prefix(sd: Mapping[str, torch.Tensor],
         if any(k.startswith(prefix) for k in sd):  # e.g. 'module.backbone.' as the file has it
             return ({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)},
                     [k for k in sd if not k.startswith(prefix)])
-    unwrapped = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    spelt = {k[len('module.'):] if k.startswith('module.') else k: k for k in sd}  # unwrapped -> as in the file
+    unwrapped = {k: sd[key] for k, key in spelt.items()}
     if prefix is None and any(k.startswith('backbone.') for k in unwrapped):
         prefix = 'backbone.'
     if not prefix:
@@ -91,7 +92,7 @@ def strip_prefix(sd: Mapping[str, torch.Tensor],
         shown = ', '.join(keys[:5]) + (f', ... ({len(keys)} in all)' if len(keys) > 5 else '')
         raise ValueError(f'no key starts with the prefix {given!r} (first keys: {shown or "none"})')
     return ({k[len(prefix):]: v for k, v in unwrapped.items() if k.startswith(prefix)},
-            [k for k in unwrapped if not k.startswith(prefix)])
+            [spelt[k] for k in unwrapped if not k.startswith(prefix)])
 
 
 def detect_format(sd: Mapping[str, torch.Tensor], meta: Optional[dict] = None) -> Tuple[str, int]:
