@@ -260,6 +260,26 @@ def test_gradients_of_zero_keys_are_f_normalizes():
 
 @needs_kernels
 @pytest.mark.parametrize('cosine', [False, True])
+def test_weights_below_fp32s_normal_numbers_are_zero(cosine):
+    """A softmax weight under fp32's smallest normal number (2^-126 of its row's largest), as at the shift
+    mask's -100, is 0 in the forward and the backward, never a denormal (Intel's CPUs take a microcode assist
+    for each instruction that makes or reads one): the bias gradient is exactly 0 where every window masks
+    the position, and neither the output nor a gradient holds a denormal."""
+    qkv, bias, mask, scale = inputs(12, 3, 49, 32, 1, cosine)
+    scale = scale.clamp(max=4.0)  # V2's logits stay within a few units of each other: e^-100 underflows
+    grad = torch.randn(12, 49, 96, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x, b, s = qkv.clone().requires_grad_(), bias.clone().requires_grad_(), scale.clone().requires_grad_()
+    out = fused_attention.window_attention(x, 3, b, mask, s, cosine)
+    out.backward(grad)
+    masked = (mask[0] == -100).expand(3, 49, 49)
+    assert masked.sum() > 1000 and not b.grad[masked].any() and b.grad[~masked].all()
+    tiny = torch.finfo(torch.float32).tiny
+    for t in (out, x.grad, b.grad, s.grad if cosine else b.grad):
+        assert not ((t.float().abs() < tiny) & (t != 0)).any()
+
+
+@needs_kernels
+@pytest.mark.parametrize('cosine', [False, True])
 def test_gradient_sums_do_not_depend_on_the_threads(cosine):
     """The bias and scale gradients are sums over windows in a fixed order: the same bits on one thread
     and on several, as every other gradient."""

@@ -26,9 +26,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNormEps = 1e-12f;  // F.normalize's, as in the official V2
 
 // 2^t in fp32: t = n + f with |f| <= 1/2, 2^f = exp(f ln2) by its Taylor polynomial to degree 6 (relative
-// error below 2e-7), times 2^n by scalef. t is clamped at -200, where 2^t is 0 in fp32 (also for -inf).
+// error below 2e-7), times 2^n by scalef. Below fp32's smallest normal number (t < -126, -inf, NaN) it is 0,
+// never a denormal: Intel's CPUs take a microcode assist for each instruction that makes or reads one (the
+// padded lanes of a 7x7 window's softmax, -inf, made the attention kernels 1.6x slower there), and the bf16
+// conversions and products that read the weights count a denormal as zero anyway.
 MMSWIN_AVX512_BF16 inline __m512 exp2_ps(__m512 t) {
-  t = _mm512_max_ps(t, _mm512_set1_ps(-200.0f));
+  const __m512 smallest = _mm512_set1_ps(-126.0f);
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, smallest, _CMP_GE_OQ);
+  t = _mm512_max_ps(t, smallest);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^6 / 6!
@@ -38,7 +43,7 @@ MMSWIN_AVX512_BF16 inline __m512 exp2_ps(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));  // 2^-126 <= p 2^n where t >= -126
 }
 
 MMSWIN_AVX512_BF16 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
