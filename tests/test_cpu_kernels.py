@@ -102,6 +102,47 @@ def test_equals_the_fp32_attention_to_bf16_rounding(shape, cosine):
     assert (out.float() - ref).norm() <= (plain.float() - ref).norm()
 
 
+def cpu_flags() -> set:
+    """The CPU's flags as Linux lists them."""
+    with open('/proc/cpuinfo') as f:
+        return next((set(line.split(':', 1)[1].split()) for line in f if line.startswith('flags')), set())
+
+
+@needs_kernels
+def test_amx_tiles_are_used_where_the_cpu_has_them(monkeypatch):
+    """On Linux with AMX-BF16 the kernels multiply on the tiles (so that a build without them cannot hide
+    behind the skips below), unless MMSWIN_AMX is 0; elsewhere never."""
+    kernels = cpu_kernels.kernels()
+    if sys.platform.startswith('linux'):
+        assert kernels.amx_available() == ({'amx_tile', 'amx_bf16'} <= cpu_flags())
+    monkeypatch.delenv('MMSWIN_AMX', raising=False)
+    assert kernels.use_amx() == kernels.amx_available()
+    monkeypatch.setenv('MMSWIN_AMX', '0')
+    assert not kernels.use_amx()
+
+
+@needs_kernels
+@pytest.mark.parametrize('cosine', [False, True])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_attention_on_amx_tiles_is_that_of_the_instructions_to_bf16_rounding(shape, cosine, monkeypatch):
+    """The inference's attention on AMX tiles, which sum the products in another order than AVX512-BF16's
+    instructions: within the same bound of the fp32 attention, within two bf16 roundings of the
+    instructions' outputs, and as close to the fp32 attention overall."""
+    if not cpu_kernels.kernels().amx_available():
+        pytest.skip('this CPU has no AMX tiles')
+    bw, heads, n, d, nw = shape
+    qkv, bias, mask, scale = inputs(bw, heads, n, d, nw, cosine)
+    monkeypatch.delenv('MMSWIN_AMX', raising=False)
+    tiles = fused_attention.window_attention(qkv, heads, bias, mask, scale, cosine).float()
+    monkeypatch.setenv('MMSWIN_AMX', '0')
+    plain = fused_attention.window_attention(qkv, heads, bias, mask, scale, cosine).float()
+    ref = fp32_attention(qkv, heads, bias, mask, scale, cosine)
+    v_max = qkv.float().view(bw, n, 3, -1)[:, :, 2].abs().max()
+    assert ((tiles - ref).abs() <= 2 ** -9 * ref.abs() + 2 ** -9 * v_max + 1e-6).all()
+    assert ((tiles - plain).abs() <= 2 ** -8 * plain.abs() + 2 ** -8 * v_max + 1e-6).all()
+    assert (tiles - ref).norm() <= 1.05 * (plain - ref).norm()
+
+
 @needs_kernels
 def test_cosine_attention_of_zero_keys_is_f_normalize():
     """V2's padding tokens project to zero keys (k has no bias): F.normalize leaves them zero, so are
@@ -216,7 +257,7 @@ def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
 @needs_kernels
 @pytest.mark.parametrize('cosine', [False, True])
 @pytest.mark.parametrize('shape', SHAPES)
-def test_gradients_equal_the_fp64_ones_to_bf16_rounding(shape, cosine):
+def test_gradients_equal_the_fp64_ones_to_bf16_rounding(shape, cosine, monkeypatch):
     """The backward's gradients against the fp64 gradients of the same inputs: those of q, k and v (bf16)
     within bf16's rounding (0.24 % relative at 49 tokens, where PyTorch's bf16 operators are 0.55 % off,
     and 1.5 % for V2), those of the position bias and V2's logit scales (fp32 sums of fp32 terms) to
@@ -226,6 +267,7 @@ def test_gradients_equal_the_fp64_ones_to_bf16_rounding(shape, cosine):
     grad = torch.randn(bw, n, heads * d, generator=torch.Generator().manual_seed(1)).bfloat16()
     x, b, s = qkv.clone().requires_grad_(), bias.clone().requires_grad_(), scale.clone().requires_grad_()
     out = fused_attention.window_attention(x, heads, b, mask, s, cosine)
+    monkeypatch.setenv('MMSWIN_AMX', '0')  # the inference's outputs without AMX tiles: those of training
     assert torch.equal(out, fused_attention.window_attention(qkv, heads, bias, mask, scale, cosine))
     out.backward(grad)
     assert x.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32 and x.grad.shape == qkv.shape
@@ -825,10 +867,12 @@ def rows_attention_inputs(batch: int, windows: int, n: int, heads: int, d: int, 
 @pytest.mark.parametrize('cosine', [False, True])
 @pytest.mark.parametrize('masked', [False, True])
 @pytest.mark.parametrize('in_order', [False, True])
-def test_window_attention_rows_is_that_of_the_padded_windows(batch, windows, n, heads, d, cosine, masked, in_order):
+def test_window_attention_rows_is_that_of_the_padded_windows(batch, windows, n, heads, d, cosine, masked, in_order,
+                                                            monkeypatch):
     """The attention of windows given by their real tokens' rows and the projection of padding, against the
     window attention of every position (whose padding positions get no output gradient): the outputs
-    (inference and training) and lse of the real tokens in their rows, the gradients of their q, k and v,
+    (inference, on AMX tiles where the CPU has them, and training) and lse of the real tokens in their rows,
+    without the tiles the inference's outputs those of training, the gradients of their q, k and v,
     of the bias and of the scales bit for bit; the gradient of pad is the fp32 sum of the padding
     positions' k and v gradients (zero for q). In shuffled rows every window is gathered; in window order
     the full windows are read and written in place."""
@@ -843,6 +887,10 @@ def test_window_attention_rows_is_that_of_the_padded_windows(batch, windows, n, 
     order = slots[real]
     out, lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, mask, scale, cosine)
     assert out.shape == (batch, qkv.shape[1], heads * d)
+    infer = kernels.window_attention_rows(qkv, slots, pad, heads, bias, mask, scale, cosine)
+    full_infer = kernels.window_attention(every, heads, bias, mask, scale, cosine)
+    assert torch.equal(infer[:, order], full_infer.view(batch, windows * n, -1)[:, real])
+    monkeypatch.setenv('MMSWIN_AMX', '0')
     assert torch.equal(kernels.window_attention_rows(qkv, slots, pad, heads, bias, mask, scale, cosine), out)
     into = torch.full_like(out, float('nan'))  # the outputs written into a given tensor, every row of it
     into_out, into_lse = kernels.window_attention_rows_with_lse(qkv, slots, pad, heads, bias, mask, scale, cosine, into)

@@ -12,12 +12,23 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MMSWIN_X86 1
 #define MMSWIN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define MMSWIN_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#endif
 #endif
 
 namespace mmswin {
 
 // Whether this CPU runs the kernels (x86 with AVX512-BF16).
 bool kernels_available();
+
+// Whether the kernels can multiply on AMX tiles here: built with them, a CPU with AMX-BF16 and an operating system
+// that lets this process use them.
+bool amx_available();
+
+// Whether the inference's window attention multiplies on AMX tiles: where they are available, unless the
+// environment variable MMSWIN_AMX is 0.
+bool use_amx();
 
 // Whether t is a contiguous CPU tensor of dtype: what every kernel reads and writes.
 bool is_cpu_contiguous(const at::Tensor& t, at::ScalarType dtype);

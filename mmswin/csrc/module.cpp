@@ -5,6 +5,15 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdlib>
+#include <string>
+
+#ifdef MMSWIN_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace mmswin {
 
 bool kernels_available() {
@@ -19,6 +28,27 @@ bool kernels_available() {
 #else
   return false;
 #endif
+}
+
+bool amx_available() {
+#ifdef MMSWIN_AMX
+  static const bool ok = [] {
+    unsigned int a = 0, b = 0, c = 0, d = 0;
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; Linux then grants the tiles' state on request
+    // (arch_prctl ARCH_REQ_XCOMP_PERM, 0x1023, for XFEATURE_XTILEDATA, 18).
+    if (!kernels_available() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24)))
+      return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool use_amx() {
+  const char* setting = std::getenv("MMSWIN_AMX");
+  return amx_available() && !(setting != nullptr && std::string(setting) == "0");
 }
 
 bool is_cpu_contiguous(const at::Tensor& t, at::ScalarType dtype) {
@@ -85,6 +115,10 @@ at::Tensor sum_in_order(const std::vector<at::Tensor>& parts) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmswin's fused CPU kernels for bf16";
   m.def("available", &mmswin::kernels_available, "Whether this CPU runs the kernels (x86 with AVX512-BF16)");
+  m.def("amx_available", &mmswin::amx_available,
+        "Whether the kernels can multiply on AMX tiles here (AMX-BF16, granted by the operating system)");
+  m.def("use_amx", &mmswin::use_amx,
+        "Whether the inference's window attention multiplies on AMX tiles (available, and MMSWIN_AMX is not 0)");
   m.def("window_attention", &mmswin::window_attention,
         "Window attention from the qkv projection (bf16, CPU inference)", py::arg("qkv"), py::arg("heads"),
         py::arg("bias"), py::arg("mask"), py::arg("scale"), py::arg("cosine"));

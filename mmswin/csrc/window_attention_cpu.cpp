@@ -1,7 +1,10 @@
 // Fused window attention for CPU bf16 (inference, and the forward of training): per window and head, the
 // logits of q k^T, their softmax and the weighted sum of v, the logits and weights kept in registers and a
 // few cache lines (no (B*nW, nH, N, N) tensor), the products taken with the AVX512-BF16 dot-product
-// instruction and fp32 accumulation, the logits kept in fp32 up to the softmax.
+// instruction and fp32 accumulation, the logits kept in fp32 up to the softmax. In inference, on CPUs with AMX
+// (Intel's tile matrix multiply, see use_amx), both products run on its tiles, 16 query rows at a time: they sum
+// in another order, so the outputs may differ from training's forward by bf16 roundings (without the tiles they
+// are the same bits).
 //
 // It reads q, k and v straight from the qkv projection, qkv (B*nW, N, 3C) bf16 with C = nH * d, and writes
 // (B*nW, N, C) bf16, the layout the output projection reads. The logits are
@@ -43,16 +46,23 @@ using namespace mmswin::simd;
 // (fp32), weights (bf16, unnormalised) and their sums' reciprocals.
 // window_attention_rows also gathers the window's tokens (N, 3d) of the head and its query positions, and
 // keeps their outputs (N, d) until they are written to their rows.
+//
+// With AMX tiles (tiles true) the products read whole tiles: the queries' and keys' d pads to dt (a multiple of
+// 32) and the weights' and values' N to nt (a multiple of 32) with zeros, the queries are npad rows, and the logits,
+// weights and sums hold a tile's 16 rows, whose products accumulate in `products` (16 rows of d).
 struct Scratch {
+  int64_t dt, nt;  // the queries' row length and the weights' (d and npad without tiles)
   std::vector<uint32_t> keys, values;
-  std::vector<float> key_scales, logits, inv_sums;
+  std::vector<float> key_scales, logits, inv_sums, products;
   std::vector<uint16_t> queries, weights, tokens, outputs;
   std::vector<int64_t> positions;
   std::vector<float> lse;
-  Scratch(int64_t n, int64_t npad, int64_t d, int64_t rows, bool gathered = false)
-      : keys(d / 2 * npad), values((n + 1) / 2 * d), key_scales(npad), logits(rows * npad),
-        inv_sums(rows), queries(n * d), weights(rows * npad), tokens(gathered ? n * 3 * d : 0),
-        outputs(gathered ? n * d : 0), positions(gathered ? n : 0), lse(gathered ? n : 0) {}
+  Scratch(int64_t n, int64_t npad, int64_t d, int64_t rows, bool gathered = false, bool tiles = false)
+      : dt(tiles ? (d + 31) / 32 * 32 : d), nt(tiles ? (npad + 31) / 32 * 32 : npad), keys(dt / 2 * npad),
+        values((tiles ? nt : n + 1) / 2 * d), key_scales(npad), logits((tiles ? 16 : rows) * npad),
+        inv_sums(tiles ? 16 : rows), products(tiles ? 16 * d : 0), queries((tiles ? npad : n) * dt),
+        weights((tiles ? 16 : rows) * nt), tokens(gathered ? n * 3 * d : 0), outputs(gathered ? n * d : 0),
+        positions(gathered ? n : 0), lse(gathered ? n : 0) {}
 };
 
 constexpr int kRows = 4;  // query rows per register block
@@ -134,17 +144,19 @@ MMSWIN_AVX512_BF16 __attribute__((always_inline)) inline __m512 logit_vector(con
 }
 
 // The end of row i0 + r's softmax from the fp32 sum of its weights: the sum's reciprocal, and its lse.
-MMSWIN_AVX512_BF16 inline void finish_row(const Head& h, int64_t i0, int r, __m512 shift, __m512 sum, Scratch& s) {
+MMSWIN_AVX512_BF16 inline void finish_row(const Head& h, int64_t i0, int r, __m512 shift, __m512 sum, Scratch& s,
+                                          int64_t at = 0) {
   const float total = _mm512_reduce_add_ps(sum);
-  s.inv_sums[r] = 1.0f / total;
+  s.inv_sums[at + r] = 1.0f / total;
   if (h.lse != nullptr) h.lse[(i0 + r) * h.lse_stride] = _mm512_cvtss_f32(shift) + std::log2(total);
 }
 
-// The softmax of R rows of logits (fp32, in the scratch): the logit vectors, exponentiated relative to each
-// row's maximum into bf16 weights (0 from lane N on), and the reciprocals of their fp32 sums. The rows are
-// interleaved: each one's reductions are a chain of dependent steps that the CPU overlaps with the others'.
+// The softmax of R rows of logits (fp32, in the scratch from its row `at`): the logit vectors, exponentiated
+// relative to each row's maximum into bf16 weights (0 from lane N on; rows s.nt apart), and the reciprocals of
+// their fp32 sums. The rows are interleaved: each one's reductions are a chain of dependent steps that the CPU
+// overlaps with the others'.
 template <int R>
-MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
+MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s, int64_t at = 0) {
   const int64_t vecs = h.npad / 16;
   __m512 scale[R], top[R], sum[R];
   const float* bias[R];
@@ -156,7 +168,7 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
   }
   for (int64_t t = 0; t < vecs; ++t) {
     for (int r = 0; r < R; ++r) {
-      float* logits = s.logits.data() + r * h.npad + t * 16;
+      float* logits = s.logits.data() + (at + r) * h.npad + t * 16;
       const __m512 x = logit_vector(h, s, _mm512_loadu_ps(logits), scale[r], bias[r], mask[r], t,
                                     first_lanes(h.n - t * 16));
       _mm512_storeu_ps(logits, x);
@@ -168,13 +180,13 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s) {
   for (int r = 0; r < R; ++r) shift[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]) * kLog2e);
   for (int64_t t = 0; t < vecs; ++t) {
     for (int r = 0; r < R; ++r) {
-      const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s.logits.data() + r * h.npad + t * 16), log2e,
-                                               shift[r]));
+      const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s.logits.data() + (at + r) * h.npad + t * 16),
+                                               log2e, shift[r]));
       sum[r] = _mm512_add_ps(sum[r], e);
-      store_bf16(s.weights.data() + r * h.npad + t * 16, e);
+      store_bf16(s.weights.data() + (at + r) * s.nt + t * 16, e);
     }
   }
-  for (int r = 0; r < R; ++r) finish_row(h, i0, r, shift[r], sum[r], s);
+  for (int r = 0; r < R; ++r) finish_row(h, i0, r, shift[r], sum[r], s, at);
 }
 
 // q k^T and softmax_rows of R rows of windows of at most 16 V tokens, the logits kept in registers from the
@@ -271,11 +283,129 @@ MMSWIN_AVX512_BF16 void attend_head(const Head& head, const uint16_t* k, const u
   }
 }
 
+#ifdef MMSWIN_AMX
+
+// AMX's tile configuration (palette 1): eight tiles of 16 rows of 64 bytes. Tiles 0-3 accumulate 16 x 16 fp32
+// products, tile 4 holds 16 rows of 32 bf16 of the left operand, tiles 5 and 6 16 pairs of rows of the right one.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+
+MMSWIN_AMX void configure_tiles() {
+  TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// out[:, g*16 : (g+1)*16] = a @ b[:, (g0+g)*16 : (g0+g+1)*16] for g < G: 16 rows of a (bf16, a_stride values apart,
+// `chunks` chunks of 32 along the reduction axis) times b packed as pairs of rows (words, b_stride words apart, 16
+// pairs per chunk), into fp32 out (out_stride floats apart).
+template <int G>
+MMSWIN_AMX void tile_products(const uint16_t* a, int64_t a_stride, const uint32_t* b, int64_t b_stride, int64_t g0,
+                              int64_t chunks, float* out, int64_t out_stride) {
+  _tile_zero(0);
+  if (G > 1) _tile_zero(1);
+  if (G > 2) _tile_zero(2);
+  if (G > 3) _tile_zero(3);
+  for (int64_t k = 0; k < chunks; ++k) {
+    const uint32_t* right = b + k * 16 * b_stride + g0 * 16;
+    _tile_loadd(4, a + k * 32, a_stride * 2);
+    _tile_loadd(5, right, b_stride * 4);
+    _tile_dpbf16ps(0, 4, 5);
+    if (G > 1) {
+      _tile_loadd(6, right + 16, b_stride * 4);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if (G > 2) {
+      _tile_loadd(5, right + 32, b_stride * 4);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if (G > 3) {
+      _tile_loadd(6, right + 48, b_stride * 4);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+  }
+  _tile_stored(0, out, out_stride * 4);
+  if (G > 1) _tile_stored(1, out + 16, out_stride * 4);
+  if (G > 2) _tile_stored(2, out + 32, out_stride * 4);
+  if (G > 3) _tile_stored(3, out + 48, out_stride * 4);
+}
+
+// tile_products over `blocks` blocks of 16 columns of b, four at a time.
+MMSWIN_AMX void tile_product_blocks(const uint16_t* a, int64_t a_stride, const uint32_t* b, int64_t b_stride,
+                                    int64_t blocks, int64_t chunks, float* out, int64_t out_stride) {
+  for (int64_t g0 = 0; g0 < blocks; g0 += 4) {
+    switch (std::min<int64_t>(4, blocks - g0)) {
+      case 4: tile_products<4>(a, a_stride, b, b_stride, g0, chunks, out + g0 * 16, out_stride); break;
+      case 3: tile_products<3>(a, a_stride, b, b_stride, g0, chunks, out + g0 * 16, out_stride); break;
+      case 2: tile_products<2>(a, a_stride, b, b_stride, g0, chunks, out + g0 * 16, out_stride); break;
+      default: tile_products<1>(a, a_stride, b, b_stride, g0, chunks, out + g0 * 16, out_stride); break;
+    }
+  }
+}
+
+// attend_head with both products on AMX tiles, 16 query rows at a time: their logits (16, npad) from the queries
+// (npad, dt) and the keys' pairs (dt/2, npad), the softmax as without tiles, and the weights (16, nt) times the
+// values' pairs (nt/2, d). The padding of the scratch's layouts is zero (never written), the rows past the
+// queries' are computed and left unused.
+MMSWIN_AMX void attend_head_tiles(const Head& head, const uint16_t* k, const uint16_t* v, Scratch& s) {
+  const int64_t d = head.d, npad = head.npad;
+  pack_columns(k, head.stride, head.n, npad, d, s.keys.data());
+  if (head.cosine) key_scales(s.keys.data(), npad, d, s.key_scales.data());
+  pack_row_pairs(v, head.stride, head.n, d, s.values.data());
+  for (int64_t i = 0; i < head.queries; ++i)
+    copy_values(head.q + (head.positions != nullptr ? head.positions[i] : i) * head.stride, d,
+                s.queries.data() + i * s.dt);
+  Head h = head;
+  h.q = s.queries.data();
+  h.stride = s.dt;
+  configure_tiles();
+  for (int64_t i0 = 0; i0 < h.queries; i0 += 16) {
+    tile_product_blocks(s.queries.data() + i0 * s.dt, s.dt, s.keys.data(), npad, npad / 16, s.dt / 32,
+                        s.logits.data(), npad);
+    const int64_t rows = std::min<int64_t>(16, h.queries - i0);
+    int64_t r = 0;
+    for (; r + kRows <= rows; r += kRows) softmax_rows<kRows>(h, i0 + r, s, r);
+    switch (rows - r) {
+      case 3: softmax_rows<3>(h, i0 + r, s, r); break;
+      case 2: softmax_rows<2>(h, i0 + r, s, r); break;
+      case 1: softmax_rows<1>(h, i0 + r, s, r); break;
+      default: break;
+    }
+    tile_product_blocks(s.weights.data(), s.nt, s.values.data(), d, d / 16, s.nt / 32, s.products.data(), d);
+    for (r = 0; r < rows; ++r) {
+      const __m512 inv = _mm512_set1_ps(s.inv_sums[r]);
+      for (int64_t c = 0; c < d; c += 16)
+        store_bf16(h.out + (i0 + r) * h.out_stride + c, _mm512_mul_ps(_mm512_loadu_ps(s.products.data() + r * d + c),
+                                                                       inv));
+    }
+  }
+  _tile_release();
+}
+
+#endif  // MMSWIN_AMX
+
+// attend_head on AMX tiles where the scratch is laid out for them, else on AVX512-BF16 instructions.
+MMSWIN_AVX512_BF16 void attend_head_on(const Head& head, const uint16_t* k, const uint16_t* v, Scratch& s,
+                                       bool tiles) {
+#ifdef MMSWIN_AMX
+  if (tiles) return attend_head_tiles(head, k, v, s);
+#endif
+  attend_head(head, k, v, s);
+}
+
 // window_attention_rows's task for head hd of one window: its N tokens from the rows of qkv (3C apart)
 // that slot names, or from pad where slot is -1; the outputs of its real tokens to the same rows of out (C
 // apart), and their lse to the same rows of lse (nH apart) unless null.
 MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* slot, const uint16_t* pad, Head h,
-                                           int64_t c, uint16_t* out, float* lse, int64_t heads, Scratch& s) {
+                                           int64_t c, uint16_t* out, float* lse, int64_t heads, Scratch& s,
+                                           bool tiles) {
   const int64_t n = h.n, d = h.d;
   if (mmswin::consecutive_slots(slot, n)) {  // no padding, the window's rows in order: attended in place
     h.q = qkv + slot[0] * 3 * c;
@@ -285,7 +415,7 @@ MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* s
     h.out_stride = c;
     h.lse = lse != nullptr ? lse + slot[0] * heads : nullptr;
     h.lse_stride = heads;
-    attend_head(h, h.q + c, h.q + 2 * c, s);
+    attend_head_on(h, h.q + c, h.q + 2 * c, s, tiles);
     return;
   }
   int64_t queries = 0;
@@ -302,7 +432,7 @@ MMSWIN_AVX512_BF16 void attend_window_rows(const uint16_t* qkv, const int64_t* s
   h.out_stride = d;
   h.lse = lse != nullptr ? s.lse.data() : nullptr;
   h.lse_stride = 1;
-  attend_head(h, s.tokens.data() + d, s.tokens.data() + 2 * d, s);
+  attend_head_on(h, s.tokens.data() + d, s.tokens.data() + 2 * d, s, tiles);
   for (int64_t j = 0; j < queries; ++j) {
     const int64_t row = slot[s.positions[j]];
     copy_values(s.outputs.data() + j * d, d, out + row * c);
@@ -328,8 +458,9 @@ std::tuple<at::Tensor, at::Tensor> attend(const char* fn, const at::Tensor& qkv,
   const float* scales = scale.data_ptr<float>();
   float* lse_data = lse.defined() ? lse.data_ptr<float>() : nullptr;
   const int64_t n = w.n, c = w.c, d = w.d, npad = (n + 15) / 16 * 16;
+  const bool tiles = !with_lse && mmswin::use_amx();
   at::parallel_for(0, w.bw * heads, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(n, npad, d, kRows);
+    Scratch s(n, npad, d, kRows, false, tiles);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, hd = task % heads;
       const uint16_t* q = src + b * n * 3 * c + hd * d;
@@ -337,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const char* fn, const at::Tensor& qkv,
                    mask_data ? mask_data + (b % w.nw) * n * n : nullptr, scales[hd], cosine, n, npad, d,
                    dst + b * n * c + hd * d, c, lse_data ? lse_data + task * n : nullptr, 1};
       if (b + 1 < w.bw) prefetch_head_rows(q + n * 3 * c, nullptr, n, c, d);
-      attend_head(h, q + c, q + 2 * c, s);
+      attend_head_on(h, q + c, q + 2 * c, s, tiles);
     }
   });
 #endif
@@ -459,8 +590,9 @@ std::tuple<at::Tensor, at::Tensor> rows_forward(const char* fn, const at::Tensor
   const float* mask_data = w.nw > 0 ? mask->data_ptr<float>() : nullptr;
   const float* scales = scale.data_ptr<float>();
   const int64_t c = w.c, d = w.d, npad = (n + 15) / 16 * 16;
+  const bool tiles = !with_lse && mmswin::use_amx();
   at::parallel_for(0, w.bw * heads, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(n, npad, d, kRows, true);
+    Scratch s(n, npad, d, kRows, true, tiles);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, hd = task % heads, image = b / windows;
       const Head h{nullptr, 0, nullptr, 0, bias_data + hd * n * n,
@@ -471,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor> rows_forward(const char* fn, const at::Tensor
                            d);
       attend_window_rows(src + image * rows * 3 * c + hd * d, slot_data + (b % windows) * n, pad_data + hd * d, h,
                          c, dst + image * rows * c + hd * d, lse_data ? lse_data + image * rows * heads + hd : nullptr,
-                         heads, s);
+                         heads, s, tiles);
     }
   });
 #endif
