@@ -25,19 +25,8 @@ using namespace mmswin::simd;
 
 // act and grad_h of 16 values (see the top of the file).
 MMSWIN_AVX512_BF16 inline void gelu_and_grad(__m512 h, __m512 g, __m512& act, __m512& grad) {
-  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(h), _mm512_set1_ps(0.70710678118654752f));
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f),
-                                                                         _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  p = _mm512_mul_ps(p, t);
-  const __m512 gauss = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-kLog2e)));  // exp(-h^2 / 2)
-  const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(p, gauss), _mm512_set1_ps(0.5f));  // Phi(-|h|)
-  const __mmask16 negative = _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 cdf = _mm512_mask_mov_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), tail), negative, tail);
+  __m512 gauss;
+  const __m512 cdf = normal_cdf(h, gauss);
   act = _mm512_mul_ps(h, cdf);
   const __m512 density = _mm512_mul_ps(gauss, _mm512_set1_ps(0.3989422804014327f));  // 1 / sqrt(2 pi)
   grad = _mm512_mul_ps(g, _mm512_fmadd_ps(h, density, cdf));

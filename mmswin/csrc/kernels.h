@@ -161,6 +161,24 @@ at::Tensor& gelu_mlp_rows_(at::Tensor& x, const at::Tensor& w1, const c10::optio
                            const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
                            double eps, bool post_norm, int64_t chunk);
 
+// A weight (N, K) bf16, N and K multiples of 32, packed as the tile products of gelu_mlp_tiles_ read it:
+// (N / 16, K / 32, 16, 16) int32 words, each a pair of bf16 along K (see mlp_tiles_cpu.cpp).
+at::Tensor pack_tile_pairs(const at::Tensor& weight);
+
+// x (rows, K) bf16 times a weight packed by pack_tile_pairs (N, K) plus bias (bf16 (N,) or none), rounded to
+// bf16, on the calling thread's AMX tiles (amx_available): (rows, N).
+at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+// CPU bf16 inference's linear: tile_linear where weight is packed by pack_tile_pairs (int32), else onednn_linear.
+at::Tensor inference_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+// gelu_mlp_rows_ with both products on AMX tiles (amx_available), the weights packed by pack_tile_pairs and the
+// biases bf16 (or none); C and H multiples of 32. The products sum in the tiles' order.
+at::Tensor& gelu_mlp_tiles_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                            const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+                            double eps, bool post_norm, int64_t chunk);
+
 // CPU bf16 training's MLP half of a Swin block, y = x + fc2(gelu(fc1(norm(x)))) (post_norm: y = x +
 // norm(fc2(gelu(fc1(x))))) for x (tokens, C), over chunks of `chunk` rows shared out among the threads: y, the
 // norm's means and 1 / stds (tokens, 2), fc1's output as its chunks and (post_norm) the branch's before the norm
@@ -216,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projected
 // window_attention_rows takes slots[k], pad, heads, bias, the mask rows masks[k] (none where masks is empty),
 // scale and cosine, projected by proj_weight (C, C) and proj_bias (C,) or none, and added back to the same
 // rows (normalised if post_norm). The chunks are shared out among the threads; the values are those of the
-// chunk-by-chunk pass, the products by onednn_linear.
+// chunk-by-chunk pass, the products by inference_linear: on AMX tiles where the weights come packed by
+// pack_tile_pairs.
 at::Tensor& window_attention_rows_(at::Tensor& x, const std::vector<at::Tensor>& rows,
                                    const std::vector<at::Tensor>& slots, const std::vector<at::Tensor>& masks,
                                    const c10::optional<at::Tensor>& norm_weight,

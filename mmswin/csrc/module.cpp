@@ -162,6 +162,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),
         py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("chunk"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("pack_tile_pairs", &mmswin::pack_tile_pairs,
+        "A weight (N, K) bf16 packed for gelu_mlp_tiles_'s tile products: (N / 16, K / 32, 16, 16) int32 words, "
+        "each a pair of bf16 along K",
+        py::arg("weight"));
+  m.def("tile_linear", &mmswin::tile_linear,
+        "x (rows, K) bf16 times a weight packed by pack_tile_pairs (N, K) plus bias (or None), rounded to bf16, on "
+        "AMX tiles",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("gelu_mlp_tiles_", &mmswin::gelu_mlp_tiles_,
+        "gelu_mlp_rows_ with both products on AMX tiles, the weights packed by pack_tile_pairs (bf16, CPU inference)",
+        py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),
+        py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("chunk"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("norm_gelu_mlp_forward", &mmswin::norm_gelu_mlp_forward,
         "A Swin block's MLP half x + fc2(gelu(fc1(norm(x)))) (post_norm: x + norm(fc2(gelu(fc1(x))))) of x "
         "(tokens, C), the norm's stats, fc1's output as chunks of `chunk` rows and (post_norm) the branch's chunks "
@@ -192,7 +205,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_attention_rows_", &mmswin::window_attention_rows_,
         "Adds the window attention branch of x (B, L, C) to x in place: per chunk of windows, its rows gathered "
         "(normalised unless post_norm), projected to qkv, attended, projected by proj and added back (normalised if "
-        "post_norm), the chunks shared out among the threads (bf16, CPU inference)",
+        "post_norm), the chunks shared out among the threads (bf16, CPU inference); the projections on AMX tiles where "
+        "their weights come packed by pack_tile_pairs",
         py::arg("x"), py::arg("rows"), py::arg("slots"), py::arg("masks"), py::arg("norm_weight"),
         py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("qkv_weight"), py::arg("qkv_bias"),
         py::arg("pad"), py::arg("heads"), py::arg("bias"), py::arg("scale"), py::arg("cosine"),

@@ -45,12 +45,22 @@ c10::optional<at::Tensor> chunk_mask(const std::vector<at::Tensor>& masks, int64
   return masks.empty() ? c10::nullopt : c10::optional<at::Tensor>(masks[k]);
 }
 
-// Checks a projection's weight (out, in) and bias (out,) or none: contiguous bf16 CPU tensors.
+// Checks a projection's weight (out, in) and bias (out,) or none: contiguous bf16 CPU tensors, or (where packed
+// may be) the weight packed by pack_tile_pairs.
 void check_projection(const char* fn, const char* weight_name, const char* bias_name, const at::Tensor& weight,
-                      const c10::optional<at::Tensor>& bias, int64_t out, int64_t in) {
-  TORCH_CHECK(is_cpu_contiguous(weight, at::kBFloat16) && weight.sizes() == at::IntArrayRef({out, in}), fn, ": ",
-              weight_name, " must be a contiguous (", out, ", ", in, ") bf16 CPU tensor, got ", weight.sizes(), " ",
-              weight.scalar_type());
+                      const c10::optional<at::Tensor>& bias, int64_t out, int64_t in, bool packed = false) {
+  if (packed && weight.scalar_type() == at::kInt) {
+    TORCH_CHECK(amx_available(), fn, ": a packed ", weight_name, " needs a CPU with AMX-BF16");
+    TORCH_CHECK(is_cpu_contiguous(weight, at::kInt) && out % 32 == 0 && in % 32 == 0 &&
+                    weight.sizes() == at::IntArrayRef({out / 16, in / 32, 16, 16}),
+                fn, ": ", weight_name, " packed by pack_tile_pairs must be the contiguous (", out / 16, ", ", in / 32,
+                ", 16, 16) int32 packing of an (", out, ", ", in, ") weight (both multiples of 32), got ",
+                weight.sizes());
+  } else {
+    TORCH_CHECK(is_cpu_contiguous(weight, at::kBFloat16) && weight.sizes() == at::IntArrayRef({out, in}), fn, ": ",
+                weight_name, " must be a contiguous (", out, ", ", in, ") bf16 CPU tensor", packed ? " or its "
+                "packing by pack_tile_pairs" : "", ", got ", weight.sizes(), " ", weight.scalar_type());
+  }
   TORCH_CHECK(!bias.has_value() || (is_cpu_contiguous(*bias, at::kBFloat16) && bias->sizes() == at::IntArrayRef({out})),
               fn, ": ", bias_name, " must be None or a contiguous (", out, ",) bf16 CPU tensor");
 }
@@ -71,8 +81,8 @@ at::Tensor& window_attention_rows_(at::Tensor& x, const std::vector<at::Tensor>&
               ": x must be a contiguous (B, L, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   const int64_t images = x.size(0), tokens = x.size(1), c = x.size(2);
   check_norm(fn, norm_weight, norm_bias, eps, c);
-  check_projection(fn, "qkv_weight", "qkv_bias", qkv_weight, qkv_bias, 3 * c, c);
-  check_projection(fn, "proj_weight", "proj_bias", proj_weight, proj_bias, c, c);
+  check_projection(fn, "qkv_weight", "qkv_bias", qkv_weight, qkv_bias, 3 * c, c, true);
+  check_projection(fn, "proj_weight", "proj_bias", proj_weight, proj_bias, c, c, true);
   const int64_t chunks = static_cast<int64_t>(slots.size());
   TORCH_CHECK(static_cast<int64_t>(rows.size()) == chunks, fn, ": rows and slots must hold one tensor per chunk, got ",
               rows.size(), " and ", chunks);
@@ -99,9 +109,9 @@ at::Tensor& window_attention_rows_(at::Tensor& x, const std::vector<at::Tensor>&
     const int64_t r = rows[k].numel();
     const at::Tensor gathered = gather_rows(x, rows[k], norm_weight, norm_bias, eps, !post_norm);
     const at::Tensor qkv =
-        onednn_linear(gathered.view({images * r, c}), qkv_weight, qkv_bias, false).view({images, r, 3 * c});
+        inference_linear(gathered.view({images * r, c}), qkv_weight, qkv_bias).view({images, r, 3 * c});
     const at::Tensor out = window_attention_rows(qkv, slots[k], pad, heads, bias, chunk_mask(masks, k), scale, cosine);
-    const at::Tensor branch = onednn_linear(out.view({images * r, c}), proj_weight, proj_bias, false);
+    const at::Tensor branch = inference_linear(out.view({images * r, c}), proj_weight, proj_bias);
     add_rows_(x, rows[k], branch.view({images, r, c}), norm_weight, norm_bias, eps, post_norm);
   });
   return x;

@@ -22,6 +22,7 @@
 // attended in place, without gathering its tokens.
 #include "simd.h"
 #include "kernels.h"
+#include "tiles.h"
 
 #include <ATen/Parallel.h>
 
@@ -285,27 +286,10 @@ MMSWIN_AVX512_BF16 void attend_head(const Head& head, const uint16_t* k, const u
 
 #ifdef MMSWIN_AMX
 
-// AMX's tile configuration (palette 1): eight tiles of 16 rows of 64 bytes. Tiles 0-3 accumulate 16 x 16 fp32
-// products, tile 4 holds 16 rows of 32 bf16 of the left operand, tiles 5 and 6 16 pairs of rows of the right one.
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t bytes_per_row[16];
-  uint8_t rows[16];
-};
-
-MMSWIN_AMX void configure_tiles() {
-  TileConfig config{};
-  config.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.bytes_per_row[t] = 64;
-  }
-  _tile_loadconfig(&config);
-}
-
 // out[:, g*16 : (g+1)*16] = a @ b[:, (g0+g)*16 : (g0+g+1)*16] for g < G: 16 rows of a (bf16, a_stride values apart,
 // `chunks` chunks of 32 along the reduction axis) times b packed as pairs of rows (words, b_stride words apart, 16
-// pairs per chunk), into fp32 out (out_stride floats apart).
+// pairs per chunk), into fp32 out (out_stride floats apart). Tiles 0-3 accumulate, tile 4 holds a's rows, tiles 5
+// and 6 b's pairs of rows.
 template <int G>
 MMSWIN_AMX void tile_products(const uint16_t* a, int64_t a_stride, const uint32_t* b, int64_t b_stride, int64_t g0,
                               int64_t chunks, float* out, int64_t out_stride) {
@@ -365,7 +349,7 @@ MMSWIN_AMX void attend_head_tiles(const Head& head, const uint16_t* k, const uin
   Head h = head;
   h.q = s.queries.data();
   h.stride = s.dt;
-  configure_tiles();
+  mmswin::tiles::configure();
   for (int64_t i0 = 0; i0 < h.queries; i0 += 16) {
     tile_product_blocks(s.queries.data() + i0 * s.dt, s.dt, s.keys.data(), npad, npad / 16, s.dt / 32,
                         s.logits.data(), npad);

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_attention, layers
+from . import cpu_kernels, fused_attention, layers
 from .graph_capture import recording_graph, transformed
 from .layers import needs_grad
 from .matmul import attention, autocast_off, linear
@@ -209,13 +209,20 @@ class WindowAttention(nn.Module):
         """The arguments of the kernels' in-place inference attention (``window_attention_rows_``) from the
         qkv weight on, for windows of ``window``: the projections' weights and biases in bf16, the projection
         of a padding position's zero token, the heads, the ``(nH, N, N)`` bias and the heads' logit scales in
-        fp32, whether the attention is cosine, as :meth:`attend_rows` gives them to the kernels."""
+        fp32, whether the attention is cosine, as :meth:`attend_rows` gives them to the kernels. Where the CPU
+        has AMX (:func:`.cpu_kernels.use_amx`) and C is a multiple of 32, the weights come packed for its tiles
+        (:func:`.cpu_kernels.tile_pairs`), packed once over the inference forwards."""
         bf16 = [None if t is None else t.detach().to(torch.bfloat16).contiguous()
-                for t in (self.qkv.weight, self.qkv_bias(), self.proj.weight, self.proj.bias)]
-        pad = bf16[1] if bf16[1] is not None else bf16[0].new_zeros(bf16[0].shape[0])
+                for t in (self.qkv_bias(), self.proj.bias)]
+        weights = (self.qkv.weight, self.proj.weight)
+        if cpu_kernels.use_amx() and self.dim % 32 == 0:
+            weights = tuple(cpu_kernels.tile_pairs(w) for w in weights)
+        else:
+            weights = tuple(w.detach().to(torch.bfloat16).contiguous() for w in weights)
+        pad = bf16[0] if bf16[0] is not None else self.qkv.weight.new_zeros(3 * self.dim, dtype=torch.bfloat16)
         bias = self.attention_bias(window, torch.float32)[0].contiguous()
         scale = self.head_logit_scales().to(torch.float32).contiguous()
-        return bf16[0], bf16[1], pad, self.num_heads, bias, scale, self.cosine, bf16[2], bf16[3]
+        return weights[0], bf16[0], pad, self.num_heads, bias, scale, self.cosine, weights[1], bf16[1]
 
     def attend_token_rows(self, x: torch.Tensor, chunks: tuple, window: Size2,
                           mask: Optional[torch.Tensor] = None) -> torch.Tensor:

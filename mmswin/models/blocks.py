@@ -219,7 +219,10 @@ class SwinBlock(nn.Module):
         """The MLP half of :meth:`forward_in_place` on bf16 ``rows: (L, C)`` in one call of the kernels that
         shares whole chunks of tokens out among the threads, with the same values, where the norm takes the
         kernels, the products oneDNN's fused linear (:func:`.onednn_fused_linear`), and there are at least two
-        chunks per thread (:func:`.cpu_kernels.threads_share`). Returns whether it did; else nothing is done."""
+        chunks per thread (:func:`.cpu_kernels.threads_share`). Returns whether it did; else nothing is done.
+        Where the CPU has AMX (:func:`.cpu_kernels.use_amx`) and C and the hidden width are multiples of 32,
+        both products run on its tiles with the weights packed once (:func:`.cpu_kernels.tile_pairs`): the
+        same values to the products' bf16 roundings (they sum in another order)."""
         mlp = self.mlp
         if not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == 'none' and mlp.drop.p == 0):
             return False
@@ -230,8 +233,15 @@ class SwinBlock(nn.Module):
         chunk = cpu_kernels.inference_chunk(rows.shape[0], layers.CHUNK_TOKENS, layers.SHARED_MLP_TOKENS)
         if not cpu_kernels.threads_share(-(-rows.shape[0] // chunk)):
             return False
+        ops = cpu_kernels.kernels()
+        fc1, fc2 = params[0], params[2]
+        if cpu_kernels.use_amx() and fc1.shape[0] % 32 == 0 and fc1.shape[1] % 32 == 0:  # both products on tiles
+            b1, b2 = (None if b is None else b.to(torch.bfloat16) for b in params[1::2])
+            ops.gelu_mlp_tiles_(rows, cpu_kernels.tile_pairs(fc1), b1, cpu_kernels.tile_pairs(fc2), b2,
+                                *self.norm2.kernel_args(), self.res_post_norm, chunk)
+            return True
         params = (None if p is None else p.to(torch.bfloat16) for p in params)
-        cpu_kernels.kernels().gelu_mlp_rows_(rows, *params, *self.norm2.kernel_args(), self.res_post_norm, chunk)
+        ops.gelu_mlp_rows_(rows, *params, *self.norm2.kernel_args(), self.res_post_norm, chunk)
         return True
 
     def chunks_in_kernels(self, tokens: torch.Tensor) -> bool:

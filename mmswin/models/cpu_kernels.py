@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .matmul import bf16_matmul_setting
 
@@ -35,6 +36,30 @@ def kernels() -> object:
 def use_kernels() -> bool:
     """Whether the models take the kernels: available, and not turned off by ``MMSWIN_BF16_MATMUL``."""
     return bf16_matmul_setting() not in ('native', 'fp32') and kernels_available()
+
+
+def use_amx() -> bool:
+    """Whether inference's products may run on AMX tiles: the kernels are taken, this CPU has AMX-BF16 that the
+    operating system grants, and ``MMSWIN_AMX`` is not ``0``."""
+    return use_kernels() and kernels().use_amx()
+
+
+_tile_pairs = WeakIdKeyDictionary()  # weight -> (what it was packed from, the packed tiles)
+
+
+def tile_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """``weight: (N, K)`` (N and K multiples of 32) rounded to bf16 and packed for the kernels' products on AMX
+    tiles (``pack_tile_pairs``), kept for the next calls while the weight is unchanged: the same storage, dtype
+    and version counter (in-place updates, ``load_state_dict`` and optimizer steps change it). Inference packs
+    each weight once, not at every forward, at the memory of a bf16 copy of the weight."""
+    key = (weight.data_ptr(), weight.dtype, weight.shape, weight._version)
+    kept = _tile_pairs.get(weight)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    with torch.no_grad():
+        packed = kernels().pack_tile_pairs(weight.to(torch.bfloat16).contiguous())
+    _tile_pairs[weight] = (key, packed)
+    return packed
 
 
 def threads_share(chunks: int) -> bool:

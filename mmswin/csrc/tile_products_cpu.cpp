@@ -1,0 +1,329 @@
+// CPU bf16 inference's products on AMX tiles (see use_amx), with the weights packed once by pack_tile_pairs (the
+// models keep them across inference forwards): weight (N, K) becomes the tiles of its transpose's pairs of rows,
+// (N / 16, K / 32, 16, 16) words, tile (g, s) holding the pairs (weight[g*16 + n, s*32 + 2p], weight[g*16 + n,
+// s*32 + 2p + 1]) at row p and column n. N and K must be multiples of 32. The products sum in the tiles' order
+// (fp32 accumulation), so the values may differ from oneDNN's by bf16 roundings.
+// - tile_linear: x weight^T plus bias, rounded to bf16, on the calling thread (the attention half's projections).
+// - gelu_mlp_tiles_: the MLP half of a block, x += fc2(gelu(fc1(norm(x)))) (post_norm: x += norm(fc2(gelu(fc1(
+//   x))))), in place, as gelu_mlp_rows_ computes it with oneDNN's products. Each thread takes whole chunks of rows
+//   and each chunk a panel of rows at a time: their norm, fc1's output with its bias and the exact GELU, rounded to
+//   bf16, fc2's output with its bias, rounded to bf16, and the residual sum, all in the core's caches.
+#include "simd.h"
+#include "kernels.h"
+#include "tiles.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace mmswin {
+
+namespace {
+
+constexpr int64_t kBlockRows = 32;  // rows of a block: two tiles of 16
+
+#ifdef MMSWIN_AMX
+
+using namespace simd;
+
+// Tiles 0-3 = a (32 rows of bf16, a_stride values apart) times the packed columns of tile groups g and g + 1
+// (b0 and b1: their `steps` tiles along the reduction axis, 32 values each): rows 0-15 and 16-31 times columns
+// 0-15 and 16-31. Tiles 4 and 5 hold a's rows, 6 and 7 b's pairs of rows.
+MMSWIN_AMX inline void block_product(const uint16_t* a, int64_t a_stride, const uint32_t* b0, const uint32_t* b1,
+                                     int64_t steps) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, a + s * 32, a_stride * 2);
+    _tile_loadd(5, a + 16 * a_stride + s * 32, a_stride * 2);
+    _tile_loadd(6, b0 + s * 256, 64);
+    _tile_loadd(7, b1 + s * 256, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// Tiles 0-3 into acc (32, 32) fp32.
+MMSWIN_AMX inline void store_block(float* acc) {
+  _tile_stored(0, acc, 128);
+  _tile_stored(1, acc + 16, 128);
+  _tile_stored(2, acc + 16 * 32, 128);
+  _tile_stored(3, acc + 16 * 32 + 16, 128);
+}
+
+// GELU(h) = h Phi(h) = h / 2 + |h| / 2 (1 - erfc(|h| / sqrt(2))) for 16 fp32 values, with erfc(z) = (1 + a1 z +
+// ... + a6 z^6)^-16 (Abramowitz and Stegun's 7.1.28, absolute error below 3e-7; PyTorch's 7.1.26 is within 1.5e-7
+// and takes an exponential), the coefficients scaled by 2^(-k/2) to take |h|, the reciprocal refined by a Newton
+// step.
+MMSWIN_AMX inline __m512 gelu_ps(__m512 h) {
+  const __m512 a = _mm512_abs_ps(h);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(5.3829750000e-06f), a, _mm512_set1_ps(4.8890635643e-05f));
+  p = _mm512_fmadd_ps(p, a, _mm512_set1_ps(3.8003575000e-05f));
+  p = _mm512_fmadd_ps(p, a, _mm512_set1_ps(3.2776263241e-03f));
+  p = _mm512_fmadd_ps(p, a, _mm512_set1_ps(2.1141006150e-02f));
+  p = _mm512_fmadd_ps(p, a, _mm512_set1_ps(4.9867346967e-02f));
+  p = _mm512_fmadd_ps(p, a, _mm512_set1_ps(1.0f));
+  __m512 q = _mm512_rcp14_ps(p);
+  q = _mm512_mul_ps(q, _mm512_fnmadd_ps(p, q, _mm512_set1_ps(2.0f)));
+  q = _mm512_mul_ps(q, q);
+  q = _mm512_mul_ps(q, q);
+  q = _mm512_mul_ps(q, q);
+  q = _mm512_mul_ps(q, q);  // erfc(|h| / sqrt(2))
+  const __m512 half_a = _mm512_mul_ps(a, _mm512_set1_ps(0.5f));
+  return _mm512_fnmadd_ps(half_a, q, _mm512_fmadd_ps(h, _mm512_set1_ps(0.5f), half_a));
+}
+
+struct Mlp {
+  int64_t c, width;
+  const uint32_t* w1;  // packed (width / 16, c / 32, 16, 16)
+  const uint16_t* b1;  // (width,) or null
+  const uint32_t* w2;  // packed (c / 16, width / 32, 16, 16)
+  const uint16_t* b2;  // (c,) or null
+  const float* norm_weight;
+  const float* norm_bias;
+  float eps;
+  bool post_norm;
+};
+
+// Rows per panel: the panel's norm output and fc1's output, (rows, C + H) bf16, within about 1 MiB (a core's L2
+// holds them with the weights' tiles in use), a multiple of 32 from 32 to 1024.
+int64_t panel_rows(int64_t c, int64_t width) {
+  return std::clamp<int64_t>((int64_t{1} << 20) / ((c + width) * 2) / kBlockRows * kBlockRows, kBlockRows, 1024);
+}
+
+// a (blocks * 32 rows of bf16, a_stride values apart; the last block's rows at `last` instead where not null) times
+// the packed weight b (`groups` groups of 16 columns, `steps` tiles of 32 along the reduction axis each), 32 rows by
+// 32 columns at a time, the columns' pairs of groups outermost (their tiles stay in L1 over the rows):
+// epilogue(acc, g, rb) takes the fp32 products (32, 32) of groups g, g + 1 and rows rb * 32 ... The products of
+// one block run on the tiles while the previous block's epilogue runs on the vector units.
+template <typename Epilogue>
+MMSWIN_AMX void products_in_blocks(const uint16_t* a, int64_t a_stride, int64_t blocks, const uint16_t* last,
+                                   const uint32_t* b, int64_t groups, int64_t steps, float (&acc)[2][kBlockRows * 32],
+                                   const Epilogue& epilogue) {
+  int64_t pending_g = -1, pending_rb = 0;
+  int buffer = 0;
+  for (int64_t g = 0; g < groups; g += 2)
+    for (int64_t rb = 0; rb < blocks; ++rb) {
+      const uint16_t* rows = last != nullptr && rb == blocks - 1 ? last : a + rb * kBlockRows * a_stride;
+      block_product(rows, a_stride, b + g * steps * 256, b + (g + 1) * steps * 256, steps);
+      if (pending_g >= 0) epilogue(acc[buffer ^ 1], pending_g, pending_rb);
+      store_block(acc[buffer]);
+      pending_g = g;
+      pending_rb = rb;
+      buffer ^= 1;
+    }
+  if (pending_g >= 0) epilogue(acc[buffer ^ 1], pending_g, pending_rb);
+}
+
+// 32 fp32 values plus a bias's (bf16, or none) from column j, rounded to bf16: a cache line.
+MMSWIN_AMX inline __m512i biased_line(const float* y, const uint16_t* bias, int64_t j) {
+  __m512 lo = _mm512_load_ps(y), hi = _mm512_load_ps(y + 16);
+  if (bias != nullptr) {
+    lo = _mm512_add_ps(lo, load_bf16(bias + j, 0xFFFF));
+    hi = _mm512_add_ps(hi, load_bf16(bias + j + 16, 0xFFFF));
+  }
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// out (rows, n) bf16 = x (rows, k) bf16 times the packed weight (n, k) plus bias (or none), on this thread.
+MMSWIN_AMX void linear_on_tiles(const uint16_t* x, int64_t rows, int64_t k, const uint32_t* weight, int64_t n,
+                                const uint16_t* bias, uint16_t* out) {
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows, tail = rows - (blocks - 1) * kBlockRows;
+  std::vector<uint16_t> last;  // the last block's rows padded with zeros, where it is not whole
+  if (tail < kBlockRows) {
+    last.assign(kBlockRows * k, 0);
+    std::memcpy(last.data(), x + (blocks - 1) * kBlockRows * k, tail * k * sizeof(uint16_t));
+  }
+  alignas(64) float acc[2][kBlockRows * 32];
+  tiles::configure();
+  products_in_blocks(x, k, blocks, last.empty() ? nullptr : last.data(), weight, n / 16, k / 32, acc,
+                     [&](const float* y, int64_t g, int64_t rb) MMSWIN_AMX {
+                       const int64_t valid = std::min(kBlockRows, rows - rb * kBlockRows);
+                       uint16_t* to = out + rb * kBlockRows * n + g * 16;
+                       for (int64_t r = 0; r < valid; ++r)
+                         _mm512_storeu_si512(to + r * n, biased_line(y + r * 32, bias, g * 16));
+                     });
+  _tile_release();
+}
+
+// The MLP half for `rows` rows of x (bf16, C each), in place, on this thread, a panel of rows at a time.
+MMSWIN_AMX void mlp_rows_on_tiles(const Mlp& m, uint16_t* x, int64_t rows) {
+  const int64_t c = m.c, width = m.width;
+  const int64_t panel = std::min(panel_rows(c, width), (rows + kBlockRows - 1) / kBlockRows * kBlockRows);
+  std::vector<uint16_t> in(panel * c), hidden(panel * width), branch(m.post_norm ? panel * c : 0);
+  alignas(64) float acc[2][kBlockRows * 32];
+  tiles::configure();
+  for (int64_t p0 = 0; p0 < rows; p0 += panel) {
+    const int64_t n = std::min(panel, rows - p0), blocks = (n + kBlockRows - 1) / kBlockRows;
+    uint16_t* xp = x + p0 * c;
+    if (m.post_norm)
+      std::memcpy(in.data(), xp, n * c * sizeof(uint16_t));
+    else
+      layer_norm_rows(reinterpret_cast<const at::BFloat16*>(xp), n, c, m.norm_weight, m.norm_bias, m.eps,
+                      reinterpret_cast<at::BFloat16*>(in.data()), nullptr);
+    std::memset(in.data() + n * c, 0, (blocks * kBlockRows - n) * c * sizeof(uint16_t));
+    // fc1 with its bias and the GELU, rounded to bf16
+    products_in_blocks(in.data(), c, blocks, nullptr, m.w1, width / 16, c / 32, acc,
+                       [&](const float* y, int64_t g, int64_t rb) MMSWIN_AMX {
+      const int64_t j = g * 16;  // 32 columns: a cache line of each row of fc1's output
+      const __m512 b0 = m.b1 == nullptr ? _mm512_setzero_ps() : load_bf16(m.b1 + j, 0xFFFF);
+      const __m512 b1 = m.b1 == nullptr ? _mm512_setzero_ps() : load_bf16(m.b1 + j + 16, 0xFFFF);
+      uint16_t* h = hidden.data() + rb * kBlockRows * width + j;
+      for (int64_t r = 0; r < kBlockRows; ++r) {
+        const __m512 lo = gelu_ps(_mm512_add_ps(_mm512_load_ps(y + r * 32), b0));
+        const __m512 hi = gelu_ps(_mm512_add_ps(_mm512_load_ps(y + r * 32 + 16), b1));
+        _mm512_storeu_si512(h + r * width, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    });
+    // fc2 with its bias, rounded to bf16, and (without post_norm) the residual sum, rounded again
+    products_in_blocks(hidden.data(), width, blocks, nullptr, m.w2, c / 16, width / 32, acc,
+                       [&](const float* y, int64_t g, int64_t rb) MMSWIN_AMX {
+      const int64_t valid = std::min(kBlockRows, n - rb * kBlockRows), j = g * 16;
+      for (int64_t r = 0; r < valid; ++r) {
+        const int64_t row = rb * kBlockRows + r;
+        const __m512i line = biased_line(y + r * 32, m.b2, j);
+        if (m.post_norm) {
+          _mm512_storeu_si512(branch.data() + row * c + j, line);
+        } else {
+          uint16_t* to = xp + row * c + j;
+          const __m512 lo = _mm512_add_ps(load_bf16(to, 0xFFFF), widen_bf16(_mm512_castsi512_si256(line)));
+          const __m512 hi = _mm512_add_ps(load_bf16(to + 16, 0xFFFF),
+                                          widen_bf16(_mm512_extracti64x4_epi64(line, 1)));
+          _mm512_storeu_si512(to, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+    });
+    if (m.post_norm) {
+      layer_norm_rows(reinterpret_cast<const at::BFloat16*>(branch.data()), n, c, m.norm_weight, m.norm_bias, m.eps,
+                      reinterpret_cast<at::BFloat16*>(branch.data()), nullptr);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < c; j += 16) {
+          uint16_t* to = xp + r * c + j;
+          store_bf16(to, _mm512_add_ps(load_bf16(to, 0xFFFF), load_bf16(branch.data() + r * c + j, 0xFFFF)));
+        }
+    }
+  }
+  _tile_release();
+}
+
+#endif  // MMSWIN_AMX
+
+// Checks a weight packed by pack_tile_pairs for an (n, k) weight, named name in fn's errors.
+void check_packed(const char* fn, const char* name, const at::Tensor& packed, int64_t n, int64_t k) {
+  TORCH_CHECK(is_cpu_contiguous(packed, at::kInt) && packed.sizes() == at::IntArrayRef({n / 16, k / 32, 16, 16}), fn,
+              ": ", name, " must be pack_tile_pairs's contiguous (", n / 16, ", ", k / 32,
+              ", 16, 16) int32 CPU tensor for a (", n, ", ", k, ") weight, got ", packed.sizes(), " ",
+              packed.scalar_type());
+}
+
+// Checks a bias of n values (contiguous bf16 or none), named name in fn's errors.
+void check_bias(const char* fn, const char* name, const c10::optional<at::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(!bias.has_value() || (is_cpu_contiguous(*bias, at::kBFloat16) && bias->sizes() == at::IntArrayRef({n})),
+              fn, ": ", name, " must be None or a contiguous (", n, ",) bf16 CPU tensor");
+}
+
+}  // namespace
+
+at::Tensor pack_tile_pairs(const at::Tensor& weight) {
+  TORCH_CHECK(is_cpu_contiguous(weight, at::kBFloat16) && weight.dim() == 2, "pack_tile_pairs: weight must be a ",
+              "contiguous (N, K) bf16 CPU tensor, got ", weight.sizes(), " ", weight.scalar_type());
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(n % 32 == 0 && k % 32 == 0, "pack_tile_pairs: weight's N and K must be multiples of 32, got ",
+              weight.sizes());
+  at::Tensor packed = at::empty({n / 16, k / 32, 16, 16}, weight.options().dtype(at::kInt));
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  at::parallel_for(0, n / 16, 1, [&](int64_t first, int64_t last) {
+    for (int64_t g = first; g < last; ++g)
+      for (int64_t s = 0; s < k / 32; ++s)
+        for (int64_t p = 0; p < 16; ++p)
+          for (int64_t col = 0; col < 16; ++col) {
+            const uint16_t* pair = w + (g * 16 + col) * k + s * 32 + 2 * p;
+            out[((g * (k / 32) + s) * 16 + p) * 16 + col] = pair[0] | (static_cast<uint32_t>(pair[1]) << 16);
+          }
+  });
+  return packed;
+}
+
+at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const char* fn = "tile_linear";
+  TORCH_CHECK(amx_available(), fn, " needs a CPU with AMX-BF16 that the operating system lets this process use");
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 2 && x.size(1) % 32 == 0, fn,
+              ": x must be a contiguous (rows, K) bf16 CPU tensor with K a multiple of 32, got ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(weight.dim() == 4, fn, ": weight must be pack_tile_pairs's (N / 16, K / 32, 16, 16) tensor, got ",
+              weight.sizes());
+  const int64_t k = x.size(1), n = weight.size(0) * 16;
+  TORCH_CHECK(n % 32 == 0, fn, ": the weight's N must be a multiple of 32, got ", n);
+  check_packed(fn, "weight", weight, n, k);
+  check_bias(fn, "bias", bias, n);
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+#ifdef MMSWIN_AMX
+  if (x.size(0) > 0)
+    linear_on_tiles(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), k,
+                    reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), n,
+                    bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>()) : nullptr,
+                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+#endif
+  return out;
+}
+
+at::Tensor inference_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return weight.scalar_type() == at::kInt ? tile_linear(x, weight, bias) : onednn_linear(x, weight, bias, false);
+}
+
+at::Tensor& gelu_mlp_tiles_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                            const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+                            double eps, bool post_norm, int64_t chunk) {
+  const char* fn = "gelu_mlp_tiles_";
+  TORCH_CHECK(amx_available(), fn, " needs a CPU with AMX-BF16 that the operating system lets this process use");
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 2, fn,
+              ": x must be a contiguous (tokens, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t tokens = x.size(0), c = x.size(1);
+  TORCH_CHECK(c % 32 == 0, fn, ": x's C must be a multiple of 32, got ", c);
+  TORCH_CHECK(w1.dim() == 4 && w1.size(1) == c / 32, fn, ": w1 must be pack_tile_pairs's (H / 16, ", c / 32,
+              ", 16, 16) tensor for an (H, ", c, ") weight, got ", w1.sizes());
+  const int64_t width = w1.size(0) * 16;
+  TORCH_CHECK(width % 32 == 0, fn, ": the hidden width H must be a multiple of 32, got ", width);
+  check_packed(fn, "w1", w1, width, c);
+  check_packed(fn, "w2", w2, c, width);
+  check_bias(fn, "b1", b1, width);
+  check_bias(fn, "b2", b2, c);
+  check_norm(fn, norm_weight, norm_bias, eps, c);
+  TORCH_CHECK(chunk > 0, fn, ": chunk must be positive, got ", chunk);
+#ifdef MMSWIN_AMX
+  const auto data = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? reinterpret_cast<const uint16_t*>(t->data_ptr<at::BFloat16>()) : nullptr;
+  };
+  const auto affine = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+  };
+  const Mlp m{c,
+              width,
+              reinterpret_cast<const uint32_t*>(w1.data_ptr<int32_t>()),
+              data(b1),
+              reinterpret_cast<const uint32_t*>(w2.data_ptr<int32_t>()),
+              data(b2),
+              affine(norm_weight),
+              affine(norm_bias),
+              static_cast<float>(eps),
+              post_norm};
+  uint16_t* rows = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
+  const int64_t chunks = (tokens + chunk - 1) / chunk;
+  for_each_chunk(chunks, [&](int64_t i) {
+    const int64_t first = i * chunk;
+    mlp_rows_on_tiles(m, rows + first * c, std::min(chunk, tokens - first));
+  });
+#endif
+  return x;
+}
+
+}  // namespace mmswin
