@@ -257,8 +257,10 @@ def test_onednn_fused_linear_in_inference_and_training_passes(cls, monkeypatch):
     kernels (the same products; the GELU is fused, one rounding instead of two). It has no backward:
     in training only the forward products with a bias inside mmswin's own autograd functions (the qkv
     projection and fc1) take it, with the bias alone fused, to the values and gradients of PyTorch's
-    kernels bit for bit."""
+    kernels bit for bit. (Where the CPU has AMX, inference's patch mergings, and the blocks' products where the
+    blocks share chunks out among the threads, multiply on its tiles instead: MMSWIN_AMX=0 here.)"""
     model, x = perturbed_model_and_input(cls)
+    monkeypatch.setenv('MMSWIN_AMX', '0')
 
     def run(mode: str, grad: bool) -> tuple:
         monkeypatch.setenv('MMSWIN_BF16_MATMUL', mode)

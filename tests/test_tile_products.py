@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2, cpu_kernels
+from mmswin.models.blocks import PatchMerging, PatchMergingV2
 
 from .test_inference_shared_chunks import threads, with_spread_norms
 
@@ -211,7 +212,46 @@ def test_packed_weights_are_kept_until_the_weight_changes():
                                      ops.pack_tile_pairs(torch.zeros(32, 128, dtype=torch.bfloat16)), None,
                                      None, None, 1e-5, False, 0),
      'gelu_mlp_tiles_: chunk must be positive, got 0'),
+    (lambda ops: ops.patch_merging_tiles(torch.zeros(1, 4, 4, 24, dtype=torch.bfloat16),
+                                         ops.pack_tile_pairs(torch.zeros(64, 128, dtype=torch.bfloat16)),
+                                         None, None, 1e-5, False, 8),
+     r'patch_merging_tiles: x must be a contiguous \(B, H, W, C\) bf16 CPU tensor with C a multiple of 16'),
+    (lambda ops: ops.patch_merging_tiles(torch.zeros(1, 4, 4, 32, dtype=torch.bfloat16),
+                                         ops.pack_tile_pairs(torch.zeros(64, 96, dtype=torch.bfloat16)),
+                                         None, None, 1e-5, False, 8),
+     r'patch_merging_tiles: weight must be pack_tile_pairs\'s contiguous \(4, 4, 16, 16\) int32 CPU tensor for '
+     r'a \(64, 128\) weight'),
 ])
 def test_bad_input_is_named(call, message):
     with pytest.raises(RuntimeError, match=message):
         call(cpu_kernels.kernels())
+
+
+@pytest.mark.parametrize('cls', [PatchMerging, PatchMergingV2])
+@pytest.mark.parametrize('shape', [(1, 8, 8, 32), (2, 15, 9, 48), (1, 50, 76, 96)])
+def test_patch_merging_on_tiles_is_as_close_to_fp32_as_without(cls, shape, monkeypatch):
+    """V1 (norm, then reduction) and V2 (reduction, then norm) with odd sides (zero padding): the kernels'
+    merging on tiles within bf16 roundings of the merging without tiles (MMSWIN_AMX=0) elementwise, and as
+    close to the fp32 merging of the same bf16 map overall."""
+    torch.manual_seed(0)
+    merging = cls(shape[-1], norm_cfg=dict(type='LN')).eval()
+    with torch.no_grad():
+        merging.norm.weight.normal_(1.0, 0.1)
+        merging.norm.bias.normal_(0.0, 0.1)
+    x = torch.randn(shape).bfloat16()
+    with torch.no_grad():
+        ref = merging(x.float())
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # as the backbones' bf16 inference runs it
+            monkeypatch.delenv('MMSWIN_AMX', raising=False)
+            assert merging.merges_on_tiles(x)
+            tiles = merging(x)
+            monkeypatch.setenv('MMSWIN_AMX', '0')
+            assert not merging.merges_on_tiles(x)
+            plain = merging(x)
+    h2, w2 = -(-shape[1] // 2), -(-shape[2] // 2)
+    assert tiles.shape == plain.shape == (shape[0], h2, w2, 2 * shape[-1]) and tiles.dtype == torch.bfloat16
+    tiles, plain = tiles.float(), plain.float()
+    scale = plain.abs() + plain.pow(2).mean(-1, keepdim=True).sqrt()  # a value and its row's root mean square
+    assert ((tiles - plain).abs() <= 2 ** -7 * scale).all()
+    error = (tiles - ref).norm()
+    assert error <= 1.05 * (plain - ref).norm() and error <= 2 ** -7 * ref.norm()

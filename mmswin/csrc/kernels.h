@@ -172,6 +172,16 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 // CPU bf16 inference's linear: tile_linear where weight is packed by pack_tile_pairs (int32), else onednn_linear.
 at::Tensor inference_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
+// Patch merging of x (B, H, W, C) bf16 into (B, ceil(H / 2), ceil(W / 2), 2C) on AMX tiles: per output token its
+// neighbours (0, 0), (1, 0), (0, 1), (1, 1) (row, column; zeros past x) as 4C values, the layer norm (norm_weight,
+// norm_bias fp32 or none, eps) over them, and the reduction by weight (2C, 4C) packed by pack_tile_pairs; with
+// norm_after (V2) the reduction first and then the norm over its 2C. Chunks of `chunk` output tokens are shared
+// out among the threads.
+at::Tensor patch_merging_tiles(const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& norm_weight,
+                               const c10::optional<at::Tensor>& norm_bias, double eps, bool norm_after,
+                               int64_t chunk);
+
 // gelu_mlp_rows_ with both products on AMX tiles (amx_available), the weights packed by pack_tile_pairs and the
 // biases bf16 (or none); C and H multiples of 32. The products sum in the tiles' order.
 at::Tensor& gelu_mlp_tiles_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,

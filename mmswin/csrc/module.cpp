@@ -170,6 +170,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x (rows, K) bf16 times a weight packed by pack_tile_pairs (N, K) plus bias (or None), rounded to bf16, on "
         "AMX tiles",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("patch_merging_tiles", &mmswin::patch_merging_tiles,
+        "Patch merging of x (B, H, W, C) into (B, ceil(H / 2), ceil(W / 2), 2C): the 2 x 2 neighbours' 4C values "
+        "normalised and reduced by the weight packed by pack_tile_pairs (norm_after: reduced, then normalised), on "
+        "AMX tiles in chunks of `chunk` output tokens shared out among the threads (bf16, CPU inference)",
+        py::arg("x"), py::arg("weight"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("eps"),
+        py::arg("norm_after"), py::arg("chunk"), py::call_guard<py::gil_scoped_release>());
   m.def("gelu_mlp_tiles_", &mmswin::gelu_mlp_tiles_,
         "gelu_mlp_rows_ with both products on AMX tiles, the weights packed by pack_tile_pairs (bf16, CPU inference)",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),

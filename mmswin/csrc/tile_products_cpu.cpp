@@ -4,6 +4,8 @@
 // s*32 + 2p + 1]) at row p and column n. N and K must be multiples of 32. The products sum in the tiles' order
 // (fp32 accumulation), so the values may differ from oneDNN's by bf16 roundings.
 // - tile_linear: x weight^T plus bias, rounded to bf16, on the calling thread (the attention half's projections).
+// - patch_merging_tiles: patch merging, the 2 x 2 neighbours gathered, normalised and reduced per chunk of
+//   output tokens (V2: reduced, then normalised).
 // - gelu_mlp_tiles_: the MLP half of a block, x += fc2(gelu(fc1(norm(x)))) (post_norm: x += norm(fc2(gelu(fc1(
 //   x))))), in place, as gelu_mlp_rows_ computes it with oneDNN's products. Each thread takes whole chunks of rows
 //   and each chunk a panel of rows at a time: their norm, fc1's output with its bias and the exact GELU, rounded to
@@ -277,6 +279,52 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 
 at::Tensor inference_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return weight.scalar_type() == at::kInt ? tile_linear(x, weight, bias) : onednn_linear(x, weight, bias, false);
+}
+
+at::Tensor patch_merging_tiles(const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& norm_weight,
+                               const c10::optional<at::Tensor>& norm_bias, double eps, bool norm_after,
+                               int64_t chunk) {
+  const char* fn = "patch_merging_tiles";
+  TORCH_CHECK(amx_available(), fn, " needs a CPU with AMX-BF16 that the operating system lets this process use");
+  TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 4 && x.size(3) % 16 == 0, fn,
+              ": x must be a contiguous (B, H, W, C) bf16 CPU tensor with C a multiple of 16, got ", x.sizes(), " ",
+              x.scalar_type());
+  const int64_t b = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  check_packed(fn, "weight", weight, 2 * c, 4 * c);
+  check_norm(fn, norm_weight, norm_bias, eps, norm_after ? 2 * c : 4 * c);
+  TORCH_CHECK(chunk > 0, fn, ": chunk must be positive, got ", chunk);
+  const int64_t h2 = (h + 1) / 2, w2 = (w + 1) / 2, tokens = b * h2 * w2;
+  at::Tensor out = at::empty({b, h2, w2, 2 * c}, x.options());
+#ifdef MMSWIN_AMX
+  const float* nw = norm_weight.has_value() && norm_weight->defined() ? norm_weight->data_ptr<float>() : nullptr;
+  const float* nb = norm_bias.has_value() && norm_bias->defined() ? norm_bias->data_ptr<float>() : nullptr;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint32_t* packed = reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>());
+  for_each_chunk((tokens + chunk - 1) / chunk, [&](int64_t k) {
+    const int64_t first = k * chunk, rows = std::min(chunk, tokens - first);
+    std::vector<uint16_t> merged(rows * 4 * c);
+    for (int64_t t = 0; t < rows; ++t) {  // the neighbours (0, 0), (1, 0), (0, 1), (1, 1) (row, column), zero past x
+      const int64_t token = first + t, j = token % w2, i = token / w2 % h2, image = token / (w2 * h2);
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t row = 2 * i + q % 2, col = 2 * j + q / 2;
+        uint16_t* to = merged.data() + (t * 4 + q) * c;
+        if (row < h && col < w)
+          std::memcpy(to, src + ((image * h + row) * w + col) * c, c * sizeof(uint16_t));
+        else
+          std::memset(to, 0, c * sizeof(uint16_t));
+      }
+    }
+    const auto as_bf16 = [](uint16_t* p) { return reinterpret_cast<at::BFloat16*>(p); };
+    if (!norm_after) layer_norm_rows(as_bf16(merged.data()), rows, 4 * c, nw, nb, static_cast<float>(eps),
+                                     as_bf16(merged.data()), nullptr);
+    uint16_t* y = dst + first * 2 * c;
+    linear_on_tiles(merged.data(), rows, 4 * c, packed, 2 * c, nullptr, y);
+    if (norm_after) layer_norm_rows(as_bf16(y), rows, 2 * c, nw, nb, static_cast<float>(eps), as_bf16(y), nullptr);
+  });
+#endif
+  return out;
 }
 
 at::Tensor& gelu_mlp_tiles_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,

@@ -353,6 +353,8 @@ class PatchMerging(nn.Module):
     normalise (unless ``use_norm`` is off: ``nn.Identity``), reduce to 2C. Odd sizes are zero-padded
     right/bottom."""
 
+    norm_after = False  # V2 normalises the reduction's output instead of its input
+
     def __init__(self, dim: int, norm_cfg: Optional[dict] = None, use_norm: bool = True) -> None:
         super().__init__()
         self.dim = dim
@@ -377,12 +379,28 @@ class PatchMerging(nn.Module):
         """Norm and reduction of ``merged: (..., 4C)`` to ``(..., 2C)``."""
         return layers.call_linear(self.reduction, self.norm(merged))
 
+    def merges_on_tiles(self, x: torch.Tensor) -> bool:
+        """Whether the inference of ``x: (B, H, W, C)`` (bf16 on the CPU) merges on AMX tiles: the kernels'
+        layer norm, C a multiple of 16, not recorded into a graph."""
+        return (isinstance(self.norm, LayerNorm) and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
+                and self.dim % 16 == 0 and not recording_graph() and cpu_kernels.use_amx())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` to ``(B, ceil(H/2), ceil(W/2), 2C)``. Without autograd on the CPU, in bands of
         about :data:`~.layers.CHUNK_TOKENS` output tokens: the ``(B, H/2, W/2, 4C)`` merged and normalised
-        maps are never allocated whole."""
+        maps are never allocated whole. In bf16 where the CPU has AMX (:func:`.cpu_kernels.use_amx`), one call of
+        the kernels (``patch_merging_tiles``): per chunk of output tokens the gather, the norm and the reduction
+        on AMX tiles with the weight packed once (:func:`.cpu_kernels.tile_pairs`), the same values to the
+        products' bf16 roundings."""
         if not layers.runs_in_chunks(x, self):
             return self.project(self.merge(x))
+        if self.merges_on_tiles(x):
+            b, h, w, _ = x.shape
+            tokens = b * -(-h // 2) * -(-w // 2)
+            chunk = cpu_kernels.inference_chunk(tokens, layers.CHUNK_TOKENS // 4, 64)
+            return cpu_kernels.kernels().patch_merging_tiles(
+                x.contiguous(), cpu_kernels.tile_pairs(self.reduction.weight), *self.norm.kernel_args(),
+                self.norm_after, chunk)
         b, h, w, _ = x.shape
         h2, w2 = -(-h // 2), -(-w // 2)
         band = max(1, layers.CHUNK_TOKENS // (b * w2))  # output rows; :meth:`merge` pads each band
@@ -397,6 +415,8 @@ class PatchMerging(nn.Module):
 
 class PatchMergingV2(PatchMerging):
     """2x2 patch merging (V2): reduce to 2C first, then normalise."""
+
+    norm_after = True
 
     @property
     def norm_dim(self) -> int:
