@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mmswin.models import SwinTransformer, SwinTransformerV2, cpu_kernels
-from mmswin.models.blocks import PatchMerging, PatchMergingV2
+from mmswin.models.blocks import PatchEmbed, PatchMerging, PatchMergingV2
 
 from .test_inference_shared_chunks import threads, with_spread_norms
 
@@ -227,6 +227,29 @@ def test_bad_input_is_named(call, message):
         call(cpu_kernels.kernels())
 
 
+def with_and_without_tiles(module, on_tiles, x: torch.Tensor, monkeypatch) -> tuple:
+    """``module(x)`` under bf16 autocast (as the backbones' bf16 inference runs it) on AMX tiles and without
+    them (MMSWIN_AMX=0), checking with ``on_tiles(x)`` that each takes the path meant, as fp32."""
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        monkeypatch.delenv('MMSWIN_AMX', raising=False)
+        assert on_tiles(x)
+        tiles = module(x)
+        monkeypatch.setenv('MMSWIN_AMX', '0')
+        assert not on_tiles(x)
+        plain = module(x)
+    assert tiles.dtype == plain.dtype == torch.bfloat16 and tiles.shape == plain.shape
+    return tiles.float(), plain.float()
+
+
+def assert_as_close_as_without_tiles(tiles: torch.Tensor, plain: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within bf16 roundings of the path without tiles elementwise (of a value and of its row's root mean
+    square), and as close to the fp32 reference overall."""
+    scale = plain.abs() + plain.pow(2).mean(-1, keepdim=True).sqrt()
+    assert ((tiles - plain).abs() <= 2 ** -7 * scale).all()
+    error = (tiles - ref).norm()
+    assert error <= 1.05 * (plain - ref).norm() and error <= 2 ** -7 * ref.norm()
+
+
 @pytest.mark.parametrize('cls', [PatchMerging, PatchMergingV2])
 @pytest.mark.parametrize('shape', [(1, 8, 8, 32), (2, 15, 9, 48), (1, 50, 76, 96)])
 def test_patch_merging_on_tiles_is_as_close_to_fp32_as_without(cls, shape, monkeypatch):
@@ -241,17 +264,28 @@ def test_patch_merging_on_tiles_is_as_close_to_fp32_as_without(cls, shape, monke
     x = torch.randn(shape).bfloat16()
     with torch.no_grad():
         ref = merging(x.float())
-        with torch.autocast('cpu', dtype=torch.bfloat16):  # as the backbones' bf16 inference runs it
-            monkeypatch.delenv('MMSWIN_AMX', raising=False)
-            assert merging.merges_on_tiles(x)
-            tiles = merging(x)
-            monkeypatch.setenv('MMSWIN_AMX', '0')
-            assert not merging.merges_on_tiles(x)
-            plain = merging(x)
-    h2, w2 = -(-shape[1] // 2), -(-shape[2] // 2)
-    assert tiles.shape == plain.shape == (shape[0], h2, w2, 2 * shape[-1]) and tiles.dtype == torch.bfloat16
-    tiles, plain = tiles.float(), plain.float()
-    scale = plain.abs() + plain.pow(2).mean(-1, keepdim=True).sqrt()  # a value and its row's root mean square
-    assert ((tiles - plain).abs() <= 2 ** -7 * scale).all()
-    error = (tiles - ref).norm()
-    assert error <= 1.05 * (plain - ref).norm() and error <= 2 ** -7 * ref.norm()
+    tiles, plain = with_and_without_tiles(merging, merging.merges_on_tiles, x, monkeypatch)
+    assert tiles.shape == (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), 2 * shape[-1])
+    assert_as_close_as_without_tiles(tiles, plain, ref)
+
+
+@pytest.mark.parametrize('size', [(32, 32), (45, 61)])
+@pytest.mark.parametrize('normed', [True, False])
+@pytest.mark.parametrize('image_dtype', [torch.float32, torch.bfloat16])
+def test_patch_embedding_on_tiles_is_within_bf16_rounding_of_the_convolution(size, normed, image_dtype,
+                                                                            monkeypatch):
+    """The patch embedding on tiles (each patch gathered, rounded to bf16, projected, normalised) against the
+    bf16 convolution and norm without tiles (MMSWIN_AMX=0), sides not multiples of the patch (zero padding):
+    within a bf16 rounding elementwise, as close to the fp32 embedding overall."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(3, 64, 4, norm_cfg=dict(type='LN'), use_norm=normed).eval()
+    if normed:
+        with torch.no_grad():
+            embed.norm.weight.normal_(1.0, 0.1)
+            embed.norm.bias.normal_(0.0, 0.1)
+    x = torch.randn(2, 3, *size).to(image_dtype)
+    with torch.no_grad():
+        ref = embed(x.bfloat16().float())
+    tiles, plain = with_and_without_tiles(embed, embed.embeds_on_tiles, x, monkeypatch)
+    assert tiles.shape == (2, -(-size[0] // 4), -(-size[1] // 4), 64)
+    assert_as_close_as_without_tiles(tiles, plain, ref)

@@ -172,6 +172,17 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 // CPU bf16 inference's linear: tile_linear where weight is packed by pack_tile_pairs (int32), else onednn_linear.
 at::Tensor inference_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
+// The patch embedding of image (B, in_channels, H, W) fp32 or bf16 into tokens (B, ceil(H / patch), ceil(W /
+// patch), dim) bf16 on AMX tiles: each token's patch (in_channels, patch, patch) rounded to bf16 (zeros past the
+// image) times weight (dim, in_channels * patch^2, zero columns up to a multiple of 32) packed by
+// pack_tile_pairs, plus bias (bf16 or none), rounded to bf16, and where normalise the layer norm (norm_weight,
+// norm_bias fp32 or none, eps) over dim. Chunks of `chunk` tokens are shared out among the threads.
+at::Tensor patch_embedding_tiles(const at::Tensor& image, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t patch,
+                                 const c10::optional<at::Tensor>& norm_weight,
+                                 const c10::optional<at::Tensor>& norm_bias, double eps, bool normalise,
+                                 int64_t chunk);
+
 // Patch merging of x (B, H, W, C) bf16 into (B, ceil(H / 2), ceil(W / 2), 2C) on AMX tiles: per output token its
 // neighbours (0, 0), (1, 0), (0, 1), (1, 1) (row, column; zeros past x) as 4C values, the layer norm (norm_weight,
 // norm_bias fp32 or none, eps) over them, and the reduction by weight (2C, 4C) packed by pack_tile_pairs; with

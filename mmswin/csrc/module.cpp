@@ -170,6 +170,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x (rows, K) bf16 times a weight packed by pack_tile_pairs (N, K) plus bias (or None), rounded to bf16, on "
         "AMX tiles",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("patch_embedding_tiles", &mmswin::patch_embedding_tiles,
+        "The patch embedding of image (B, in_channels, H, W) into (B, ceil(H / patch), ceil(W / patch), dim) bf16 "
+        "tokens: each patch rounded to bf16, projected by the weight packed by pack_tile_pairs plus bias and, where "
+        "normalise, normalised, on AMX tiles in chunks of `chunk` tokens shared out among the threads (CPU "
+        "inference)",
+        py::arg("image"), py::arg("weight"), py::arg("bias"), py::arg("patch"), py::arg("norm_weight"),
+        py::arg("norm_bias"), py::arg("eps"), py::arg("normalise"), py::arg("chunk"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("patch_merging_tiles", &mmswin::patch_merging_tiles,
         "Patch merging of x (B, H, W, C) into (B, ceil(H / 2), ceil(W / 2), 2C): the 2 x 2 neighbours' 4C values "
         "normalised and reduced by the weight packed by pack_tile_pairs (norm_after: reduced, then normalised), on "

@@ -4,6 +4,8 @@
 // s*32 + 2p + 1]) at row p and column n. N and K must be multiples of 32. The products sum in the tiles' order
 // (fp32 accumulation), so the values may differ from oneDNN's by bf16 roundings.
 // - tile_linear: x weight^T plus bias, rounded to bf16, on the calling thread (the attention half's projections).
+// - patch_embedding_tiles: the patch embedding, each token's patch of the image gathered (rounded to bf16 as
+//   autocast casts the image), projected and normalised per chunk of tokens.
 // - patch_merging_tiles: patch merging, the 2 x 2 neighbours gathered, normalised and reduced per chunk of
 //   output tokens (V2: reduced, then normalised).
 // - gelu_mlp_tiles_: the MLP half of a block, x += fc2(gelu(fc1(norm(x)))) (post_norm: x += norm(fc2(gelu(fc1(
@@ -132,6 +134,12 @@ MMSWIN_AMX inline __m512i biased_line(const float* y, const uint16_t* bias, int6
     hi = _mm512_add_ps(hi, load_bf16(bias + j + 16, 0xFFFF));
   }
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// n (at most 16) fp32 values rounded to bf16 (to nearest even, as PyTorch casts them).
+MMSWIN_AMX inline void round_to_bf16(const float* from, int64_t n, uint16_t* to) {
+  const __mmask16 m = first_lanes(n);
+  store_bf16_bits(to, m, round_bf16(_mm512_maskz_loadu_ps(m, from)));
 }
 
 // out (rows, n) bf16 = x (rows, k) bf16 times the packed weight (n, k) plus bias (or none), on this thread.
@@ -322,6 +330,67 @@ at::Tensor patch_merging_tiles(const at::Tensor& x, const at::Tensor& weight,
     uint16_t* y = dst + first * 2 * c;
     linear_on_tiles(merged.data(), rows, 4 * c, packed, 2 * c, nullptr, y);
     if (norm_after) layer_norm_rows(as_bf16(y), rows, 2 * c, nw, nb, static_cast<float>(eps), as_bf16(y), nullptr);
+  });
+#endif
+  return out;
+}
+
+at::Tensor patch_embedding_tiles(const at::Tensor& image, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t patch,
+                                 const c10::optional<at::Tensor>& norm_weight,
+                                 const c10::optional<at::Tensor>& norm_bias, double eps, bool normalise,
+                                 int64_t chunk) {
+  const char* fn = "patch_embedding_tiles";
+  TORCH_CHECK(amx_available(), fn, " needs a CPU with AMX-BF16 that the operating system lets this process use");
+  TORCH_CHECK(image.device().is_cpu() && image.is_contiguous() && image.dim() == 4 &&
+                  (image.scalar_type() == at::kFloat || image.scalar_type() == at::kBFloat16),
+              fn, ": image must be a contiguous (B, in_channels, H, W) fp32 or bf16 CPU tensor, got ", image.sizes(),
+              " ", image.scalar_type());
+  TORCH_CHECK(patch > 0, fn, ": patch must be positive, got ", patch);
+  const int64_t b = image.size(0), channels = image.size(1), h = image.size(2), w = image.size(3);
+  const int64_t k = channels * patch * patch, kp = (k + 31) / 32 * 32;  // the reduction axis padded for the tiles
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == kp / 32, fn, ": weight must be pack_tile_pairs's (dim / 16, ",
+              kp / 32, ", 16, 16) tensor for a (dim, ", kp, ") weight (in_channels * patch^2 = ", k,
+              " columns and zeros), got ", weight.sizes());
+  const int64_t dim = weight.size(0) * 16;
+  TORCH_CHECK(dim % 32 == 0, fn, ": the embedding's dim must be a multiple of 32, got ", dim);
+  check_packed(fn, "weight", weight, dim, kp);
+  check_bias(fn, "bias", bias, dim);
+  check_norm(fn, norm_weight, norm_bias, eps, dim);
+  TORCH_CHECK(chunk > 0, fn, ": chunk must be positive, got ", chunk);
+  const int64_t h2 = (h + patch - 1) / patch, w2 = (w + patch - 1) / patch, tokens = b * h2 * w2;
+  at::Tensor out = at::empty({b, h2, w2, dim}, image.options().dtype(at::kBFloat16));
+#ifdef MMSWIN_AMX
+  const bool fp32 = image.scalar_type() == at::kFloat;
+  const float* nw = norm_weight.has_value() && norm_weight->defined() ? norm_weight->data_ptr<float>() : nullptr;
+  const float* nb = norm_bias.has_value() && norm_bias->defined() ? norm_bias->data_ptr<float>() : nullptr;
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const float* pixels = fp32 ? image.data_ptr<float>() : nullptr;
+  const uint16_t* bits = fp32 ? nullptr : reinterpret_cast<const uint16_t*>(image.data_ptr<at::BFloat16>());
+  for_each_chunk((tokens + chunk - 1) / chunk, [&](int64_t part) MMSWIN_AMX {
+    const int64_t first = part * chunk, rows = std::min(chunk, tokens - first);
+    std::vector<uint16_t> columns(rows * kp, 0);  // each token's patch, (in_channels, patch, patch), as bf16
+    for (int64_t t = 0; t < rows; ++t) {
+      const int64_t token = first + t, j = token % w2, i = token / w2 % h2, n = token / (w2 * h2);
+      uint16_t* to = columns.data() + t * kp;
+      for (int64_t ch = 0; ch < channels; ++ch)
+        for (int64_t dy = 0; dy < patch && i * patch + dy < h; ++dy) {
+          const int64_t offset = ((n * channels + ch) * h + i * patch + dy) * w + j * patch;
+          const int64_t width = std::min(patch, w - j * patch);
+          uint16_t* row = to + (ch * patch + dy) * patch;
+          if (fp32)
+            round_to_bf16(pixels + offset, width, row);  // as autocast casts the image
+          else
+            std::memcpy(row, bits + offset, width * sizeof(uint16_t));
+        }
+    }
+    uint16_t* y = dst + first * dim;
+    linear_on_tiles(columns.data(), rows, kp, reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), dim,
+                    bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>()) : nullptr,
+                    y);
+    if (normalise)
+      layer_norm_rows(reinterpret_cast<at::BFloat16*>(y), rows, dim, nw, nb, static_cast<float>(eps),
+                      reinterpret_cast<at::BFloat16*>(y), nullptr);
   });
 #endif
   return out;

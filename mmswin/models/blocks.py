@@ -338,6 +338,14 @@ class PatchEmbed(nn.Module):
         """
         p = self.patch_size
         h, w = x.shape[-2:]
+        if self.embeds_on_tiles(x):
+            norm = self.norm.kernel_args() if self.norm is not None else (None, None, 0.0)
+            bias = None if self.proj.bias is None else self.proj.bias.to(torch.bfloat16)
+            tokens = x.shape[0] * -(-h // p) * -(-w // p)
+            chunk = cpu_kernels.inference_chunk(tokens, layers.CHUNK_TOKENS, 64)
+            return cpu_kernels.kernels().patch_embedding_tiles(
+                x.contiguous(), cpu_kernels.tile_pairs(self.proj.weight), bias, p, *norm, self.norm is not None,
+                chunk)
         if h % p or w % p:
             x = F.pad(x, (0, -w % p, 0, -h % p))
         # Under autocast the image is cast as the convolution would cast it, in the same copy.
@@ -346,6 +354,18 @@ class PatchEmbed(nn.Module):
         if self.norm is None:
             return x
         return layers.normalise_in_place(self.norm, x) if layers.runs_in_chunks(x, self.norm) else self.norm(x)
+
+
+    def embeds_on_tiles(self, x: torch.Tensor) -> bool:
+        """Whether the inference of ``x: (B, in_channels, H, W)`` runs in one call of the kernels on AMX tiles
+        (``patch_embedding_tiles``; :func:`.cpu_kernels.use_amx`): bf16 (an fp32 image under bf16 autocast)
+        on the CPU, the kernels' layer norm or none, the embedding's dim a multiple of 32, not recorded into a
+        graph. The same values to the products' bf16 roundings."""
+        dtype = autocast_dtype(x) if x.dtype == torch.float32 else x.dtype
+        return (dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+                and layers.runs_in_chunks(x, self) and (self.norm is None or isinstance(self.norm, LayerNorm))
+                and self.proj.out_channels % 32 == 0 and type(self.proj) is Conv2d and not recording_graph()
+                and cpu_kernels.use_amx())
 
 
 class PatchMerging(nn.Module):

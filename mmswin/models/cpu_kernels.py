@@ -7,6 +7,7 @@ from functools import lru_cache, wraps
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -48,16 +49,19 @@ _tile_pairs = WeakIdKeyDictionary()  # weight -> (what it was packed from, the p
 
 
 def tile_pairs(weight: torch.Tensor) -> torch.Tensor:
-    """``weight: (N, K)`` (N and K multiples of 32) rounded to bf16 and packed for the kernels' products on AMX
-    tiles (``pack_tile_pairs``), kept for the next calls while the weight is unchanged: the same storage, dtype
-    and version counter (in-place updates, ``load_state_dict`` and optimizer steps change it). Inference packs
-    each weight once, not at every forward, at the memory of a bf16 copy of the weight."""
+    """``weight: (N, ...)`` (N a multiple of 32) as ``(N, K)``, its other axes flattened and zero columns added
+    up to a multiple of 32, rounded to bf16 and packed for the kernels' products on AMX tiles
+    (``pack_tile_pairs``), kept for the next calls while the weight is unchanged: the same storage, dtype and
+    version counter (in-place updates, ``load_state_dict`` and optimizer steps change it). Inference packs each
+    weight once, not at every forward, at the memory of a bf16 copy of the weight."""
     key = (weight.data_ptr(), weight.dtype, weight.shape, weight._version)
     kept = _tile_pairs.get(weight)
     if kept is not None and kept[0] == key:
         return kept[1]
     with torch.no_grad():
-        packed = kernels().pack_tile_pairs(weight.to(torch.bfloat16).contiguous())
+        rows = weight.reshape(weight.shape[0], -1).to(torch.bfloat16)
+        rows = F.pad(rows, (0, -rows.shape[1] % 32)).contiguous()
+        packed = kernels().pack_tile_pairs(rows)
     _tile_pairs[weight] = (key, packed)
     return packed
 
