@@ -188,6 +188,23 @@ def test_packed_weights_are_kept_until_the_weight_changes():
     assert torch.equal(cpu_kernels.tile_pairs(w), ops.pack_tile_pairs(w.detach().bfloat16()))
 
 
+def test_a_model_made_in_inference_mode_takes_the_tiles():
+    """Weights made under torch.inference_mode() have no version counter: packed at every call, the same
+    outputs as the same weights made outside it."""
+    torch.manual_seed(0)
+    model = SwinTransformer(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0).eval()
+    x = torch.randn(1, 3, 224, 256)
+    with torch.inference_mode():
+        made = SwinTransformer(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0).eval()
+        made.load_state_dict(model.state_dict())
+        assert made.layers[0].blocks[0].mlp.fc1.weight.is_inference()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outs = made(x)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        expected = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(outs, expected))
+
+
 @pytest.mark.parametrize('call,message', [
     (lambda ops: ops.pack_tile_pairs(torch.zeros(48, 32, dtype=torch.bfloat16)),
      r"pack_tile_pairs: weight's N and K must be multiples of 32, got \[48, 32\]"),

@@ -53,17 +53,26 @@ def tile_pairs(weight: torch.Tensor) -> torch.Tensor:
     up to a multiple of 32, rounded to bf16 and packed for the kernels' products on AMX tiles
     (``pack_tile_pairs``), kept for the next calls while the weight is unchanged: the same storage, dtype and
     version counter (in-place updates, ``load_state_dict`` and optimizer steps change it). Inference packs each
-    weight once, not at every forward, at the memory of a bf16 copy of the weight."""
+    weight once, not at every forward, at the memory of a bf16 copy of the weight. A weight made under
+    ``torch.inference_mode()`` has no version counter to tell an in-place update by: it is packed afresh at
+    every call."""
+    if weight.is_inference():
+        return _packed(weight)
     key = (weight.data_ptr(), weight.dtype, weight.shape, weight._version)
     kept = _tile_pairs.get(weight)
     if kept is not None and kept[0] == key:
         return kept[1]
+    packed = _packed(weight)
+    _tile_pairs[weight] = (key, packed)
+    return packed
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`tile_pairs` without keeping it."""
     with torch.no_grad():
         rows = weight.reshape(weight.shape[0], -1).to(torch.bfloat16)
         rows = F.pad(rows, (0, -rows.shape[1] % 32)).contiguous()
-        packed = kernels().pack_tile_pairs(rows)
-    _tile_pairs[weight] = (key, packed)
-    return packed
+        return kernels().pack_tile_pairs(rows)
 
 
 def threads_share(chunks: int) -> bool:
