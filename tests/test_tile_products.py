@@ -84,8 +84,8 @@ def test_mlp_half_on_tiles_is_as_close_to_fp32_as_onednns(c, tokens, post_norm):
     ops = cpu_kernels.kernels()
     args = (a['norm_weight'], a['norm_bias'], 1e-5, post_norm, 64)
     tiles = a['x'].clone()
-    out = ops.gelu_mlp_tiles_(tiles, ops.pack_tile_pairs(a['w1']), a['b1'], ops.pack_tile_pairs(a['w2']), a['b2'],
-                              *args)
+    out = ops.gelu_mlp_rows_(tiles, ops.pack_tile_pairs(a['w1']), a['b1'], ops.pack_tile_pairs(a['w2']), a['b2'],
+                             *args)
     assert out is tiles
     plain = a['x'].clone()
     ops.gelu_mlp_rows_(plain, a['w1'], a['b1'], a['w2'], a['b2'], *args)
@@ -109,12 +109,12 @@ def test_mlp_half_on_tiles_is_the_same_for_any_chunks_and_threads(post_norm):
     for n, chunk in ((1, 1000), (2, 37), (3, 250), (2, 1)):
         x = a['x'].clone()
         with threads(n):
-            ops.gelu_mlp_tiles_(x, packed[0], a['b1'], packed[1], a['b2'], a['norm_weight'], a['norm_bias'], 1e-5,
+            ops.gelu_mlp_rows_(x, packed[0], a['b1'], packed[1], a['b2'], a['norm_weight'], a['norm_bias'], 1e-5,
                                 post_norm, chunk)
         outs.append(x)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
     one = a['x'][17:18].clone()  # a single row alone
-    ops.gelu_mlp_tiles_(one, packed[0], a['b1'], packed[1], a['b2'], a['norm_weight'], a['norm_bias'], 1e-5,
+    ops.gelu_mlp_rows_(one, packed[0], a['b1'], packed[1], a['b2'], a['norm_weight'], a['norm_bias'], 1e-5,
                         post_norm, 1)
     assert torch.equal(one, outs[0][17:18])
 
@@ -136,7 +136,7 @@ def test_gelu_on_tiles_is_the_exact_gelu_to_bf16_rounding():
     for i in range(40):
         for part in range(4):
             x = torch.zeros(1, c, dtype=torch.bfloat16)
-            ops.gelu_mlp_tiles_(x, w1, h[i], picks[part], None, None, None, 1e-5, False, 1)
+            ops.gelu_mlp_rows_(x, w1, h[i], picks[part], None, None, None, 1e-5, False, 1)
             out[i, part] = x[0]
     out, h = out.view(-1).double(), h.view(-1).double()
     exact = F.gelu(h)
@@ -219,16 +219,16 @@ def test_a_model_made_in_inference_mode_takes_the_tiles():
     (lambda ops: ops.tile_linear(torch.zeros(5, 32, dtype=torch.bfloat16),
                                  ops.pack_tile_pairs(torch.zeros(32, 32, dtype=torch.bfloat16)), torch.zeros(32)),
      r'tile_linear: bias must be None or a contiguous \(32,\) bf16'),
-    (lambda ops: ops.gelu_mlp_tiles_(torch.zeros(5, 32, dtype=torch.bfloat16),
+    (lambda ops: ops.gelu_mlp_rows_(torch.zeros(5, 32, dtype=torch.bfloat16),
                                      ops.pack_tile_pairs(torch.zeros(128, 32, dtype=torch.bfloat16)), None,
                                      ops.pack_tile_pairs(torch.zeros(64, 128, dtype=torch.bfloat16)), None,
                                      None, None, 1e-5, False, 8),
-     r'gelu_mlp_tiles_: w2 must be pack_tile_pairs\'s contiguous \(2, 4, 16, 16\) int32 CPU tensor for a \(32, 128\)'),
-    (lambda ops: ops.gelu_mlp_tiles_(torch.zeros(5, 32, dtype=torch.bfloat16),
+     r'gelu_mlp_rows_: w2 must be pack_tile_pairs\'s contiguous \(2, 4, 16, 16\) int32 CPU tensor for a \(32, 128\)'),
+    (lambda ops: ops.gelu_mlp_rows_(torch.zeros(5, 32, dtype=torch.bfloat16),
                                      ops.pack_tile_pairs(torch.zeros(128, 32, dtype=torch.bfloat16)), None,
                                      ops.pack_tile_pairs(torch.zeros(32, 128, dtype=torch.bfloat16)), None,
                                      None, None, 1e-5, False, 0),
-     'gelu_mlp_tiles_: chunk must be positive, got 0'),
+     'gelu_mlp_rows_: chunk must be positive, got 0'),
     (lambda ops: ops.patch_merging_tiles(torch.zeros(1, 4, 4, 24, dtype=torch.bfloat16),
                                          ops.pack_tile_pairs(torch.zeros(64, 128, dtype=torch.bfloat16)),
                                          None, None, 1e-5, False, 8),

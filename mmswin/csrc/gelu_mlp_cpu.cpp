@@ -235,6 +235,8 @@ at::Tensor& gelu_mlp_rows_(at::Tensor& x, const at::Tensor& w1, const c10::optio
                            const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
                            double eps, bool post_norm, int64_t chunk) {
   const char* fn = "gelu_mlp_rows_";
+  if (w1.scalar_type() == at::kInt)  // packed by pack_tile_pairs: both products on AMX tiles
+    return gelu_mlp_tiles_(x, w1, b1, w2, b2, norm_weight, norm_bias, eps, post_norm, chunk);
   check_mlp(fn, x, w1, b1, w2, b2, chunk, true);
   const int64_t tokens = x.size(0), c = x.size(1);
   check_norm(fn, norm_weight, norm_bias, eps, c);

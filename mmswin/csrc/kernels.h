@@ -155,13 +155,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gelu_mlp_forward(const at::Tenso
 
 // CPU bf16 inference's MLP half of a Swin block, x += fc2(gelu(fc1(norm(x)))) (post_norm: x +=
 // norm(fc2(gelu(fc1(x))))) for x (tokens, C) in place, over chunks of `chunk` rows shared out among the threads:
-// the values of the chunk-by-chunk pass, the products by onednn_linear and the norm by layer_norm.
+// the values of the chunk-by-chunk pass, the products by onednn_linear and the norm by layer_norm; where w1 and
+// w2 come packed by pack_tile_pairs (int32), gelu_mlp_tiles_.
 at::Tensor& gelu_mlp_rows_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                            const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
                            double eps, bool post_norm, int64_t chunk);
 
-// A weight (N, K) bf16, N and K multiples of 32, packed as the tile products of gelu_mlp_tiles_ read it:
+// A weight (N, K) bf16, N and K multiples of 32, packed as the kernels' products on AMX tiles read it:
 // (N / 16, K / 32, 16, 16) int32 words, each a pair of bf16 along K (see mlp_tiles_cpu.cpp).
 at::Tensor pack_tile_pairs(const at::Tensor& weight);
 
@@ -193,8 +194,8 @@ at::Tensor patch_merging_tiles(const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& norm_bias, double eps, bool norm_after,
                                int64_t chunk);
 
-// gelu_mlp_rows_ with both products on AMX tiles (amx_available), the weights packed by pack_tile_pairs and the
-// biases bf16 (or none); C and H multiples of 32. The products sum in the tiles' order.
+// gelu_mlp_rows_ for packed weights: both products on AMX tiles (amx_available), the weights packed by
+// pack_tile_pairs and the biases bf16 (or none); C and H multiples of 32. The products sum in the tiles' order.
 at::Tensor& gelu_mlp_tiles_(at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                             const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                             const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,

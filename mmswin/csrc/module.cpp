@@ -158,12 +158,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("gelu_mlp_rows_", &mmswin::gelu_mlp_rows_,
         "Adds the MLP branch fc2(gelu(fc1(norm(x)))) (post_norm: norm(fc2(gelu(fc1(x))))) to x (tokens, C) in place, "
-        "in chunks of `chunk` rows shared out among the threads (bf16, CPU inference)",
+        "in chunks of `chunk` rows shared out among the threads (bf16, CPU inference); both products on AMX tiles "
+        "where w1 and w2 come packed by pack_tile_pairs",
         py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),
         py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("chunk"),
         py::call_guard<py::gil_scoped_release>());
   m.def("pack_tile_pairs", &mmswin::pack_tile_pairs,
-        "A weight (N, K) bf16 packed for gelu_mlp_tiles_'s tile products: (N / 16, K / 32, 16, 16) int32 words, "
+        "A weight (N, K) bf16 packed for the kernels' products on AMX tiles: (N / 16, K / 32, 16, 16) int32 words, "
         "each a pair of bf16 along K",
         py::arg("weight"));
   m.def("tile_linear", &mmswin::tile_linear,
@@ -184,11 +185,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "AMX tiles in chunks of `chunk` output tokens shared out among the threads (bf16, CPU inference)",
         py::arg("x"), py::arg("weight"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("eps"),
         py::arg("norm_after"), py::arg("chunk"), py::call_guard<py::gil_scoped_release>());
-  m.def("gelu_mlp_tiles_", &mmswin::gelu_mlp_tiles_,
-        "gelu_mlp_rows_ with both products on AMX tiles, the weights packed by pack_tile_pairs (bf16, CPU inference)",
-        py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),
-        py::arg("norm_bias"), py::arg("eps"), py::arg("post_norm"), py::arg("chunk"),
-        py::call_guard<py::gil_scoped_release>());
   m.def("norm_gelu_mlp_forward", &mmswin::norm_gelu_mlp_forward,
         "A Swin block's MLP half x + fc2(gelu(fc1(norm(x)))) (post_norm: x + norm(fc2(gelu(fc1(x))))) of x "
         "(tokens, C), the norm's stats, fc1's output as chunks of `chunk` rows and (post_norm) the branch's chunks "

@@ -8,10 +8,11 @@
 //   autocast casts the image), projected and normalised per chunk of tokens.
 // - patch_merging_tiles: patch merging, the 2 x 2 neighbours gathered, normalised and reduced per chunk of
 //   output tokens (V2: reduced, then normalised).
-// - gelu_mlp_tiles_: the MLP half of a block, x += fc2(gelu(fc1(norm(x)))) (post_norm: x += norm(fc2(gelu(fc1(
-//   x))))), in place, as gelu_mlp_rows_ computes it with oneDNN's products. Each thread takes whole chunks of rows
-//   and each chunk a panel of rows at a time: their norm, fc1's output with its bias and the exact GELU, rounded to
-//   bf16, fc2's output with its bias, rounded to bf16, and the residual sum, all in the core's caches.
+// - gelu_mlp_tiles_ (gelu_mlp_rows_ for packed weights): the MLP half of a block, x += fc2(gelu(fc1(norm(x))))
+//   (post_norm: x += norm(fc2(gelu(fc1(x))))), in place, as gelu_mlp_rows_ computes it with oneDNN's products.
+//   Each thread takes whole chunks of rows and each chunk a panel of rows at a time: their norm, fc1's output
+//   with its bias and the exact GELU, rounded to bf16, fc2's output with its bias, rounded to bf16, and the
+//   residual sum, all in the core's caches.
 #include "simd.h"
 #include "kernels.h"
 #include "tiles.h"
@@ -400,7 +401,7 @@ at::Tensor& gelu_mlp_tiles_(at::Tensor& x, const at::Tensor& w1, const c10::opti
                             const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                             const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
                             double eps, bool post_norm, int64_t chunk) {
-  const char* fn = "gelu_mlp_tiles_";
+  const char* fn = "gelu_mlp_rows_";  // its weights packed
   TORCH_CHECK(amx_available(), fn, " needs a CPU with AMX-BF16 that the operating system lets this process use");
   TORCH_CHECK(is_cpu_contiguous(x, at::kBFloat16) && x.dim() == 2, fn,
               ": x must be a contiguous (tokens, C) bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());

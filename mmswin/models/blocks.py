@@ -237,7 +237,7 @@ class SwinBlock(nn.Module):
         fc1, fc2 = params[0], params[2]
         if cpu_kernels.use_amx() and fc1.shape[0] % 32 == 0 and fc1.shape[1] % 32 == 0:  # both products on tiles
             b1, b2 = (None if b is None else b.to(torch.bfloat16) for b in params[1::2])
-            ops.gelu_mlp_tiles_(rows, cpu_kernels.tile_pairs(fc1), b1, cpu_kernels.tile_pairs(fc2), b2,
+            ops.gelu_mlp_rows_(rows, cpu_kernels.tile_pairs(fc1), b1, cpu_kernels.tile_pairs(fc2), b2,
                                 *self.norm2.kernel_args(), self.res_post_norm, chunk)
             return True
         params = (None if p is None else p.to(torch.bfloat16) for p in params)
