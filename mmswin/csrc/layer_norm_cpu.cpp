@@ -399,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_channels_first_with_stats(const at
   const int64_t tiles = (l + kTileTokens - 1) / kTileTokens;
   at::parallel_for(0, x.size(0) * tiles, std::max<int64_t>(1, 16384 / (c * kTileTokens)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> tile(kTileTokens * c);
+    LineVector<uint16_t> tile(kTileTokens * c);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t image = t / tiles, first = (t % tiles) * kTileTokens;
       const int64_t rows = std::min(kTileTokens, l - first);

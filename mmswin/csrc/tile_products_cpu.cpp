@@ -147,7 +147,7 @@ MMSWIN_AMX inline void round_to_bf16(const float* from, int64_t n, uint16_t* to)
 MMSWIN_AMX void linear_on_tiles(const uint16_t* x, int64_t rows, int64_t k, const uint32_t* weight, int64_t n,
                                 const uint16_t* bias, uint16_t* out) {
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows, tail = rows - (blocks - 1) * kBlockRows;
-  std::vector<uint16_t> last;  // the last block's rows padded with zeros, where it is not whole
+  LineVector<uint16_t> last;  // the last block's rows padded with zeros, where it is not whole
   if (tail < kBlockRows) {
     last.assign(kBlockRows * k, 0);
     std::memcpy(last.data(), x + (blocks - 1) * kBlockRows * k, tail * k * sizeof(uint16_t));
@@ -168,7 +168,7 @@ MMSWIN_AMX void linear_on_tiles(const uint16_t* x, int64_t rows, int64_t k, cons
 MMSWIN_AMX void mlp_rows_on_tiles(const Mlp& m, uint16_t* x, int64_t rows) {
   const int64_t c = m.c, width = m.width;
   const int64_t panel = std::min(panel_rows(c, width), (rows + kBlockRows - 1) / kBlockRows * kBlockRows);
-  std::vector<uint16_t> in(panel * c), hidden(panel * width), branch(m.post_norm ? panel * c : 0);
+  LineVector<uint16_t> in(panel * c), hidden(panel * width), branch(m.post_norm ? panel * c : 0);
   alignas(64) float acc[2][kBlockRows * 32];
   tiles::configure();
   for (int64_t p0 = 0; p0 < rows; p0 += panel) {
@@ -313,7 +313,7 @@ at::Tensor patch_merging_tiles(const at::Tensor& x, const at::Tensor& weight,
   const uint32_t* packed = reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>());
   for_each_chunk((tokens + chunk - 1) / chunk, [&](int64_t k) {
     const int64_t first = k * chunk, rows = std::min(chunk, tokens - first);
-    std::vector<uint16_t> merged(rows * 4 * c);
+    LineVector<uint16_t> merged(rows * 4 * c);
     for (int64_t t = 0; t < rows; ++t) {  // the neighbours (0, 0), (1, 0), (0, 1), (1, 1) (row, column), zero past x
       const int64_t token = first + t, j = token % w2, i = token / w2 % h2, image = token / (w2 * h2);
       for (int64_t q = 0; q < 4; ++q) {
@@ -370,7 +370,7 @@ at::Tensor patch_embedding_tiles(const at::Tensor& image, const at::Tensor& weig
   const uint16_t* bits = fp32 ? nullptr : reinterpret_cast<const uint16_t*>(image.data_ptr<at::BFloat16>());
   for_each_chunk((tokens + chunk - 1) / chunk, [&](int64_t part) MMSWIN_AMX {
     const int64_t first = part * chunk, rows = std::min(chunk, tokens - first);
-    std::vector<uint16_t> columns(rows * kp, 0);  // each token's patch, (in_channels, patch, patch), as bf16
+    LineVector<uint16_t> columns(rows * kp, 0);  // each token's patch, (in_channels, patch, patch), as bf16
     for (int64_t t = 0; t < rows; ++t) {
       const int64_t token = first + t, j = token % w2, i = token / w2 % h2, n = token / (w2 * h2);
       uint16_t* to = columns.data() + t * kp;

@@ -39,6 +39,8 @@
 
 namespace {
 
+using mmswin::LineVector;
+
 // Blocks of windows whose bias and scale gradients are summed apart: tasks enough for a CPU's threads (times
 // the heads), and few enough partial sums (blocks, nH, N, N) to stay in the caches (64 took 12 % longer).
 constexpr int64_t kBlocks = 16;
@@ -54,16 +56,16 @@ constexpr int kGradRows = 8;
 
 // Per-task scratch; npad = N rounded up to 16, pairs = ceil(N / 2).
 struct Scratch {
-  std::vector<uint32_t> keys, values;              // k and v as columns, (d/2, npad)
-  std::vector<uint32_t> q_pairs, k_pairs, g_pairs;  // q, k and dO as pairs of rows, (pairs, d)
-  std::vector<uint32_t> probs_w, grads_w;          // P and dS rq as words of pairs of rows, (pairs, npad)
-  std::vector<uint16_t> grads;                     // dS rk, (N, npad) bf16
-  std::vector<float> logits, dp, probs;            // kRows rows of npad, fp32
-  std::vector<float> q_scale, k_scale, q_corr, k_corr, row_a, col_b;  // cosine attention, per row and column
+  LineVector<uint32_t> keys, values;               // k and v as columns, (d/2, npad)
+  LineVector<uint32_t> q_pairs, k_pairs, g_pairs;  // q, k and dO as pairs of rows, (pairs, d)
+  LineVector<uint32_t> probs_w, grads_w;           // P and dS rq as words of pairs of rows, (pairs, npad)
+  LineVector<uint16_t> grads;                      // dS rk, (N, npad) bf16
+  LineVector<float> logits, dp, probs;             // kRows rows of npad, fp32
+  LineVector<float> q_scale, k_scale, q_corr, k_corr, row_a, col_b;  // cosine attention, per row and column
   // window_attention_rows_backward's window of one head, gathered: q, k, v (N, 3d), dO (N, d), lse (N), and
   // the gradients of q, k, v (N, 3d) before they go to their rows.
-  std::vector<uint16_t> tokens, token_grads, dqkv;
-  std::vector<float> token_lse;
+  LineVector<uint16_t> tokens, token_grads, dqkv;
+  LineVector<float> token_lse;
   Scratch(int64_t n, int64_t npad, int64_t d)
       : keys(d / 2 * npad), values(d / 2 * npad), q_pairs((n + 1) / 2 * d), k_pairs((n + 1) / 2 * d),
         g_pairs((n + 1) / 2 * d), probs_w((n + 1) / 2 * npad), grads_w((n + 1) / 2 * npad), grads(n * npad),

@@ -35,6 +35,8 @@
 
 namespace {
 
+using mmswin::LineVector;
+
 constexpr int64_t kMaxTokens = 1024;
 
 #ifdef MMSWIN_X86
@@ -53,11 +55,11 @@ using namespace mmswin::simd;
 // weights and sums hold a tile's 16 rows, whose products accumulate in `products` (16 rows of d).
 struct Scratch {
   int64_t dt, nt;  // the queries' row length and the weights' (d and npad without tiles)
-  std::vector<uint32_t> keys, values;
-  std::vector<float> key_scales, logits, inv_sums, products;
-  std::vector<uint16_t> queries, weights, tokens, outputs;
+  LineVector<uint32_t> keys, values;
+  LineVector<float> key_scales, logits, inv_sums, products;
+  LineVector<uint16_t> queries, weights, tokens, outputs;
   std::vector<int64_t> positions;
-  std::vector<float> lse;
+  LineVector<float> lse;
   Scratch(int64_t n, int64_t npad, int64_t d, int64_t rows, bool gathered = false, bool tiles = false)
       : dt(tiles ? (d + 31) / 32 * 32 : d), nt(tiles ? (npad + 31) / 32 * 32 : npad), keys(dt / 2 * npad),
         values((tiles ? nt : n + 1) / 2 * d), key_scales(npad), logits((tiles ? 16 : rows) * npad),
