@@ -137,10 +137,16 @@ def with_spread_norms(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
 @pytest.mark.parametrize('n', [1, 2, 3])
-def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(cls, n, monkeypatch):
+@pytest.mark.parametrize('tiles', [False, pytest.param(True, marks=pytest.mark.skipif(
+    not (cpu_kernels.kernels_available() and cpu_kernels.kernels().amx_available()),
+    reason='the projections on tiles need a CPU with AMX-BF16'))])
+def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(cls, n, tiles, monkeypatch):
     """In bf16 in-place inference, a block's attention half with at least two chunks of windows per thread is
     one call of the kernels, with the values of the blocks' chunk-by-chunk pass (the shift mask, padding, two
-    images), bit for bit."""
+    images), bit for bit; with its projections on AMX tiles (C a multiple of 32), from chunks of 256 tokens on
+    instead of 1024."""
+    if not tiles:
+        monkeypatch.setenv('MMSWIN_AMX', '0')
     torch.manual_seed(0)
     model = with_spread_norms(cls(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0,
                                   window_size=4)).eval()
@@ -167,10 +173,15 @@ def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(c
     one_by_one = run()
     # Two chunks per thread (their number a multiple of the thread count) of at least 32 windows (1024 tokens of
     # the two images): the first stage's 225 windows per image in 2, 4 or 6 chunks, the second stage's 64 in 2 (on
-    # more threads too few), the third stage's 16 in one
+    # more threads too few), the third stage's 16 in one. On tiles (from the second stage on, C = 32) at least 8
+    # windows (256 tokens): the second stage's in 2, 4 or 6 chunks, the third stage's in 2 (on more threads too
+    # few).
     first = [((2, 58 * 57, 16), 2 * n)] * 2
-    second = {1: [((2, 29 * 29, 32), 2)] * 2, 2: [], 3: []}[n]
-    assert calls == first + second
+    if tiles:
+        later = [((2, 29 * 29, 32), 2 * n)] * 2 + {1: [((2, 15 * 15, 64), 2)] * 2, 2: [], 3: []}[n]
+    else:
+        later = {1: [((2, 29 * 29, 32), 2)] * 2, 2: [], 3: []}[n]
+    assert calls == first + later
     # chunks of about the same number of real tokens (within a window's 16), not of windows: the last row and
     # column of windows hold padding
     assert all(max(sizes) - min(sizes) <= 2 * 16 for sizes in real)

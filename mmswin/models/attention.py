@@ -205,17 +205,22 @@ class WindowAttention(nn.Module):
                                                               self.cosine)
         return self.proj_drop(layers.call_linear(self.proj, out))
 
+    def projects_on_tiles(self) -> bool:
+        """Whether the kernels' inference attention (:meth:`rows_kernel_args`) takes the projections on AMX tiles:
+        where the CPU has them (:func:`.cpu_kernels.use_amx`) and C is a multiple of 32."""
+        return cpu_kernels.use_amx() and self.dim % 32 == 0
+
     def rows_kernel_args(self, window: Size2) -> tuple:
         """The arguments of the kernels' in-place inference attention (``window_attention_rows_``) from the
         qkv weight on, for windows of ``window``: the projections' weights and biases in bf16, the projection
         of a padding position's zero token, the heads, the ``(nH, N, N)`` bias and the heads' logit scales in
-        fp32, whether the attention is cosine, as :meth:`attend_rows` gives them to the kernels. Where the CPU
-        has AMX (:func:`.cpu_kernels.use_amx`) and C is a multiple of 32, the weights come packed for its tiles
+        fp32, whether the attention is cosine, as :meth:`attend_rows` gives them to the kernels. Where the
+        projections run on AMX tiles (:meth:`projects_on_tiles`), the weights come packed for them
         (:func:`.cpu_kernels.tile_pairs`), packed once over the inference forwards."""
         bf16 = [None if t is None else t.detach().to(torch.bfloat16).contiguous()
                 for t in (self.qkv_bias(), self.proj.bias)]
         weights = (self.qkv.weight, self.proj.weight)
-        if cpu_kernels.use_amx() and self.dim % 32 == 0:
+        if self.projects_on_tiles():
             weights = tuple(cpu_kernels.tile_pairs(w) for w in weights)
         else:
             weights = tuple(w.detach().to(torch.bfloat16).contiguous() for w in weights)

@@ -204,7 +204,8 @@ class SwinBlock(nn.Module):
             return False
         n = window[0] * window[1]
         windows = -(-hw[0] // window[0]) * -(-hw[1] // window[1])
-        least = -(-layers.SHARED_ATTENTION_TOKENS // (tokens.shape[0] * n))
+        shared = layers.SHARED_TILE_ATTENTION_TOKENS if attn.projects_on_tiles() else layers.SHARED_ATTENTION_TOKENS
+        least = -(-shared // (tokens.shape[0] * n))
         per_chunk = cpu_kernels.inference_chunk(windows, per_chunk, least)
         if not cpu_kernels.threads_share(-(-windows // per_chunk)):
             return False

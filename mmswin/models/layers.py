@@ -17,10 +17,12 @@ CHUNK_TOKENS = 4096
 # CHUNK_TOKENS tokens, later (wider) stages in proportionally fewer.
 MLP_CHUNK_ELEMENTS = CHUNK_TOKENS * 384
 # Fewest tokens per chunk where CPU bf16 inference gives each thread whole chunks of the MLP and of the window
-# attention: Swin-T's attention got slower in four chunks of 294 tokens (stage 4 at 800x1216) or 686 (stage 3 of
-# two 512x512 images), faster in four of 1078 (stage 3 at 800x1216).
+# attention: Swin-T's attention with oneDNN's projections got slower in four chunks of 294 tokens (stage 4 at
+# 800x1216) or 686 (stage 3 of two 512x512 images), faster in four of 1078 (stage 3 at 800x1216). With the
+# projections on AMX tiles, chunks of 256 tokens on took those two stages 8-10 ms less than 1024 did (128: the same).
 SHARED_MLP_TOKENS = 128
 SHARED_ATTENTION_TOKENS = 1024
+SHARED_TILE_ATTENTION_TOKENS = 256
 
 
 def chunk_tokens(x: torch.Tensor) -> int:
