@@ -192,6 +192,72 @@ MMSWIN_AVX512_BF16 void softmax_rows(const Head& h, int64_t i0, Scratch& s, int6
   for (int r = 0; r < R; ++r) finish_row(h, i0, r, shift[r], sum[r], s, at);
 }
 
+// softmax_rows of a tile's 16 rows of logits (without lse), the same values: their maxima and sums reduced in one
+// tree (reduce_rows), and where N = 16 k + 1 (7 x 7 windows) the last key's logits of the 16 rows taken as one
+// vector, gathered from the rows and its weights scattered to them, where each row would spend a whole vector
+// (a quarter of its work) on one lane. That lane's weight is added to the row's sum last, as in softmax_rows.
+MMSWIN_AVX512_BF16 void softmax_tile(const Head& h, int64_t i0, Scratch& s) {
+  const int64_t n = h.n, npad = h.npad, last_key = n - 1;
+  const bool column = n % 16 == 1;
+  const int64_t vecs = column ? n / 16 : npad / 16;  // of each row
+  const __mmask16 last = column ? static_cast<__mmask16>(0xFFFF) : first_lanes(n - 16 * (vecs - 1));
+  alignas(64) float scales[16];
+  alignas(64) int32_t terms_at[16];  // row r's bias and mask at the last key, from the head's (N, N)
+  __m512 rows[16];
+  for (int r = 0; r < 16; ++r) {
+    const float* bias;
+    const float* mask;
+    scales[r] = row_terms(h, i0 + r, bias, mask);
+    terms_at[r] = static_cast<int32_t>(bias - h.bias + last_key);
+    const __m512 scale = _mm512_set1_ps(scales[r]);
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < vecs; ++t) {
+      float* logits = s.logits.data() + r * npad + t * 16;
+      const __m512 x = logit_vector(h, s, _mm512_loadu_ps(logits), scale, bias, mask, t,
+                                    t == vecs - 1 ? last : static_cast<__mmask16>(0xFFFF));
+      _mm512_storeu_ps(logits, x);
+      top = _mm512_max_ps(top, x);
+    }
+    rows[r] = top;
+  }
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 maxima = reduce_rows<true>(rows), key = _mm512_setzero_ps();  // key: the last key's logits (lane r: row r's)
+  if (column) {
+    const __m512i at = _mm512_load_si512(terms_at);
+    key = _mm512_i32gather_ps(_mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(npad)),
+                                               _mm512_set1_epi32(last_key)), s.logits.data(), 4);
+    key = _mm512_mul_ps(key, _mm512_load_ps(scales));
+    if (h.cosine) key = _mm512_mul_ps(key, _mm512_set1_ps(s.key_scales[last_key]));
+    key = _mm512_add_ps(key, _mm512_i32gather_ps(at, h.bias, 4));
+    if (h.mask != nullptr) key = _mm512_add_ps(key, _mm512_i32gather_ps(at, h.mask, 4));
+    maxima = _mm512_max_ps(maxima, key);
+  }
+  const __m512 log2e = _mm512_set1_ps(kLog2e), shift = _mm512_mul_ps(maxima, log2e);
+  alignas(64) float shifts[16];
+  _mm512_store_ps(shifts, shift);
+  for (int r = 0; r < 16; ++r) {
+    const __m512 row_shift = _mm512_set1_ps(shifts[r]);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < vecs; ++t) {
+      const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s.logits.data() + r * npad + t * 16), log2e,
+                                               row_shift));
+      sum = _mm512_add_ps(sum, e);
+      store_bf16(s.weights.data() + r * s.nt + t * 16, e);
+    }
+    rows[r] = sum;
+  }
+  if (column) {  // the weights of the last key (and zero for the padding key after it: a word per row)
+    const __m512 e = exp2_ps(_mm512_fmsub_ps(key, log2e, shift));
+    _mm512_i32scatter_epi32(s.weights.data(), _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(s.nt / 2)),
+                                                                _mm512_set1_epi32(last_key / 2)),
+                            _mm512_cvtepu16_epi32(round_bf16(e)), 4);
+    alignas(64) float weights[16];
+    _mm512_store_ps(weights, e);
+    for (int r = 0; r < 16; ++r) rows[r] = _mm512_mask_add_ps(rows[r], 1, rows[r], _mm512_set1_ps(weights[r]));
+  }
+  _mm512_storeu_ps(s.inv_sums.data(), _mm512_div_ps(_mm512_set1_ps(1.0f), reduce_rows<false>(rows)));
+}
+
 // q k^T and softmax_rows of R rows of windows of at most 16 V tokens, the logits kept in registers from the
 // products to their exponentials (the same values, without storing and reloading them).
 template <int R, int V>
@@ -356,7 +422,8 @@ MMSWIN_AMX void attend_head_tiles(const Head& head, const uint16_t* k, const uin
     tile_product_blocks(s.queries.data() + i0 * s.dt, s.dt, s.keys.data(), npad, npad / 16, s.dt / 32,
                         s.logits.data(), npad);
     const int64_t rows = std::min<int64_t>(16, h.queries - i0);
-    int64_t r = 0;
+    int64_t r = rows == 16 ? 16 : 0;
+    if (rows == 16) softmax_tile(h, i0, s);
     for (; r + kRows <= rows; r += kRows) softmax_rows<kRows>(h, i0 + r, s, r);
     switch (rows - r) {
       case 3: softmax_rows<3>(h, i0 + r, s, r); break;
