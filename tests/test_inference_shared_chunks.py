@@ -143,8 +143,8 @@ def with_spread_norms(model: torch.nn.Module) -> torch.nn.Module:
 def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(cls, n, tiles, monkeypatch):
     """In bf16 in-place inference, a block's attention half with at least two chunks of windows per thread is
     one call of the kernels, with the values of the blocks' chunk-by-chunk pass (the shift mask, padding, two
-    images), bit for bit; with its projections on AMX tiles (C a multiple of 32), from chunks of 256 tokens on
-    instead of 1024."""
+    images), bit for bit; with its projections on AMX tiles (C a multiple of 32), in chunks of 256 to 384 tokens
+    instead of 1024 to CHUNK_TOKENS."""
     if not tiles:
         monkeypatch.setenv('MMSWIN_AMX', '0')
     torch.manual_seed(0)
@@ -173,12 +173,12 @@ def test_blocks_share_window_chunks_with_the_values_of_the_chunk_by_chunk_pass(c
     one_by_one = run()
     # Two chunks per thread (their number a multiple of the thread count) of at least 32 windows (1024 tokens of
     # the two images): the first stage's 225 windows per image in 2, 4 or 6 chunks, the second stage's 64 in 2 (on
-    # more threads too few), the third stage's 16 in one. On tiles (from the second stage on, C = 32) at least 8
-    # windows (256 tokens): the second stage's in 2, 4 or 6 chunks, the third stage's in 2 (on more threads too
+    # more threads too few), the third stage's 16 in one. On tiles (from the second stage on, C = 32) 8 to 12
+    # windows (256 to 384 tokens): the second stage's in 6 chunks, the third stage's in 2 (on more threads too
     # few).
     first = [((2, 58 * 57, 16), 2 * n)] * 2
     if tiles:
-        later = [((2, 29 * 29, 32), 2 * n)] * 2 + {1: [((2, 15 * 15, 64), 2)] * 2, 2: [], 3: []}[n]
+        later = [((2, 29 * 29, 32), 6)] * 2 + {1: [((2, 15 * 15, 64), 2)] * 2, 2: [], 3: []}[n]
     else:
         later = {1: [((2, 29 * 29, 32), 2)] * 2, 2: [], 3: []}[n]
     assert calls == first + later

@@ -196,7 +196,8 @@ class SwinBlock(nn.Module):
         of the kernels that shares whole chunks of windows out among the threads, with the values of
         :meth:`window_chunk_in_kernels_` chunk by chunk, where the kernels take the attention, the products
         oneDNN's fused linear, and there are at least two chunks (as many as of at most ``per_chunk`` windows,
-        each of about the same number of real tokens) per thread. Returns whether it did; else nothing is
+        each of about the same number of real tokens; with the projections on AMX tiles, of at most
+        :data:`~.layers.TILE_ATTENTION_CHUNK_TOKENS` tokens) per thread. Returns whether it did; else nothing is
         done."""
         attn = self.attn
         if not attn.attends_rows(tokens, window) or not onednn_fused_linear(
@@ -204,7 +205,10 @@ class SwinBlock(nn.Module):
             return False
         n = window[0] * window[1]
         windows = -(-hw[0] // window[0]) * -(-hw[1] // window[1])
-        shared = layers.SHARED_TILE_ATTENTION_TOKENS if attn.projects_on_tiles() else layers.SHARED_ATTENTION_TOKENS
+        shared = layers.SHARED_ATTENTION_TOKENS
+        if attn.projects_on_tiles():
+            shared = layers.SHARED_TILE_ATTENTION_TOKENS
+            per_chunk = min(per_chunk, max(1, layers.TILE_ATTENTION_CHUNK_TOKENS // (tokens.shape[0] * n)))
         least = -(-shared // (tokens.shape[0] * n))
         per_chunk = cpu_kernels.inference_chunk(windows, per_chunk, least)
         if not cpu_kernels.threads_share(-(-windows // per_chunk)):
