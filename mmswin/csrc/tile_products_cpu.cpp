@@ -2,7 +2,7 @@
 // models keep them across inference forwards): weight (N, K) becomes the tiles of its transpose's pairs of rows,
 // (N / 16, K / 32, 16, 16) words, tile (g, s) holding the pairs (weight[g*16 + n, s*32 + 2p], weight[g*16 + n,
 // s*32 + 2p + 1]) at row p and column n. N and K must be multiples of 32. The products sum in the tiles' order
-// (fp32 accumulation), so the values may differ from oneDNN's by bf16 roundings.
+// (fp32 accumulation, starting from the bias), so the values may differ from oneDNN's by bf16 roundings.
 // - tile_linear: x weight^T plus bias, rounded to bf16, on the calling thread (the attention half's projections).
 // - patch_embedding_tiles: the patch embedding, each token's patch of the image gathered (rounded to bf16 as
 //   autocast casts the image), projected and normalised per chunk of tokens.
@@ -36,13 +36,21 @@ using namespace simd;
 
 // Tiles 0-3 = a (32 rows of bf16, a_stride values apart) times the packed columns of tile groups g and g + 1
 // (b0 and b1: their `steps` tiles along the reduction axis, 32 values each): rows 0-15 and 16-31 times columns
-// 0-15 and 16-31. Tiles 4 and 5 hold a's rows, 6 and 7 b's pairs of rows.
+// 0-15 and 16-31, plus start (the 32 columns' fp32 bias, each tile's 16 rows loaded from the same 64 bytes) where
+// not null. Tiles 4 and 5 hold a's rows, 6 and 7 b's pairs of rows.
 MMSWIN_AMX inline void block_product(const uint16_t* a, int64_t a_stride, const uint32_t* b0, const uint32_t* b1,
-                                     int64_t steps) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+                                     int64_t steps, const float* start) {
+  if (start != nullptr) {
+    _tile_loadd(0, start, 0);
+    _tile_loadd(1, start + 16, 0);
+    _tile_loadd(2, start, 0);
+    _tile_loadd(3, start + 16, 0);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, a + s * 32, a_stride * 2);
     _tile_loadd(5, a + 16 * a_stride + s * 32, a_stride * 2);
@@ -104,20 +112,22 @@ int64_t panel_rows(int64_t c, int64_t width) {
 }
 
 // a (blocks * 32 rows of bf16, a_stride values apart; the last block's rows at `last` instead where not null) times
-// the packed weight b (`groups` groups of 16 columns, `steps` tiles of 32 along the reduction axis each), 32 rows by
+// the packed weight b (`groups` groups of 16 columns, `steps` tiles of 32 along the reduction axis each), plus the
+// fp32 bias where not null (the accumulators start from it: the epilogues take no vector adds for it), 32 rows by
 // 32 columns at a time, the columns' pairs of groups outermost (their tiles stay in L1 over the rows):
 // epilogue(acc, g, rb) takes the fp32 products (32, 32) of groups g, g + 1 and rows rb * 32 ... The products of
 // one block run on the tiles while the previous block's epilogue runs on the vector units.
 template <typename Epilogue>
 MMSWIN_AMX void products_in_blocks(const uint16_t* a, int64_t a_stride, int64_t blocks, const uint16_t* last,
-                                   const uint32_t* b, int64_t groups, int64_t steps, float (&acc)[2][kBlockRows * 32],
-                                   const Epilogue& epilogue) {
+                                   const uint32_t* b, const float* bias, int64_t groups, int64_t steps,
+                                   float (&acc)[2][kBlockRows * 32], const Epilogue& epilogue) {
   int64_t pending_g = -1, pending_rb = 0;
   int buffer = 0;
   for (int64_t g = 0; g < groups; g += 2)
     for (int64_t rb = 0; rb < blocks; ++rb) {
       const uint16_t* rows = last != nullptr && rb == blocks - 1 ? last : a + rb * kBlockRows * a_stride;
-      block_product(rows, a_stride, b + g * steps * 256, b + (g + 1) * steps * 256, steps);
+      block_product(rows, a_stride, b + g * steps * 256, b + (g + 1) * steps * 256, steps,
+                    bias != nullptr ? bias + g * 16 : nullptr);
       if (pending_g >= 0) epilogue(acc[buffer ^ 1], pending_g, pending_rb);
       store_block(acc[buffer]);
       pending_g = g;
@@ -127,15 +137,20 @@ MMSWIN_AMX void products_in_blocks(const uint16_t* a, int64_t a_stride, int64_t 
   if (pending_g >= 0) epilogue(acc[buffer ^ 1], pending_g, pending_rb);
 }
 
-// 32 fp32 values plus a bias's (bf16, or none) from column j, rounded to bf16: a cache line.
-MMSWIN_AMX inline __m512i biased_line(const float* y, const uint16_t* bias, int64_t j) {
-  __m512 lo = _mm512_load_ps(y), hi = _mm512_load_ps(y + 16);
-  if (bias != nullptr) {
-    lo = _mm512_add_ps(lo, load_bf16(bias + j, 0xFFFF));
-    hi = _mm512_add_ps(hi, load_bf16(bias + j + 16, 0xFFFF));
-  }
-  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+// 32 fp32 values rounded to bf16: a cache line.
+MMSWIN_AMX inline __m512i rounded_line(const float* y) {
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(y + 16), _mm512_load_ps(y));
 }
+
+// A bias of n bf16 values (or none: empty) in fp32, where the accumulators start.
+MMSWIN_AMX LineVector<float> widened_bias(const uint16_t* bias, int64_t n) {
+  LineVector<float> wide(bias != nullptr ? n : 0);
+  for (int64_t j = 0; j < static_cast<int64_t>(wide.size()); j += 16)
+    _mm512_store_ps(wide.data() + j, load_bf16(bias + j, 0xFFFF));
+  return wide;
+}
+
+const float* or_null(const LineVector<float>& v) { return v.empty() ? nullptr : v.data(); }
 
 // n (at most 16) fp32 values rounded to bf16 (to nearest even, as PyTorch casts them).
 MMSWIN_AMX inline void round_to_bf16(const float* from, int64_t n, uint16_t* to) {
@@ -153,13 +168,13 @@ MMSWIN_AMX void linear_on_tiles(const uint16_t* x, int64_t rows, int64_t k, cons
     std::memcpy(last.data(), x + (blocks - 1) * kBlockRows * k, tail * k * sizeof(uint16_t));
   }
   alignas(64) float acc[2][kBlockRows * 32];
+  const LineVector<float> start = widened_bias(bias, n);
   tiles::configure();
-  products_in_blocks(x, k, blocks, last.empty() ? nullptr : last.data(), weight, n / 16, k / 32, acc,
-                     [&](const float* y, int64_t g, int64_t rb) MMSWIN_AMX {
+  products_in_blocks(x, k, blocks, last.empty() ? nullptr : last.data(), weight, or_null(start), n / 16, k / 32,
+                     acc, [&](const float* y, int64_t g, int64_t rb) MMSWIN_AMX {
                        const int64_t valid = std::min(kBlockRows, rows - rb * kBlockRows);
                        uint16_t* to = out + rb * kBlockRows * n + g * 16;
-                       for (int64_t r = 0; r < valid; ++r)
-                         _mm512_storeu_si512(to + r * n, biased_line(y + r * 32, bias, g * 16));
+                       for (int64_t r = 0; r < valid; ++r) _mm512_storeu_si512(to + r * n, rounded_line(y + r * 32));
                      });
   _tile_release();
 }
@@ -170,6 +185,7 @@ MMSWIN_AMX void mlp_rows_on_tiles(const Mlp& m, uint16_t* x, int64_t rows) {
   const int64_t panel = std::min(panel_rows(c, width), (rows + kBlockRows - 1) / kBlockRows * kBlockRows);
   LineVector<uint16_t> in(panel * c), hidden(panel * width), branch(m.post_norm ? panel * c : 0);
   alignas(64) float acc[2][kBlockRows * 32];
+  const LineVector<float> b1 = widened_bias(m.b1, width), b2 = widened_bias(m.b2, c);
   tiles::configure();
   for (int64_t p0 = 0; p0 < rows; p0 += panel) {
     const int64_t n = std::min(panel, rows - p0), blocks = (n + kBlockRows - 1) / kBlockRows;
@@ -181,25 +197,21 @@ MMSWIN_AMX void mlp_rows_on_tiles(const Mlp& m, uint16_t* x, int64_t rows) {
                       reinterpret_cast<at::BFloat16*>(in.data()), nullptr);
     std::memset(in.data() + n * c, 0, (blocks * kBlockRows - n) * c * sizeof(uint16_t));
     // fc1 with its bias and the GELU, rounded to bf16
-    products_in_blocks(in.data(), c, blocks, nullptr, m.w1, width / 16, c / 32, acc,
+    products_in_blocks(in.data(), c, blocks, nullptr, m.w1, or_null(b1), width / 16, c / 32, acc,
                        [&](const float* y, int64_t g, int64_t rb) MMSWIN_AMX {
-      const int64_t j = g * 16;  // 32 columns: a cache line of each row of fc1's output
-      const __m512 b0 = m.b1 == nullptr ? _mm512_setzero_ps() : load_bf16(m.b1 + j, 0xFFFF);
-      const __m512 b1 = m.b1 == nullptr ? _mm512_setzero_ps() : load_bf16(m.b1 + j + 16, 0xFFFF);
-      uint16_t* h = hidden.data() + rb * kBlockRows * width + j;
+      uint16_t* h = hidden.data() + rb * kBlockRows * width + g * 16;  // a cache line of each row of fc1's output
       for (int64_t r = 0; r < kBlockRows; ++r) {
-        const __m512 lo = gelu_ps(_mm512_add_ps(_mm512_load_ps(y + r * 32), b0));
-        const __m512 hi = gelu_ps(_mm512_add_ps(_mm512_load_ps(y + r * 32 + 16), b1));
+        const __m512 lo = gelu_ps(_mm512_load_ps(y + r * 32)), hi = gelu_ps(_mm512_load_ps(y + r * 32 + 16));
         _mm512_storeu_si512(h + r * width, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
     });
     // fc2 with its bias, rounded to bf16, and (without post_norm) the residual sum, rounded again
-    products_in_blocks(hidden.data(), width, blocks, nullptr, m.w2, c / 16, width / 32, acc,
+    products_in_blocks(hidden.data(), width, blocks, nullptr, m.w2, or_null(b2), c / 16, width / 32, acc,
                        [&](const float* y, int64_t g, int64_t rb) MMSWIN_AMX {
       const int64_t valid = std::min(kBlockRows, n - rb * kBlockRows), j = g * 16;
       for (int64_t r = 0; r < valid; ++r) {
         const int64_t row = rb * kBlockRows + r;
-        const __m512i line = biased_line(y + r * 32, m.b2, j);
+        const __m512i line = rounded_line(y + r * 32);
         if (m.post_norm) {
           _mm512_storeu_si512(branch.data() + row * c + j, line);
         } else {
