@@ -411,16 +411,22 @@ MMSWIN_AMX void attend_head_tiles(const Head& head, const uint16_t* k, const uin
   pack_columns(k, head.stride, head.n, npad, d, s.keys.data());
   if (head.cosine) key_scales(s.keys.data(), npad, d, s.key_scales.data());
   pack_row_pairs(v, head.stride, head.n, d, s.values.data());
-  for (int64_t i = 0; i < head.queries; ++i)
+  // Whole tiles of queries in their own rows (a window's, d a multiple of 32) are read there, the rest copied.
+  const bool in_place = head.positions == nullptr && d == s.dt;
+  const int64_t first_copied = in_place ? head.queries / 16 * 16 : 0;
+  for (int64_t i = first_copied; i < head.queries; ++i)
     copy_values(head.q + (head.positions != nullptr ? head.positions[i] : i) * head.stride, d,
                 s.queries.data() + i * s.dt);
   Head h = head;
-  h.q = s.queries.data();
-  h.stride = s.dt;
+  if (!in_place) {
+    h.q = s.queries.data();
+    h.stride = s.dt;
+  }
   mmswin::tiles::configure();
   for (int64_t i0 = 0; i0 < h.queries; i0 += 16) {
-    tile_product_blocks(s.queries.data() + i0 * s.dt, s.dt, s.keys.data(), npad, npad / 16, s.dt / 32,
-                        s.logits.data(), npad);
+    const bool whole = i0 < first_copied;
+    tile_product_blocks(whole ? head.q + i0 * head.stride : s.queries.data() + i0 * s.dt,
+                        whole ? head.stride : s.dt, s.keys.data(), npad, npad / 16, s.dt / 32, s.logits.data(), npad);
     const int64_t rows = std::min<int64_t>(16, h.queries - i0);
     int64_t r = rows == 16 ? 16 : 0;
     if (rows == 16) softmax_tile(h, i0, s);
