@@ -6,9 +6,10 @@ plain matmul/softmax path, which ``use_sdpa=False`` selects everywhere (the refe
 inference and training take the fused kernels of :mod:`.fused_attention` instead where they are built (not
 with ``use_sdpa=False``).
 
-CPU inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` tokens, from the qkv projection to
-the output projection, so that the intermediates stay in the CPU's caches and below the size that the C
-allocator maps afresh (page faults) on every allocation; the values are those of the unchunked path.
+CPU inference processes windows in chunks of about ``layers.CHUNK_TOKENS`` tokens (with the projections on AMX
+tiles, at most ``layers.TILE_ATTENTION_CHUNK_TOKENS``), from the qkv projection to the output projection, so
+that the intermediates stay in the CPU's caches and below the size that the C allocator maps afresh (page
+faults) on every allocation; the values are those of the unchunked path.
 """
 import math
 from typing import List, Optional, Sequence
